@@ -1,0 +1,45 @@
+"""fedprompt: federated prompt tuning for frozen JAX/Flax language models.
+
+Frozen backbones stay put; only soft prompts or per-layer prefixes are trained and moved.
+"""
+
+from fedprompt.backbones.backbone import Backbone, BackboneOutput
+from fedprompt.backbones.loading import load_backbone
+from fedprompt.client.local import (
+    StepMetrics,
+    compiled_memory,
+    init_trainable,
+    iterate_batches,
+    local_train,
+    make_eval_step,
+    make_loss_fn,
+    make_train_step,
+)
+from fedprompt.errors import FedPromptError
+from fedprompt.prompts import Prefix, PromptConfig, SoftPrompt, fold_prompt, init_prompt, materialize
+from fedprompt.tasks import CausalLM, SequenceClassification
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "BackboneOutput",
+    "CausalLM",
+    "FedPromptError",
+    "Prefix",
+    "PromptConfig",
+    "SequenceClassification",
+    "SoftPrompt",
+    "StepMetrics",
+    "compiled_memory",
+    "fold_prompt",
+    "init_prompt",
+    "init_trainable",
+    "iterate_batches",
+    "load_backbone",
+    "local_train",
+    "make_eval_step",
+    "make_loss_fn",
+    "make_train_step",
+    "materialize",
+]

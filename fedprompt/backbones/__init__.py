@@ -1,0 +1,1 @@
+"""Frozen Flax NNX backbones loaded from Hugging Face checkpoints."""

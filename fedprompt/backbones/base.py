@@ -1,0 +1,212 @@
+"""Building blocks shared by every frozen backbone.
+
+A backbone is a Flax NNX module whose weights are all :class:`FrozenWeight` variables. It is
+never differentiated: the library splits it once into ``(graphdef, weights)`` and only the
+prompt pytree that is passed into :meth:`forward` gets gradients.
+
+Every architecture module implements the same small interface (see :class:`BackboneModule`):
+
+* ``embed_tokens(input_ids) -> [B, T, D]``: the word embeddings alone. Soft prompts live in
+  this space: they are prepended to the word embeddings (PEFT's semantics), and the model then
+  adds its own position/type embeddings to the whole sequence.
+* ``__call__(inputs_embeds, attention_mask, *, prefix=None, token_type_ids=None) -> [B, S, D]``:
+  the transformer body on word-space embeddings, returning the final hidden states (after the
+  final norm for decoders). ``prefix`` is ``(keys, values)``, each ``[L, B, P, H_kv, head_dim]``:
+  per-layer attention prefixes (deep prefix tuning). Prefix keys are used as given (no
+  rotary embedding is applied to them, exactly like a pre-filled key/value cache), they are
+  always visible to every query, and the positions of the real tokens start at ``P``, as in a
+  Hugging Face model called with a cache of length ``P``.
+* decoders also have ``lm_head(hidden) -> [B, S, vocab]``.
+
+Weights are loaded from a Hugging Face ``state_dict`` (name -> NumPy array) by each module's
+``from_hf(config, tensors, dtype)`` classmethod, which uses :func:`take` so that a missing or
+misshapen tensor gives a :class:`~fedprompt.errors.CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedprompt.errors import CheckpointError
+
+
+class FrozenWeight(nnx.Variable):
+    """A backbone weight. Frozen by type: the library never differentiates this variable type."""
+
+
+def take(
+    tensors: Mapping[str, np.ndarray],
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    transpose: bool = False,
+    dtype: Any = jnp.float32,
+) -> FrozenWeight:
+    """Fetch one checkpoint tensor, check its shape and wrap it as a frozen weight.
+
+    Args:
+      tensors: the checkpoint's ``state_dict`` (names as in the Hugging Face model).
+      name: tensor name.
+      shape: expected shape *after* the optional transpose.
+      transpose: transpose a 2-D PyTorch ``Linear`` weight ``[out, in]`` into ``[in, out]``.
+      dtype: storage dtype of the weight.
+
+    Raises:
+      CheckpointError: the tensor is missing or has the wrong shape.
+    """
+    if name not in tensors:
+        raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+    value = np.asarray(tensors[name])
+    if transpose:
+        value = value.T
+    if tuple(value.shape) != tuple(shape):
+        got = value.T.shape if transpose else value.shape
+        want = tuple(reversed(shape)) if transpose else tuple(shape)
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(got)}, expected {want}")
+    return FrozenWeight(jnp.asarray(value.astype(np.float32), dtype=dtype))
+
+
+def linear(x: jax.Array, w: FrozenWeight | jax.Array, b: FrozenWeight | jax.Array | None = None) -> jax.Array:
+    """``x @ w + b`` computed in ``x``'s dtype (weights are cast, so bf16 compute works)."""
+    y = x @ jnp.asarray(w[...] if isinstance(w, nnx.Variable) else w).astype(x.dtype)
+    if b is not None:
+        y = y + jnp.asarray(b[...] if isinstance(b, nnx.Variable) else b).astype(x.dtype)
+    return y
+
+
+def value(v: FrozenWeight | jax.Array, dtype: Any | None = None) -> jax.Array:
+    """The array held by a weight, optionally cast."""
+    a = v[...] if isinstance(v, nnx.Variable) else v
+    return a if dtype is None else a.astype(dtype)
+
+
+def layer_norm(x: jax.Array, scale, bias, eps: float) -> jax.Array:
+    """LayerNorm computed in float32, returned in ``x``'s dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    y = y * value(scale, jnp.float32) + value(bias, jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale, eps: float) -> jax.Array:
+    """RMSNorm as in Llama: normalize in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
+    return value(scale, x.dtype) * y.astype(x.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    causal: bool,
+    prefix: tuple[jax.Array, jax.Array] | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with an optional per-layer prefix and grouped-query heads.
+
+    Args:
+      q: queries ``[B, T, H, hd]``.
+      k, v: keys and values ``[B, T, H_kv, hd]`` with ``H % H_kv == 0``.
+      key_mask: ``[B, T]`` boolean, True where a real (non-padding) token is.
+      causal: whether query ``i`` may only see keys ``j <= i`` (prefix keys are always visible).
+      prefix: optional ``(keys, values)`` of shape ``[B, P, H_kv, hd]`` placed before ``k, v``.
+      sliding_window: optional window ``W`` (Mistral-style local attention). Query ``i`` sits at
+        absolute position ``P + i`` and key ``j`` of the concatenated ``[prefix; k]`` sequence at
+        position ``j``; the query may only see keys with ``position > P + i - W``, i.e. itself and
+        the ``W - 1`` keys before it. Prefix keys count against the window like any cached key
+        (as in Hugging Face's sliding-window mask with a pre-filled cache). ``None``: no window.
+
+    Returns:
+      ``[B, T, H, hd]`` in ``q``'s dtype. Softmax is computed in float32.
+    """
+    b, t, h, hd = q.shape
+    n_kv = k.shape[2]
+    mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    else:
+        mask = jnp.broadcast_to(mask, (b, 1, t, t))
+    if prefix is not None:
+        pk, pv = prefix
+        p = pk.shape[1]
+        k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, 1, t, p), dtype=bool), jnp.broadcast_to(mask, (b, 1, t, t))], axis=-1)
+    else:
+        p = 0
+    if sliding_window is not None:
+        q_pos = p + np.arange(t)
+        k_pos = np.arange(p + t)
+        window = k_pos[None, :] > q_pos[:, None] - int(sliding_window)
+        mask = mask & jnp.asarray(window)[None, None]
+    group = h // n_kv
+    qg = q.reshape(b, t, n_kv, group, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / np.sqrt(hd).astype(np.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def split_prefix(prefix: tuple[jax.Array, jax.Array] | None, layer: int) -> tuple[jax.Array, jax.Array] | None:
+    """The ``(keys, values)`` of one layer from a stacked ``[L, B, P, H_kv, hd]`` prefix."""
+    if prefix is None:
+        return None
+    return prefix[0][layer], prefix[1][layer]
+
+
+def prefix_length(prefix: tuple[jax.Array, jax.Array] | None) -> int:
+    """How many prefix positions precede the real tokens (0 without a prefix)."""
+    return 0 if prefix is None else int(prefix[0].shape[2])
+
+
+class BackboneModule(Protocol):
+    """The interface every architecture module implements (see the module docstring)."""
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array: ...
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """Architecture facts every part of the library needs, whatever the backbone.
+
+    Each architecture subclasses this with its own fields and a ``from_hf(dict)`` classmethod
+    that reads a Hugging Face ``config.json`` (raising ``ConfigError``/``CheckpointError`` on
+    values it cannot honour).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int | None  # None: no learned position table (rotary embeddings)
+    is_decoder: bool
+    pad_token_id: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of every field (used in fingerprints and artifacts)."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Client-side local update rules."""

@@ -1,0 +1,48 @@
+"""The library's exception types.
+
+Every error raised at a boundary (files, checkpoints, configuration, user input) is a
+subclass of :class:`FedPromptError`, so callers can catch the library's errors in one place
+while still telling them apart.
+"""
+
+from __future__ import annotations
+
+
+class FedPromptError(Exception):
+    """Base class of every error fedprompt raises on bad input."""
+
+
+class ConfigError(FedPromptError, ValueError):
+    """A configuration value is invalid (wrong type, out of range, unknown option)."""
+
+
+class CheckpointError(FedPromptError):
+    """A checkpoint folder cannot be loaded: missing files, missing or misshapen tensors."""
+
+
+class UnsupportedArchitectureError(CheckpointError):
+    """The checkpoint's architecture (``model_type``) is not one fedprompt implements."""
+
+
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """A backbone name or hub id could not be resolved to files on this machine."""
+
+
+class PromptMismatchError(FedPromptError, ValueError):
+    """A prompt does not fit the backbone it is applied to (width, layers, heads, fingerprint)."""
+
+
+class SequenceTooLongError(FedPromptError, ValueError):
+    """The input, once the virtual tokens are added, exceeds the backbone's maximum length."""
+
+
+class EmptyBatchError(FedPromptError, ValueError):
+    """A batch holds no examples (or no unmasked tokens) where at least one is needed."""
+
+
+class InputError(FedPromptError, ValueError):
+    """Input arrays have the wrong rank, dtype or shape."""
+
+
+class DataError(FedPromptError, ValueError):
+    """A data file or in-memory data set is malformed."""

@@ -1,0 +1,1 @@
+"""Federated simulation: data sets, partitioners and the simulation engine."""

@@ -3,6 +3,7 @@
 Frozen backbones stay put; only soft prompts or per-layer prefixes are trained and moved.
 """
 
+from fedprompt import aggregators, algorithms
 from fedprompt.backbones.backbone import Backbone, BackboneOutput
 from fedprompt.backbones.loading import load_backbone
 from fedprompt.client.local import (
@@ -15,14 +16,22 @@ from fedprompt.client.local import (
     make_loss_fn,
     make_train_step,
 )
+from fedprompt.config import RunConfig
 from fedprompt.errors import FedPromptError
 from fedprompt.prompts import Prefix, PromptConfig, SoftPrompt, fold_prompt, init_prompt, materialize
+from fedprompt.simulation.run import SimulationResult, run, simulate
 from fedprompt.tasks import CausalLM, SequenceClassification
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
+    "RunConfig",
+    "SimulationResult",
+    "aggregators",
+    "algorithms",
+    "run",
+    "simulate",
     "BackboneOutput",
     "CausalLM",
     "FedPromptError",

@@ -46,3 +46,7 @@ class InputError(FedPromptError, ValueError):
 
 class DataError(FedPromptError, ValueError):
     """A data file or in-memory data set is malformed."""
+
+
+class WireError(FedPromptError, ValueError):
+    """A message from another party is malformed, oversized or does not match what was expected."""

@@ -1,0 +1,221 @@
+"""The configuration of a federated run: defaults, TOML files, overrides, validation.
+
+Every value is checked when the :class:`RunConfig` is built, so a bad value fails before any
+model is loaded or any data is read. A TOML file may be flat or grouped in tables; table names
+are only for the reader (``[federation] rounds = 10`` is the same as ``rounds = 10``).
+
+Example:
+  >>> cfg = RunConfig.from_sources(overrides={"rounds": 3})
+  >>> cfg.rounds, cfg.clients
+  (3, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedprompt.errors import ConfigError
+
+ALGORITHM_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "scaffold")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+LOCAL_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a ``fedprompt run`` needs. Field docs are the TOML keys.
+
+    Attributes:
+      backbone: checkpoint folder, built-in name (``minilm``) or cached hub id.
+      data: a JSONL/CSV file of labelled texts; None uses the built-in WordNet supersenses.
+      test_data: a separate test file; without it ``data`` is split 80/20 (seeded).
+      text_key, label_key: column names in ``data``.
+      method: ``prompt`` (soft prompt) or ``prefix`` (deep prefix).
+      num_virtual_tokens: prompt length.
+      algorithm: fedavg, fedavgm, fedprox, fedadagrad, fedadam, fedyogi or scaffold.
+      server_lr: server learning rate (None: the algorithm's default).
+      server_momentum: FedAvgM momentum.
+      tau, b1, b2: FedAdagrad/FedAdam/FedYogi adaptivity and decay rates.
+      prox_mu: FedProx proximal coefficient.
+      rounds: federated rounds.
+      clients: number of clients the training data is split over.
+      clients_per_round: clients sampled (uniformly, without replacement) each round.
+      partition: iid, dirichlet (label skew), shards (k labels per client), quantity (size skew).
+      alpha: Dirichlet concentration for ``dirichlet`` and ``quantity``.
+      labels_per_client: labels per client for ``shards``.
+      local_steps: optimizer steps per client per round.
+      batch_size: examples per local step.
+      local_optimizer: adam or sgd; unset: adam, but sgd for SCAFFOLD (its control variates
+        assume plain SGD steps, so SCAFFOLD with adam is refused).
+      local_lr: local learning rate; unset: 0.01 for adam, 0.5 for sgd.
+      max_length: tokens per example (truncated/padded), not counting virtual tokens.
+      train_examples: use at most this many training examples (None: all).
+      eval_examples: evaluate on at most this many test examples (None: all).
+      eval_every: evaluate every this many rounds (and always after the last).
+      dropout: probability that a sampled client drops out of a round.
+      client_block: clients trained together in one vmapped program (None: all of a round).
+      seed: the one seed of the run (sampling, partition, initialization).
+      baselines: also train centralized and local-only baselines.
+      out: output folder.
+    """
+
+    backbone: str = "minilm"
+    data: str | None = None
+    test_data: str | None = None
+    text_key: str = "text"
+    label_key: str = "label"
+    method: str = "prompt"
+    num_virtual_tokens: int = 20
+    algorithm: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    tau: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.99
+    prox_mu: float = 0.01
+    rounds: int = 15
+    clients: int = 16
+    clients_per_round: int = 8
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    labels_per_client: int = 2
+    local_steps: int = 8
+    batch_size: int = 16
+    local_optimizer: str | None = None
+    local_lr: float | None = None
+    max_length: int = 32
+    train_examples: int | None = None
+    eval_examples: int | None = 1024
+    eval_every: int = 1
+    dropout: float = 0.0
+    client_block: int | None = None
+    seed: int = 0
+    baselines: bool = False
+    out: str = "runs/latest"
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_type(field, getattr(self, field.name))
+        positive = ("num_virtual_tokens", "rounds", "clients", "clients_per_round", "local_steps", "batch_size",
+                    "max_length", "eval_every", "labels_per_client")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_examples", "eval_examples", "client_block"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or unset, got {value}")
+        _choice("method", self.method, ("prompt", "prefix"))
+        _choice("algorithm", self.algorithm, ALGORITHM_NAMES)
+        _choice("partition", self.partition, PARTITIONS)
+        if self.local_optimizer is not None:
+            _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
+            if self.algorithm == "scaffold" and self.local_optimizer != "sgd":
+                raise ConfigError("SCAFFOLD's control variates assume plain SGD local steps: use local_optimizer = 'sgd'")
+        if self.clients_per_round > self.clients:
+            raise ConfigError(f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})")
+        for name in ("alpha", "tau"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("server_lr", "local_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("server_momentum", "b1", "b2", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.prox_mu < 0:
+            raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        if self.test_data is not None and self.data is None:
+            raise ConfigError("test_data needs data (the built-in data set has its own test split)")
+        for name in ("data", "test_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name} file {path!r} does not exist")
+
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Defaults, then the TOML file, then ``overrides`` (None values in overrides are ignored)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(read_toml(config_file))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        _reject_unknown(values, source=str(config_file) if config_file else "overrides")
+        return cls(**values)
+
+    @property
+    def resolved_local_optimizer(self) -> str:
+        return self.local_optimizer or ("sgd" if self.algorithm == "scaffold" else "adam")
+
+    @property
+    def resolved_local_lr(self) -> float:
+        if self.local_lr is not None:
+            return self.local_lr
+        return 0.5 if self.resolved_local_optimizer == "sgd" else 1e-2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, with the resolved local optimizer and learning rate filled in."""
+        return {**dataclasses.asdict(self), "local_optimizer": self.resolved_local_optimizer,
+                "local_lr": self.resolved_local_lr}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config, flattening one level of tables."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, item in items:
+            if isinstance(item, dict):
+                raise ConfigError(f"{path}: tables nest one level at most ({key}.{name})")
+            if name in flat:
+                raise ConfigError(f"{path}: {name!r} is set twice")
+            flat[name] = item
+    _reject_unknown(flat, source=str(path))
+    return flat
+
+
+def _reject_unknown(values: Mapping[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{source}: unknown setting {key!r}{suggestion}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+def _check_type(field: dataclasses.Field, value: Any) -> None:
+    """Check a value against the field's annotation (int, float, str, bool, optional)."""
+    annotation = str(field.type)
+    optional = "None" in annotation
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{field.name} must be set")
+        return
+    if annotation.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif annotation.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        kind = annotation.split(" ")[0].split("|")[0]
+        raise ConfigError(f"{field.name} must be {kind}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Server-side federated learning: aggregation of client updates and server optimizers."""

@@ -1,0 +1,272 @@
+"""Aggregation of client updates: weighted means over a padded client axis, compiled once per bucket.
+
+The server of Federated Averaging (McMahan et al. 2017, "Communication-Efficient Learning of
+Deep Networks from Decentralized Data", AISTATS) replaces the global model by the average of
+the client models weighted by their number of examples, ``sum_k n_k x_k / sum_k n_k``. Here it
+is applied to client *updates* (deltas), which is the same thing once the global model is added
+back, and it is the pseudo-gradient the server optimizers of :mod:`fedprompt.server.optimizers`
+consume.
+
+An *aggregator* is a pure function ``aggregate(stacked, weights) -> pytree``:
+
+* ``stacked`` is a pytree whose leaves carry a leading client axis ``[K, ...]``;
+* ``weights`` is float32 ``[K]``; a weight of 0 marks a client that does not count (padding,
+  a dropped client, a client whose update failed validation).
+
+The number of clients that report back changes from round to round. Compiling one program per
+distinct ``K`` would recompile nearly every round, so :class:`Aggregation` pads the client axis
+to a *bucket* (the next power of two, :func:`bucket_size`) with zero updates of weight 0: K = 5,
+6, 7 and 8 all run the one program compiled for 8 clients. It also rejects non-finite updates
+inside the compiled program: a client with any NaN or Inf gets weight 0, and its values are
+replaced by zeros *before* they are multiplied, so a NaN never reaches the sum (``0 * NaN`` is
+NaN). The same idea as fedjax's padded and masked client blocks.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> agg = Aggregation()
+  >>> updates = [{"w": jnp.ones(3)}, {"w": 3 * jnp.ones(3)}, {"w": jnp.full(3, jnp.nan)}]
+  >>> result = agg(updates, weights=[1.0, 1.0, 5.0])
+  >>> result.aggregate["w"].tolist(), int(result.num_aggregated)
+  ([2.0, 2.0, 2.0], 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedprompt.errors import ConfigError, InputError
+
+PyTree = Any
+Aggregator = Callable[[PyTree, jax.Array], PyTree]
+
+
+def _client_axis(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``w`` ``[K]`` reshaped to broadcast against ``x`` ``[K, ...]``."""
+    return w.reshape(w.shape + (1,) * (x.ndim - 1))
+
+
+def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
+    """``sum_k w_k x_k / sum_k w_k`` per leaf, in float32; zeros when every weight is 0.
+
+    Clients whose weight is 0 (or negative, or NaN: they count as 0) are excluded *before* the
+    multiplication, so padded or failed clients may hold anything, NaN included, without
+    changing the result. The sum is an elementwise multiply-and-reduce rather than a matrix
+    product, so accelerators do not lower it to reduced-precision matmul passes.
+
+    Args:
+      stacked: pytree of arrays with a leading client axis ``[K, ...]``; any float dtype
+        (bf16 included) or integer dtype.
+      weights: ``[K]`` non-negative weights, e.g. client example counts.
+
+    Returns:
+      A pytree like one client's update (leading axis removed), every leaf float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> weighted_mean({"w": jnp.array([[1.0], [4.0]])}, jnp.array([3.0, 1.0]))["w"].tolist()
+      [1.75]
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    w = jnp.where(w > 0, w, 0.0)
+    total = jnp.sum(w)
+    denominator = jnp.where(total > 0, total, 1.0)
+
+    def leaf(x):
+        x = jnp.asarray(x).astype(jnp.float32)
+        wk = _client_axis(w, x)
+        x = jnp.where(wk > 0, x, 0.0)
+        return jnp.sum(wk * x, axis=0) / denominator
+
+    return jax.tree.map(leaf, stacked)
+
+
+def finite_clients(stacked: PyTree) -> jax.Array:
+    """``[K]`` bool: True where every value of that client's update, in every leaf, is finite."""
+    leaves = jax.tree.leaves(stacked)
+    if not leaves:
+        raise InputError("the update pytree has no leaves")
+    ok = None
+    for x in leaves:
+        x = jnp.asarray(x)
+        leaf_ok = jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+        ok = leaf_ok if ok is None else ok & leaf_ok
+    return ok
+
+
+def bucket_size(k: int) -> int:
+    """The padded client count for ``k`` clients: the next power of two ``>= k``, at least 1.
+
+    Rounds with 5, 6, 7 or 8 clients all compile (and then reuse) the program for 8; the
+    padding wastes less than half of the client axis.
+
+    Example:
+      >>> [bucket_size(k) for k in (0, 1, 2, 3, 5, 8, 9)]
+      [1, 1, 2, 4, 8, 8, 16]
+    """
+    k = int(k)
+    if k < 0:
+        raise ConfigError(f"the number of clients must be >= 0, got {k}")
+    return 1 if k <= 1 else 1 << (k - 1).bit_length()
+
+
+def pad_clients(stacked: PyTree, weights: jax.Array, size: int) -> tuple[PyTree, jax.Array]:
+    """Pads the client axis from ``K`` to ``size`` with zero updates of weight 0.
+
+    Leaves keep their dtype; the weights come back as float32 ``[size]``. Works inside ``jit``
+    (``size`` is a Python int).
+
+    Raises:
+      InputError: ``size`` is smaller than the number of clients.
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    k = weights.shape[0]
+    if size < k:
+        raise InputError(f"cannot pad {k} clients down to {size}")
+    pad = size - k
+
+    def leaf(x):
+        x = jnp.asarray(x)
+        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+
+    return jax.tree.map(leaf, stacked), jnp.pad(weights, (0, pad)) if pad else weights
+
+
+def stack_clients(updates: Sequence[PyTree]) -> PyTree:
+    """Stacks per-client pytrees of identical structure and shapes into one ``[K, ...]`` pytree.
+
+    Raises:
+      InputError: no clients, or a client whose structure or leaf shapes differ from client 0's.
+    """
+    if len(updates) == 0:
+        raise InputError("no client updates to aggregate")
+    leaves0, treedef = jax.tree.flatten(updates[0])
+    if not leaves0:
+        raise InputError("the update pytree has no leaves")
+    shapes0 = [np.shape(x) for x in leaves0]
+    for i, update in enumerate(updates[1:], start=1):
+        leaves, td = jax.tree.flatten(update)
+        if td != treedef:
+            raise InputError(f"client {i}'s update has structure {td}, client 0's has {treedef}")
+        shapes = [np.shape(x) for x in leaves]
+        if shapes != shapes0:
+            raise InputError(f"client {i}'s leaf shapes {shapes} differ from client 0's {shapes0}")
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *updates)
+
+
+def _num_clients(stacked: PyTree) -> int:
+    leaves = jax.tree.leaves(stacked)
+    if not leaves:
+        raise InputError("the update pytree has no leaves")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if None in sizes or len(sizes) != 1:
+        raise InputError(f"every leaf of a stacked update needs the same leading client axis, got {sorted(map(str, sizes))}")
+    return sizes.pop()
+
+
+def _check_weights(weights: Any, k: int) -> jax.Array:
+    if weights is None:
+        return jnp.ones((k,), jnp.float32)
+    w = np.asarray(weights, np.float32)
+    if w.shape != (k,):
+        raise InputError(f"weights must have shape ({k},), one per client, got {w.shape}")
+    if np.any(w < 0):
+        raise InputError(f"weights must be >= 0, got {w.tolist()}")
+    return jnp.asarray(w)
+
+
+class AggregationResult(NamedTuple):
+    """What :class:`Aggregation` returns.
+
+    Attributes:
+      aggregate: the aggregator's output (float32 leaves, one client's shapes).
+      num_aggregated: int32 scalar, the clients that counted (finite update, weight > 0).
+      accepted: ``[K]`` bool, per real client (padding removed): did it count.
+    """
+
+    aggregate: PyTree
+    num_aggregated: jax.Array
+    accepted: jax.Array
+
+
+def _masked(aggregator: Aggregator, stacked: PyTree, weights: jax.Array):
+    """Zeroes out non-finite clients (values first, then weights) and aggregates."""
+    finite = finite_clients(stacked)
+    weights = jnp.where(finite & jnp.isfinite(weights) & (weights > 0), weights, 0.0)
+    accepted = weights > 0
+    clean = jax.tree.map(lambda x: jnp.where(_client_axis(finite, x), x, jnp.zeros((), x.dtype)), stacked)
+    return aggregator(clean, weights), jnp.sum(accepted, dtype=jnp.int32), accepted
+
+
+class Aggregation:
+    """An aggregator compiled once per client bucket, with non-finite updates rejected.
+
+    Call it with a list of per-client pytrees, or with one stacked pytree whose leaves have a
+    leading client axis. The client axis is padded to ``bucket(K)`` clients and the one
+    ``jax.jit``-compiled program for that padded shape runs: inside it, a client with any NaN or
+    Inf (or a non-finite weight) gets weight 0 and its values are zeroed before the aggregator
+    sees them.
+
+    Args:
+      aggregator: ``aggregate(stacked, weights) -> pytree``; :func:`weighted_mean` by default.
+      bucket: padded client count for ``K`` clients; :func:`bucket_size` by default.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> agg = Aggregation()
+      >>> for k in (3, 4, 5, 7, 8):
+      ...     _ = agg([{"w": jnp.ones(2)}] * k)
+      >>> agg.num_compilations   # one program for K = 3, 4 (bucket 4), one for K = 5..8
+      2
+    """
+
+    def __init__(self, aggregator: Aggregator = weighted_mean, *, bucket: Callable[[int], int] = bucket_size):
+        self.aggregator = aggregator
+        self.bucket = bucket
+        self._signatures: set[tuple] = set()
+
+        def run(stacked, weights):
+            return _masked(aggregator, stacked, weights)
+
+        self._run = jax.jit(run)
+
+    @property
+    def num_compilations(self) -> int:
+        """Distinct padded input signatures seen so far: the number of programs jit compiled."""
+        return len(self._signatures)
+
+    def __call__(self, updates: PyTree | Sequence[PyTree], weights: Any = None, *, stacked: bool | None = None) -> AggregationResult:
+        """Aggregates one round of client updates.
+
+        Args:
+          updates: a list or tuple of per-client pytrees, or a stacked pytree ``[K, ...]``.
+          weights: ``[K]`` non-negative weights (e.g. example counts); all ones when omitted.
+          stacked: whether ``updates`` is already stacked. By default a list or tuple is taken
+            as per-client updates and anything else as stacked; pass ``stacked=True`` for a
+            stacked pytree whose top level is itself a list or tuple.
+
+        Returns:
+          :class:`AggregationResult`, its arrays still on device (no host sync).
+
+        Raises:
+          InputError: no clients, mismatched client structures or shapes, a weights vector of
+            the wrong length or with negative entries.
+        """
+        if stacked is None:
+            stacked = not isinstance(updates, (list, tuple))
+        if stacked:
+            tree = updates
+        else:
+            tree = stack_clients(updates)
+        k = _num_clients(tree)
+        w = _check_weights(weights, k)
+        size = int(self.bucket(k))
+        tree, w = pad_clients(tree, w, size)
+        leaves, treedef = jax.tree.flatten(tree)
+        self._signatures.add((treedef, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves)))
+        aggregate, num, accepted = self._run(tree, w)
+        return AggregationResult(aggregate, num, accepted[:k])

@@ -1,0 +1,353 @@
+"""The in-process simulation engine: many clients in one XLA program.
+
+One round:
+
+1. sample ``clients_per_round`` clients uniformly without replacement (seeded); each sampled
+   client drops out with probability ``dropout``;
+2. broadcast the global state (its encoded size is counted as ``bytes_down``);
+3. train a block of clients at once: :func:`~fedprompt.client.federated.make_client_update`
+   ``vmap``-ed over the block, all sharing ONE copy of the frozen backbone weights (they are an
+   un-batched argument), client data gathered inside the program from device-resident
+   ``[clients, N_max, ...]`` arrays; the block is padded to a power-of-two size so a varying
+   number of clients never recompiles;
+4. every update goes through the wire codec exactly as in deployment: encoded (``bytes_up``
+   counts the real bytes), decoded and validated against the template; a malformed or
+   non-finite update is rejected and left out, and the remaining weights renormalize;
+5. aggregate (one jit-compiled program) and apply the algorithm's server step;
+6. evaluate the global state on the test set.
+
+Memory grows with prompt size x clients, never backbone size x clients. For a given seed
+the run is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedprompt.backbones.backbone import Backbone
+from fedprompt.client.federated import ClientResult, make_client_update
+from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step, make_loss_fn
+from fedprompt.errors import ConfigError, WireError
+from fedprompt.prompts import PromptConfig
+from fedprompt.server import aggregators
+from fedprompt.server.algorithms import Algorithm, ServerState
+from fedprompt.simulation.datasets import TextDataset
+from fedprompt.tasks import Task
+from fedprompt.wire import codec
+
+Pytree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+    """All clients' tokenized data, padded to the largest client and kept on the device.
+
+    Attributes:
+      columns: ``{"input_ids": [C, N_max, T], "attention_mask": ..., "labels": [C, N_max]}``.
+      sizes: real examples per client ``[C]``.
+      label_histograms: ``[C, num_labels]`` label counts (for reports).
+    """
+
+    columns: Mapping[str, jax.Array]
+    sizes: np.ndarray
+    label_histograms: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.sizes)
+
+
+def encode_dataset(backbone: Backbone, dataset: TextDataset, max_length: int, num_virtual: int) -> dict[str, np.ndarray]:
+    """Tokenize a labelled text data set into fixed-shape NumPy columns."""
+    encoded = backbone.tokenize(list(dataset.texts), max_length, num_virtual=num_virtual)
+    return {**encoded, "labels": np.asarray(dataset.labels, np.int32)}
+
+
+def build_client_data(encoded: Mapping[str, np.ndarray], parts: list[np.ndarray], num_labels: int) -> ClientData:
+    """Stack per-client rows of ``encoded`` into ``[C, N_max, ...]`` arrays (zero padded)."""
+    sizes = np.array([len(p) for p in parts], np.int32)
+    if sizes.min() < 1:
+        raise ConfigError("every client needs at least one example")
+    capacity = int(sizes.max())
+    columns = {}
+    for name, column in encoded.items():
+        stacked = np.zeros((len(parts), capacity, *column.shape[1:]), column.dtype)
+        for i, part in enumerate(parts):
+            stacked[i, : len(part)] = column[part]
+        columns[name] = jnp.asarray(stacked)
+    labels = np.asarray(encoded["labels"])
+    histograms = np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])
+    return ClientData(columns=columns, sizes=sizes, label_histograms=histograms)
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one round did (all numbers are plain Python values)."""
+
+    round: int
+    train_loss: float
+    clients: int
+    sampled: int
+    dropped: int
+    rejected: int
+    rejections: dict[str, int]
+    bytes_up: int
+    bytes_down: int
+
+
+class ClientProgram(NamedTuple):
+    """How clients train and what travels, for methods other than plain gradient steps.
+
+    Attributes:
+      update: the vmappable client update, with the signature of
+        :func:`~fedprompt.client.federated.make_client_update`'s result; its
+        ``ClientResult.delta`` is the *payload* a client sends (a seed/scalar list, a
+        low-dimensional vector, a quantized update ...).
+      to_delta: ``(global_params, payload) -> delta`` on the server (jittable): the change of the
+        global state that a payload stands for.
+      init: ``(key) -> global params``; None uses :func:`~fedprompt.client.local.init_trainable`.
+      to_trainable: ``(params) -> {"prompt", "head"}`` for evaluation; None: identity.
+    """
+
+    update: Callable[..., ClientResult]
+    to_delta: Callable[[Pytree, Pytree], Pytree]
+    init: Callable[[jax.Array], Pytree] | None = None
+    to_trainable: Callable[[Pytree], Pytree] | None = None
+
+
+class FederatedSimulation:
+    """Runs rounds of a federated algorithm over simulated clients.
+
+    Args:
+      backbone, prompt_config, task: what is trained.
+      algorithm: the federated algorithm (:mod:`fedprompt.server.algorithms`).
+      local_optimizer: optax transformation of the clients.
+      client_data: the clients' data (:func:`build_client_data`).
+      clients_per_round, local_steps, batch_size: the round's shape.
+      scaffold_lr: local learning rate for SCAFFOLD's control update (SCAFFOLD only).
+      dropout: probability that a sampled client drops out of a round.
+      client_block: clients per vmapped program (None: all clients of a round in one block).
+      seed: the run's seed.
+      program: a :class:`ClientProgram` replacing the gradient-based client update (its
+        ``local_optimizer``, ``local_steps`` and ``batch_size`` are then not used).
+      aggregator: ``(stacked, weights) -> mean`` (default: the weighted mean).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompt_config: PromptConfig,
+        task: Task,
+        algorithm: Algorithm,
+        local_optimizer: optax.GradientTransformation,
+        client_data: ClientData,
+        *,
+        clients_per_round: int,
+        local_steps: int,
+        batch_size: int,
+        scaffold_lr: float | None = None,
+        dropout: float = 0.0,
+        client_block: int | None = None,
+        seed: int = 0,
+        program: ClientProgram | None = None,
+        aggregator: aggregators.Aggregator = aggregators.weighted_mean,
+    ):
+        if clients_per_round > client_data.num_clients:
+            raise ConfigError(f"clients_per_round {clients_per_round} exceeds the {client_data.num_clients} clients")
+        if algorithm.scaffold and scaffold_lr is None:
+            raise ConfigError("SCAFFOLD needs scaffold_lr (the clients' SGD learning rate)")
+        self.backbone = backbone
+        self.prompt_config = prompt_config
+        self.task = task.resolve(backbone)
+        self.algorithm = algorithm
+        self.client_data = client_data
+        self.clients_per_round = clients_per_round
+        self.dropout = dropout
+        self.seed = seed
+        self.block = aggregators.bucket_size(client_block or clients_per_round)
+        self._key = jax.random.key(seed)
+        if program is None:
+            update = make_client_update(
+                make_loss_fn(backbone, prompt_config, self.task), local_optimizer,
+                local_steps=local_steps, batch_size=batch_size, prox_mu=algorithm.prox_mu,
+                scaffold_lr=scaffold_lr if algorithm.scaffold else None,
+            )
+            program = ClientProgram(update=update, to_delta=lambda global_params, payload: payload)
+        self.program = program
+        update = program.update
+        self._client_update = update
+        self._to_delta = jax.jit(jax.vmap(program.to_delta, in_axes=(None, 0)))
+
+        def train_block(global_params, weights, columns, sizes, ids, keys, control, client_controls):
+            data = {name: column[ids] for name, column in columns.items()}
+            return jax.vmap(update, in_axes=(None, None, 0, 0, 0, None, 0))(
+                global_params, weights, data, sizes[ids], keys, control, client_controls
+            )
+
+        self._train_block = jax.jit(train_block)
+        self._aggregate = aggregators.Aggregation(aggregator)
+        self._server_step = jax.jit(algorithm.apply)
+        self._eval_step = make_eval_step(backbone, prompt_config, self.task)
+        self._sizes = jnp.asarray(client_data.sizes)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def init(self, key: jax.Array | None = None) -> tuple[ServerState, Pytree]:
+        """Initial server state and the (zero) per-client control variates ``[C, ...]``."""
+        key = jax.random.fold_in(self._key, 0) if key is None else key
+        if self.program.init is not None:
+            params = self.program.init(key)
+        else:
+            params = init_trainable(self.backbone, self.prompt_config, self.task, key)
+        state = self.algorithm.init(params)
+        client_controls = jax.tree.map(
+            lambda x: jnp.zeros((self.client_data.num_clients, *x.shape), x.dtype), params
+        )
+        return state, client_controls
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def sample(self, round_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sampled client ids of a round and which of them drop out (seeded by round)."""
+        rng = np.random.default_rng([self.seed, round_index])
+        ids = np.sort(rng.choice(self.client_data.num_clients, self.clients_per_round, replace=False))
+        dropped = rng.random(self.clients_per_round) < self.dropout
+        return ids, dropped
+
+    def client_keys(self, round_index: int) -> jax.Array:
+        """``[C]`` PRNG keys of a round, one per client id (independent of blocking and sampling)."""
+        return jax.random.split(jax.random.fold_in(self._key, round_index + 1), self.client_data.num_clients)
+
+    def train_clients(self, state: ServerState, client_controls: Pytree, ids: np.ndarray, round_index: int) -> ClientResult:
+        """Local training of the clients ``ids`` (vmapped in padded blocks); stacked results."""
+        keys = self.client_keys(round_index)
+        results = []
+        for start in range(0, len(ids), self.block):
+            block_ids = ids[start : start + self.block]
+            padded = np.concatenate([block_ids, np.full(self.block - len(block_ids), block_ids[0])])
+            padded = jnp.asarray(padded, jnp.int32)
+            controls = jax.tree.map(lambda c: c[padded], client_controls)
+            out = self._train_block(
+                state.params, self.backbone.weights, self.client_data.columns, self._sizes,
+                padded, keys[padded], state.control, controls,
+            )
+            results.append(jax.tree.map(lambda x: x[: len(block_ids)], out))
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *results)
+
+    def run_round(self, state: ServerState, client_controls: Pytree, round_index: int) -> tuple[ServerState, Pytree, RoundResult]:
+        """Sample, broadcast, train, encode/validate, aggregate and step the server."""
+        ids, dropped = self.sample(round_index)
+        fingerprint = self.backbone.fingerprint
+        broadcast = {"params": state.params, **({"control": state.control} if self.algorithm.scaffold else {})}
+        bytes_down = len(codec.encode(jax.device_get(broadcast), kind="global", round=round_index, fingerprint=fingerprint)) * len(ids)
+        results = self.train_clients(state, client_controls, ids, round_index)
+        host = jax.device_get(results)
+        template = {"delta": host.delta, "control_delta": host.control_delta} if self.algorithm.scaffold else {"delta": host.delta}
+        template = jax.tree.map(lambda x: x[0], template)
+        # Every sampled slot keeps its place (zeros and weight 0 when it did not report), so the
+        # aggregation program always sees clients_per_round rows and compiles once.
+        zeros = jax.tree.map(np.zeros_like, template)
+        received_trees = [zeros] * len(ids)
+        accepted, rejections, bytes_up = [], {}, 0
+        for slot, client in enumerate(ids):
+            if dropped[slot]:
+                continue
+            update = {"delta": jax.tree.map(lambda x: x[slot], host.delta)}
+            if self.algorithm.scaffold:
+                update["control_delta"] = jax.tree.map(lambda x: x[slot], host.control_delta)
+            message = codec.encode(update, kind="update", round=round_index, fingerprint=fingerprint)
+            bytes_up += len(message)
+            try:
+                received = codec.decode(message)
+                if received.round != round_index or received.fingerprint != fingerprint:
+                    raise WireError("update is for another round or backbone")
+                codec.check_template(received.tree, template)
+            except WireError as err:
+                reason = str(err).split(":")[0][:80] or type(err).__name__
+                rejections[reason] = rejections.get(reason, 0) + 1
+                continue
+            accepted.append(slot)
+            received_trees[slot] = received.tree
+        is_accepted = np.zeros(len(ids), bool)
+        is_accepted[accepted] = True
+        weights = np.where(is_accepted, self.client_data.sizes[ids], 0).astype(np.float32)
+        if accepted:
+            payloads = aggregators.stack_clients([t["delta"] for t in received_trees])
+            deltas = self._to_delta(state.params, payloads)
+            mean_delta = self._aggregate(deltas, weights).aggregate
+            mean_control = None
+            if self.algorithm.scaffold:
+                uniform = is_accepted.astype(np.float32)
+                mean_control = self._aggregate([t["control_delta"] for t in received_trees], uniform).aggregate
+            participation = len(accepted) / self.client_data.num_clients
+            state = self._server_step(state, mean_delta, mean_control, participation)
+            if self.algorithm.scaffold:
+                rows = jnp.asarray(ids[accepted], jnp.int32)
+                new = jax.tree.map(lambda x: jnp.asarray(x[np.asarray(accepted)]), host.control)
+                client_controls = jax.tree.map(lambda c, n: c.at[rows].set(n), client_controls, new)
+            train_loss = float(np.average(np.asarray(host.loss)[accepted], weights=weights[accepted]))
+        else:  # nobody reported: the global state stays, the round still counts
+            state = state._replace(round=state.round + 1)
+            train_loss = float("nan")
+        result = RoundResult(
+            round=round_index + 1, train_loss=train_loss, clients=len(accepted), sampled=len(ids),
+            dropped=int(dropped.sum()), rejected=sum(rejections.values()), rejections=rejections,
+            bytes_up=bytes_up, bytes_down=bytes_down,
+        )
+        return state, client_controls, result
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, params: Pytree, encoded: Mapping[str, np.ndarray], batch_size: int = 128) -> dict[str, float]:
+        """Loss and accuracy of ``params`` on an encoded data set (all examples counted once)."""
+        if self.program.to_trainable is not None:
+            params = self.program.to_trainable(params)
+        total_loss = total_correct = total = 0.0
+        for batch in iterate_batches(encoded, batch_size):
+            m = self._eval_step(params, batch, self.backbone.weights)
+            n = float(m.examples)
+            total_loss += float(m.loss) * n
+            total_correct += float(m.accuracy) * n
+            total += n
+        return {"eval_loss": total_loss / total, "eval_accuracy": total_correct / total}
+
+
+def run_rounds(
+    simulation: FederatedSimulation,
+    rounds: int,
+    test: Mapping[str, np.ndarray],
+    *,
+    eval_every: int = 1,
+    state: ServerState | None = None,
+    client_controls: Pytree | None = None,
+    start_round: int = 0,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[ServerState, Pytree, list[dict[str, Any]]]:
+    """Run ``rounds`` rounds, evaluating every ``eval_every`` rounds and after the last one.
+
+    ``callback(metrics)`` receives each round's metrics dict as soon as it is known.
+    """
+    if state is None:
+        state, client_controls = simulation.init()
+    history = []
+    for r in range(start_round, start_round + rounds):
+        start = time.perf_counter()
+        state, client_controls, result = simulation.run_round(state, client_controls, r)
+        metrics: dict[str, Any] = dataclasses.asdict(result)
+        if (r + 1) % eval_every == 0 or r + 1 == start_round + rounds:
+            metrics.update(simulation.evaluate(state.params, test))
+        else:
+            metrics.update({"eval_loss": None, "eval_accuracy": None})
+        metrics["seconds"] = time.perf_counter() - start
+        history.append(metrics)
+        if callback is not None:
+            callback(metrics)
+    return state, client_controls, history

@@ -1,0 +1,260 @@
+"""``fedprompt.simulate`` and the ``fedprompt run`` main job, driven by a :class:`RunConfig`.
+
+``simulate(config)`` loads (or takes) the backbone and data, partitions the training data over
+clients, and runs the federation; ``run(config)`` does the same and writes the run folder:
+``metrics.jsonl`` (one line per round, written as the run goes), ``summary.json``,
+``prompt.fpp`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fedprompt.backbones.backbone import Backbone
+from fedprompt.backbones.loading import load_backbone
+from fedprompt.client.federated import make_client_update
+from fedprompt.client.local import make_loss_fn, make_train_step
+from fedprompt.config import RunConfig
+from fedprompt.prompts import PromptConfig
+from fedprompt.server import algorithms
+from fedprompt.server.algorithms import ServerState
+from fedprompt.simulation import datasets, partition, report
+from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
+from fedprompt.tasks import SequenceClassification
+from fedprompt.wire import artifact
+
+
+@dataclasses.dataclass
+class SimulationResult:
+    """The outcome of :func:`simulate`.
+
+    Attributes:
+      state: the final server state (``state.params`` is the trained prompt + head).
+      metrics: one dict per round.
+      summary: final figures and the resolved configuration.
+      prompt_config: how the prompt is shaped.
+      backbone: the frozen backbone it was trained on.
+      label_names: class names of the task.
+      label_histograms: ``[clients, labels]`` training label counts per client.
+    """
+
+    state: ServerState
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    prompt_config: PromptConfig
+    backbone: Backbone
+    label_names: tuple[str, ...]
+    label_histograms: np.ndarray
+
+
+def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
+    """Train and test sets for a config: the built-in WordNet set, or the user's files."""
+    if config.data is None:
+        return datasets.load_wordnet_supersenses()
+    full = datasets.load_text_file(config.data, text_key=config.text_key, label_key=config.label_key)
+    if config.test_data is None:
+        return datasets.train_test_split(full, test_fraction=0.2, seed=config.seed)
+    test = datasets.load_text_file(
+        config.test_data, text_key=config.text_key, label_key=config.label_key, label_names=full.label_names
+    )
+    return full, test
+
+
+def make_algorithm(config: RunConfig) -> algorithms.Algorithm:
+    """The algorithm named by the config with its hyperparameters."""
+    kwargs: dict[str, Any] = {}
+    if config.server_lr is not None:
+        kwargs["server_lr"] = config.server_lr
+    if config.algorithm == "fedavgm":
+        kwargs["momentum"] = config.server_momentum
+    if config.algorithm == "fedprox":
+        kwargs["mu"] = config.prox_mu
+    if config.algorithm in ("fedadagrad", "fedadam", "fedyogi"):
+        kwargs["tau"] = config.tau
+        kwargs["b1"] = config.b1 if config.algorithm != "fedadagrad" else 0.0
+        if config.algorithm != "fedadagrad":
+            kwargs["b2"] = config.b2
+    return algorithms.from_name(config.algorithm, **kwargs)
+
+
+def make_local_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    if config.resolved_local_optimizer == "sgd":
+        return optax.sgd(config.resolved_local_lr)
+    return optax.adam(config.resolved_local_lr)
+
+
+def _subsample(ds: datasets.TextDataset, limit: int | None, seed: int) -> datasets.TextDataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    return ds.subset(np.sort(np.random.default_rng(seed).choice(len(ds), limit, replace=False)))
+
+
+def simulate(
+    config: RunConfig,
+    *,
+    backbone: Backbone | None = None,
+    train: datasets.TextDataset | None = None,
+    test: datasets.TextDataset | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> SimulationResult:
+    """Run a federated prompt-tuning simulation.
+
+    Args:
+      config: the run's settings (see :class:`~fedprompt.config.RunConfig`).
+      backbone: an already loaded backbone (default: load ``config.backbone``).
+      train, test: in-memory data sets (default: per ``config.data``).
+      callback: called with each round's metrics dict as soon as the round ends.
+
+    Example:
+      >>> result = fedprompt.simulate(RunConfig(rounds=2, clients=4, clients_per_round=2))  # doctest: +SKIP
+      >>> result.summary["final_accuracy"]  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    backbone = backbone or load_backbone(config.backbone)
+    if train is None or test is None:
+        train, test = load_data(config)
+    train = _subsample(train, config.train_examples, config.seed)
+    test = _subsample(test, config.eval_examples, config.seed + 1)
+    prompt_config = PromptConfig(
+        method=config.method, num_virtual_tokens=config.num_virtual_tokens,
+        random_std=0.02 if config.method == "prefix" else 1.0,
+    )
+    task = SequenceClassification(num_labels=train.num_labels)
+    parts = partition.partition(
+        config.partition, np.asarray(train.labels), config.clients,
+        alpha=config.alpha, labels_per_client=config.labels_per_client, seed=config.seed,
+    )
+    encoded_train = encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens)
+    encoded_test = encode_dataset(backbone, test, config.max_length, config.num_virtual_tokens)
+    client_data = build_client_data(encoded_train, parts, train.num_labels)
+    algorithm = make_algorithm(config)
+    simulation = FederatedSimulation(
+        backbone, prompt_config, task, algorithm, make_local_optimizer(config), client_data,
+        clients_per_round=config.clients_per_round, local_steps=config.local_steps, batch_size=config.batch_size,
+        scaffold_lr=config.resolved_local_lr, dropout=config.dropout, client_block=config.client_block, seed=config.seed,
+    )
+    state, _, metrics = run_rounds(simulation, config.rounds, encoded_test, eval_every=config.eval_every, callback=callback)
+    final = metrics[-1]
+    summary: dict[str, Any] = {
+        "final_accuracy": final["eval_accuracy"],
+        "final_eval_loss": final["eval_loss"],
+        "rounds": config.rounds,
+        "total_bytes_up": int(sum(m["bytes_up"] for m in metrics)),
+        "total_bytes_down": int(sum(m["bytes_down"] for m in metrics)),
+        "wall_seconds": None,
+        "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint},
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "client_sizes": [int(s) for s in client_data.sizes],
+        "config": config.to_dict(),
+    }
+    if config.baselines:
+        summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test)
+    summary["wall_seconds"] = time.perf_counter() - started
+    return SimulationResult(
+        state=state, metrics=metrics, summary=summary, prompt_config=prompt_config, backbone=backbone,
+        label_names=train.label_names, label_histograms=client_data.label_histograms,
+    )
+
+
+def compute_baselines(
+    config: RunConfig,
+    simulation: FederatedSimulation,
+    encoded_train: Mapping[str, np.ndarray],
+    encoded_test: Mapping[str, np.ndarray],
+) -> dict[str, float]:
+    """Centralized and local-only references with the same training budget as the federation.
+
+    * centralized: one model on the pooled training data, seeing as many examples as all
+      federated clients together (``rounds * clients_per_round * local_steps * batch_size``),
+      in batches of ``clients_per_round * batch_size``;
+    * local-only: every client trains its own prompt on its own data for as many local steps
+      as an average client runs in the federation, each evaluated on the shared test set; the
+      accuracies are averaged over clients.
+    """
+    backbone, prompt_config, task = simulation.backbone, simulation.prompt_config, simulation.task
+    optimizer = make_local_optimizer(config)
+    init_state, _ = simulation.init()
+    init_params = init_state.params
+
+    # Centralized.
+    steps = config.rounds * config.local_steps
+    batch = config.batch_size * config.clients_per_round
+    step_fn = make_train_step(backbone, prompt_config, task, optimizer)
+    params = jax.tree.map(np.array, init_params)
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng([config.seed, 7])
+    n = len(encoded_train["labels"])
+    for _ in range(steps):
+        idx = rng.choice(n, batch, replace=n < batch)
+        params, opt_state, _ = step_fn(params, opt_state, {k: v[idx] for k, v in encoded_train.items()}, backbone.weights)
+    centralized = simulation.evaluate(params, encoded_test)["eval_accuracy"]
+
+    # Local only.
+    local_steps = max(1, round(config.rounds * config.clients_per_round * config.local_steps / config.clients))
+    loss_fn = make_loss_fn(backbone, prompt_config, task)
+    update = jax.jit(make_client_update(loss_fn, optimizer, local_steps=local_steps, batch_size=config.batch_size))
+    data = simulation.client_data
+    accuracies = []
+    for client in range(data.num_clients):
+        columns = {k: v[client] for k, v in data.columns.items()}
+        key = jax.random.fold_in(jax.random.key(config.seed), 10_000 + client)
+        result = update(init_params, backbone.weights, columns, int(data.sizes[client]), key)
+        trained = jax.tree.map(lambda p, d: p + d, init_params, result.delta)
+        accuracies.append(simulation.evaluate(trained, encoded_test)["eval_accuracy"])
+    return {
+        "centralized_accuracy": centralized,
+        "local_only_accuracy": float(np.mean(accuracies)),
+        "local_only_accuracies": [float(a) for a in accuracies],
+        "centralized_steps": steps,
+        "centralized_batch_size": batch,
+        "local_only_steps": local_steps,
+    }
+
+
+def run(config: RunConfig, *, stream=sys.stderr, progress: bool | None = None) -> SimulationResult:
+    """The main job: :func:`simulate` plus the run folder ``config.out``.
+
+    ``metrics.jsonl`` grows by one line per round while the run goes, so an interrupted run
+    keeps its history. ``progress`` (default: only on a terminal) shows a progress bar.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    writer = report.MetricsWriter(metrics_path)
+    bar = report.Progress(config.rounds, stream=stream, enabled=progress)
+    cumulative = 0
+
+    def on_round(metrics: dict[str, Any]) -> None:
+        nonlocal cumulative
+        cumulative += metrics["bytes_up"] + metrics["bytes_down"]
+        writer.write(metrics)
+        bar.update(metrics["round"], accuracy=metrics["eval_accuracy"], cumulative_bytes=cumulative)
+
+    try:
+        result = simulate(config, callback=on_round)
+    finally:
+        bar.close()
+        writer.close()
+    artifact.save_prompt(
+        out / "prompt.fpp", jax.device_get(result.state.params), method=config.method,
+        config=dataclasses.asdict(result.prompt_config), backbone_name=result.backbone.name,
+        fingerprint=result.backbone.fingerprint,
+        metadata={"label_names": list(result.label_names), "algorithm": config.algorithm, "rounds": config.rounds,
+                  "clients": config.clients, "final_accuracy": result.summary["final_accuracy"]},
+    )
+    report.write_summary(out / "summary.json", result.summary)
+    description = (f"{config.algorithm} · {config.method} · {config.clients} clients "
+                   f"({config.clients_per_round}/round) · {config.partition}")
+    report.plot_curves(result.metrics, out / "curves.png", baselines=result.summary.get("baselines"), title=description)
+    return result

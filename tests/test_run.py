@@ -1,0 +1,92 @@
+"""RunConfig (TOML + overrides + validation) and the `fedprompt run` main job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fedprompt.cli import main
+from fedprompt.config import RunConfig
+from fedprompt.errors import ConfigError
+
+
+def test_toml_then_flags_override(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[federation]\nrounds = 7\nalgorithm = "fedadam"\n[prompt]\nmethod = "prefix"\nseed = 3\n')
+    cfg = RunConfig.from_sources(toml, {"rounds": 2, "seed": None})
+    assert (cfg.rounds, cfg.algorithm, cfg.method, cfg.seed, cfg.clients) == (2, "fedadam", "prefix", 3, 16)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"rounds": 2.5}, "rounds must be int"),
+        ({"clients": 4, "clients_per_round": 5}, "exceeds"),
+        ({"method": "lora"}, "method"),
+        ({"algorithm": "fedsgd"}, "algorithm"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"roundz": 3}, "did you mean 'rounds'"),
+        ({"data": "/no/such/file.jsonl"}, "does not exist"),
+        ({"algorithm": "scaffold", "local_optimizer": "adam"}, "SGD"),
+        ({"baselines": "yes"}, "baselines must be bool"),
+    ],
+)
+def test_bad_config_values_are_refused(values, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_sources(overrides=values)
+
+
+def test_bad_toml_is_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [")
+    with pytest.raises(ConfigError, match="cannot read"):
+        RunConfig.from_sources(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_sources(tmp_path / "missing.toml")
+
+
+def test_cli_refuses_a_bad_value_before_any_work(capsys):
+    start = time.perf_counter()
+    assert main(["run", "--rounds", "0"]) == 2
+    assert "rounds must be >= 1" in capsys.readouterr().err
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.slow
+def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
+    """The main job end to end on MiniLM with a small JSONL file and string labels."""
+    rng = np.random.default_rng(0)
+    words = {"animal": ["dog", "cat", "horse", "cow", "sheep"], "tool": ["hammer", "saw", "drill", "wrench", "chisel"]}
+    rows = [{"text": f"a {rng.choice(words[k])} that is {rng.choice(['big', 'small', 'old'])}", "label": k}
+            for k in words for _ in range(30)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    args = ["run", "--data", str(data), "--rounds", "2", "--clients", "4", "--clients-per-round", "2",
+            "--local-steps", "2", "--batch-size", "8", "--max-length", "12", "--virtual-tokens", "4",
+            "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "fedprompt.cli", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.jsonl", "prompt.fpp", "summary.json"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2]
+    for m in lines:
+        assert 0.0 <= m["eval_accuracy"] <= 1.0 and m["clients"] == 2 and m["bytes_up"] > 0 and m["bytes_down"] > 0
+        assert {"train_loss", "eval_loss", "seconds"} <= set(m)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_accuracy"] == lines[-1]["eval_accuracy"]
+    assert summary["total_bytes_up"] == sum(m["bytes_up"] for m in lines)
+    assert summary["config"]["data"] == str(data) and summary["test_examples"] == 12  # 20% of 60
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from fedprompt.wire.artifact import load_prompt
+
+    params, meta = load_prompt(out / "prompt.fpp")
+    assert params["prompt"]["embeddings"].shape == (4, 384) and meta["label_names"] == ["animal", "tool"]

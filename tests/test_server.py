@@ -1,0 +1,328 @@
+"""Server side: aggregation against closed-form NumPy means, FedOpt against Algorithm 2 by hand."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedprompt.errors import ConfigError, InputError
+from fedprompt.server.aggregators import (
+    Aggregation,
+    bucket_size,
+    finite_clients,
+    pad_clients,
+    stack_clients,
+    weighted_mean,
+)
+from fedprompt.server.optimizers import (
+    ScaleByFedOptState,
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedyogi,
+    make_server_optimizer,
+    scale_by_fedopt,
+    server_update,
+)
+
+SHAPES = {"prompt": (4, 3), "head": {"w": (5,), "b": ()}}
+
+
+def random_tree(rng: np.random.Generator, lead: tuple[int, ...] = (), scale: float = 1.0):
+    """A small pytree with the structure of SHAPES, float64 NumPy leaves."""
+    return jax.tree.map(lambda s: scale * rng.standard_normal(lead + s), SHAPES, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def np_weighted_mean(stacked, weights):
+    """The closed form in float64: sum_k w_k x_k / sum_k w_k over clients with w_k > 0."""
+    w = np.asarray(weights, np.float64)
+    keep = w > 0
+
+    def leaf(x):
+        x = np.asarray(x, np.float64)[keep]
+        return np.tensordot(w[keep], x, axes=1) / w[keep].sum() if keep.any() else np.zeros(x.shape[1:])
+
+    return jax.tree.map(leaf, stacked)
+
+
+def assert_tree_close(actual, expected, rtol=1e-5, atol=1e-6):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weighted_mean_matches_closed_form(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 9))
+    stacked = random_tree(rng, (k,))
+    weights = rng.uniform(0.1, 10.0, k) * (rng.uniform(size=k) > 0.3)
+    weights[0] = max(weights[0], 0.5)  # at least one client counts
+    out = weighted_mean(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stacked), jnp.asarray(weights, jnp.float32))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
+    assert_tree_close(out, np_weighted_mean(stacked, weights))
+
+
+def test_weighted_mean_zero_weight_clients_may_hold_nan():
+    stacked = {"w": jnp.array([[1.0, 2.0], [jnp.nan, jnp.inf], [3.0, 4.0]])}
+    out = jax.jit(weighted_mean)(stacked, jnp.array([1.0, 0.0, 3.0]))
+    np.testing.assert_allclose(out["w"], [2.5, 3.5])
+
+
+def test_weighted_mean_all_zero_weights_gives_zeros():
+    stacked = {"w": jnp.array([[1.0, jnp.nan], [2.0, 3.0]], jnp.bfloat16)}
+    out = weighted_mean(stacked, jnp.zeros(2))
+    assert out["w"].dtype == jnp.float32
+    np.testing.assert_array_equal(out["w"], [0.0, 0.0])
+
+
+def test_weighted_mean_bf16_leaves_accumulate_in_float32():
+    rng = np.random.default_rng(7)
+    stacked = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), random_tree(rng, (6,)))
+    weights = rng.uniform(0.5, 3.0, 6)
+    out = weighted_mean(stacked, jnp.asarray(weights, jnp.float32))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
+    # The reference sees exactly the bf16-rounded inputs; only float32 accumulation error is left.
+    expected = np_weighted_mean(jax.tree.map(lambda x: np.asarray(x.astype(jnp.float32)), stacked), weights)
+    assert_tree_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_aggregation_drops_padding_and_nonfinite_clients_and_renormalizes():
+    rng = np.random.default_rng(1)
+    clients = [random_tree(rng) for _ in range(5)]
+    clients[1]["prompt"][2, 1] = np.nan
+    clients[3]["head"]["b"] = np.float64(np.inf)
+    weights = np.array([2.0, 5.0, 1.0, 7.0, 3.0])
+    result = Aggregation()([jax.tree.map(jnp.float32, c) for c in clients], weights)
+    keep = np.array([True, False, True, False, True])
+    expected = np_weighted_mean(stack_clients(clients), weights * keep)
+    assert_tree_close(result.aggregate, expected)
+    assert int(result.num_aggregated) == 3
+    np.testing.assert_array_equal(result.accepted, keep)  # padding (clients 5..7) not reported
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(result.aggregate))
+
+
+def test_aggregation_zero_weight_and_all_failed_clients():
+    agg = Aggregation()
+    clients = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 5.0])}, {"w": jnp.array([jnp.nan, 0.0])}]
+    result = agg(clients, [0.0, 1.0, 1.0])
+    np.testing.assert_allclose(result.aggregate["w"], [3.0, 5.0])
+    assert int(result.num_aggregated) == 1
+    result = agg(clients, [0.0, 0.0, 4.0])  # the only weighted client is NaN
+    np.testing.assert_array_equal(result.aggregate["w"], [0.0, 0.0])
+    assert int(result.num_aggregated) == 0
+    result = agg(clients, [1.0, np.nan, 1.0])  # a non-finite weight drops its client too
+    np.testing.assert_allclose(result.aggregate["w"], [1.0, 2.0])
+    assert int(result.num_aggregated) == 1
+
+
+def test_aggregation_stacked_input_equals_list_input():
+    rng = np.random.default_rng(2)
+    clients = [jax.tree.map(jnp.float32, random_tree(rng)) for _ in range(3)]
+    weights = [1.0, 2.0, 3.0]
+    agg = Aggregation()
+    a = agg(clients, weights)
+    b = agg(stack_clients(clients), weights)
+    assert_tree_close(a.aggregate, jax.tree.map(np.asarray, b.aggregate), rtol=0, atol=0)
+    # A stacked pytree whose top level is a tuple needs stacked=True.
+    c = agg((jnp.ones((3, 2)), jnp.zeros((3,))), weights, stacked=True)
+    np.testing.assert_allclose(c.aggregate[0], [1.0, 1.0])
+    assert agg.num_compilations == 2
+
+
+def test_bucket_sizes_and_padding():
+    assert [bucket_size(k) for k in range(10)] == [1, 1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert bucket_size(1000) == 1024
+    with pytest.raises(ConfigError):
+        bucket_size(-1)
+    stacked, w = pad_clients({"w": jnp.ones((3, 2), jnp.bfloat16)}, jnp.ones(3), 8)
+    assert stacked["w"].shape == (8, 2) and stacked["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(w, [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(stacked["w"][3:], 0)
+    with pytest.raises(InputError):
+        pad_clients({"w": jnp.ones((3, 2))}, jnp.ones(3), 2)
+
+
+def test_client_counts_share_compilations_within_a_bucket():
+    agg = Aggregation()
+    for k in (3, 4, 5, 7, 8):
+        result = agg([{"w": jnp.full((2,), float(i))} for i in range(k)], np.ones(k))
+        np.testing.assert_allclose(result.aggregate["w"], [(k - 1) / 2] * 2)
+        assert int(result.num_aggregated) == k and result.accepted.shape == (k,)
+    assert agg.num_compilations == 2  # buckets 4 (K = 3, 4) and 8 (K = 5, 7, 8)
+    if hasattr(agg._run, "_cache_size"):  # jax's own count of compiled programs agrees
+        assert agg._run._cache_size() == 2
+    agg([{"w": jnp.zeros(2)}] * 9)
+    assert agg.num_compilations == 3
+
+
+def test_finite_clients_over_all_leaves():
+    stacked = {"a": jnp.array([[1.0], [jnp.nan], [0.0]]), "b": jnp.array([1.0, 2.0, -jnp.inf]), "n": jnp.arange(3)}
+    np.testing.assert_array_equal(finite_clients(stacked), [True, False, False])
+
+
+def test_aggregation_bad_inputs():
+    agg = Aggregation()
+    with pytest.raises(InputError, match="no client"):
+        agg([])
+    with pytest.raises(InputError, match="client 1"):
+        agg([{"w": jnp.ones(2)}, {"v": jnp.ones(2)}])
+    with pytest.raises(InputError, match="client 1"):
+        agg([{"w": jnp.ones(2)}, {"w": jnp.ones(3)}])
+    with pytest.raises(InputError, match="shape"):
+        agg([{"w": jnp.ones(2)}] * 2, [1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match=">= 0"):
+        agg([{"w": jnp.ones(2)}] * 2, [1.0, -1.0])
+    with pytest.raises(InputError, match="leading client axis"):
+        agg({"w": jnp.ones((2, 3)), "v": jnp.ones((3, 3))})
+
+
+# ---------------------------------------------------------------- server optimizers
+
+
+def algorithm2_by_hand(kind, x0, deltas, *, lr, b1=0.9, b2=0.99, tau=1e-3, momentum=0.9, v0=None):
+    """Reddi et al. 2021, Algorithm 2 (and FedAvg / FedAvgM), float64, one leaf at a time.
+
+    Returns the params after every round and the final (m, v).
+    """
+    x = np.asarray(x0, np.float64)
+    m = np.zeros_like(x)
+    v = np.full_like(x, tau**2 if v0 is None else v0)
+    history = []
+    for d in deltas:
+        if kind == "fedavg":
+            x = x + lr * d
+        elif kind == "fedavgm":
+            m = momentum * m + d
+            x = x + lr * m
+        else:
+            m = b1 * m + (1 - b1) * d
+            if kind == "fedadagrad":
+                v = v + d**2
+            elif kind == "fedadam":
+                v = b2 * v + (1 - b2) * d**2
+            elif kind == "fedyogi":
+                v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+            x = x + lr * m / (np.sqrt(v) + tau)
+        history.append(x)
+    return history, m, v
+
+
+CASES = {
+    "fedavg": (lambda: fedavg(0.7), dict(lr=0.7)),
+    "fedavgm": (lambda: fedavgm(0.5, momentum=0.8), dict(lr=0.5, momentum=0.8)),
+    "fedadagrad": (lambda: fedadagrad(0.1), dict(lr=0.1, b1=0.0, tau=1e-3)),
+    "fedadagrad_momentum": (lambda: fedadagrad(0.1, b1=0.5, tau=1e-2), dict(lr=0.1, b1=0.5, tau=1e-2)),
+    "fedadam": (lambda: fedadam(0.03), dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)),
+    "fedadam_v0": (lambda: fedadam(0.03, b1=0.5, b2=0.9, tau=1e-2, initial_accumulator=0.3), dict(lr=0.03, b1=0.5, b2=0.9, tau=1e-2, v0=0.3)),
+    "fedyogi": (lambda: fedyogi(0.03), dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)),
+    "fedyogi_v0": (lambda: fedyogi(0.05, tau=1e-2, initial_accumulator=0.02), dict(lr=0.05, tau=1e-2, v0=0.02)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_server_optimizer_is_algorithm_2(name):
+    make, hyper = CASES[name]
+    kind = name.split("_")[0]
+    optimizer = make()
+    rng = np.random.default_rng(sorted(CASES).index(name))
+    x0 = random_tree(rng)
+    # Round scales vary by 100x so that Yogi's sign(v - Δ²) takes both signs.
+    deltas = [random_tree(rng, scale=s) for s in (0.3, 0.01, 0.5, 0.02, 0.2)]
+    step = jax.jit(lambda p, s, d: server_update(p, s, d, optimizer))
+    params = jax.tree.map(jnp.float32, x0)
+    state = optimizer.init(params)
+    got = []
+    for d in deltas:
+        params, state = step(params, state, jax.tree.map(jnp.float32, d))
+        got.append(params)
+    flat_x0, treedef = jax.tree.flatten(x0)
+    per_leaf = [
+        algorithm2_by_hand(kind, x, [jax.tree.leaves(d)[i] for d in deltas], **hyper) for i, x in enumerate(flat_x0)
+    ]
+    for t in range(len(deltas)):
+        expected = jax.tree.unflatten(treedef, [h[0][t] for h in per_leaf])
+        assert_tree_close(got[t], expected, rtol=1e-5, atol=1e-5)
+    if kind in ("fedadagrad", "fedadam", "fedyogi"):
+        fedopt_state = state[0]
+        assert isinstance(fedopt_state, ScaleByFedOptState)
+        # mu accumulates the pseudo-gradient -Δ, so it is -m_t; nu is v_t itself.
+        assert_tree_close(fedopt_state.mu, jax.tree.unflatten(treedef, [-h[1] for h in per_leaf]), rtol=1e-5, atol=1e-7)
+        assert_tree_close(fedopt_state.nu, jax.tree.unflatten(treedef, [h[2] for h in per_leaf]), rtol=1e-5, atol=1e-9)
+
+
+def test_fedadam_first_round_has_no_bias_correction():
+    params = {"w": jnp.zeros(3)}
+    delta = {"w": jnp.array([0.1, -0.2, 0.3])}
+    p_adam, _ = server_update(params, fedadam(1.0).init(params), delta, fedadam(1.0))
+    # First round, no bias correction: m = 0.1 Δ, v = 0.99 τ² + 0.01 Δ², x = m / (sqrt(v) + τ).
+    d = np.array([0.1, -0.2, 0.3])
+    np.testing.assert_allclose(p_adam["w"], 0.1 * d / (np.sqrt(0.99e-6 + 0.01 * d**2) + 1e-3), rtol=1e-6)
+    optax_adam, _ = server_update(params, optax.adam(1.0).init(params), delta, optax.adam(1.0))
+    assert not np.allclose(p_adam["w"], optax_adam["w"], rtol=1e-2)
+
+
+def test_any_optax_transformation_works_through_server_update():
+    params = {"prompt": jnp.ones((2, 3)), "head": jnp.zeros(2)}
+    delta = {"prompt": jnp.full((2, 3), 2.0), "head": jnp.array([1.0, -4.0])}
+    sgd = optax.sgd(0.5)
+    new, _ = server_update(params, sgd.init(params), delta, sgd)
+    np.testing.assert_allclose(new["prompt"], 2.0)
+    np.testing.assert_allclose(new["head"], [0.5, -2.0])
+    # A schedule as server_lr behaves like the constant.
+    a, _ = server_update(params, fedyogi(0.1).init(params), delta, fedyogi(0.1))
+    b, _ = server_update(params, fedyogi(optax.constant_schedule(0.1)).init(params), delta, fedyogi(optax.constant_schedule(0.1)))
+    assert_tree_close(a, jax.tree.map(np.asarray, b), rtol=1e-7, atol=0)
+
+
+def test_server_update_keeps_param_dtypes():
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    opt = fedadam(0.1)
+    new, state = server_update(params, opt.init(params), {"w": jnp.full(4, 0.5)}, opt)
+    assert new["w"].dtype == jnp.bfloat16
+    assert state[0].nu["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fedavg(0.0),
+        lambda: fedavg(-1.0),
+        lambda: fedavgm(1.0, momentum=1.0),
+        lambda: fedavgm(1.0, momentum=-0.1),
+        lambda: fedadagrad(0.0),
+        lambda: fedadagrad(0.1, b1=1.0),
+        lambda: fedadagrad(0.1, tau=0.0),
+        lambda: fedadam(-0.1),
+        lambda: fedadam(float("nan")),
+        lambda: fedadam(0.1, b1=-0.5),
+        lambda: fedadam(0.1, b2=1.0),
+        lambda: fedadam(0.1, tau=-1e-3),
+        lambda: fedyogi(0.1, b2=1.5),
+        lambda: fedyogi(0.1, initial_accumulator=-1.0),
+        lambda: fedyogi("fast"),
+        lambda: scale_by_fedopt("sgd", b1=0.9),
+        lambda: make_server_optimizer("fedsgd"),
+        lambda: make_server_optimizer("fedadam", lr=0.1),
+        lambda: make_server_optimizer("fedadam"),
+    ],
+)
+def test_bad_hyperparameters_raise_config_error(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_make_server_optimizer_by_name():
+    params = {"w": jnp.zeros(2)}
+    delta = {"w": jnp.array([0.3, -0.1])}
+    a, _ = server_update(params, fedyogi(0.2, b1=0.5).init(params), delta, fedyogi(0.2, b1=0.5))
+    opt = make_server_optimizer("fedyogi", server_lr=0.2, b1=0.5)
+    b, _ = server_update(params, opt.init(params), delta, opt)
+    np.testing.assert_array_equal(a["w"], b["w"])

@@ -106,22 +106,30 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedprompt.config import RunConfig
-    from fedprompt.simulation.run import run
+    from fedprompt.simulation.run import resume, run
 
+    progress = False if args.no_progress else None
+    if args.resume is not None:
+        result = resume(args.resume, progress=progress)
+        _print_run_result(result, args.resume)
+        return 0
     overrides = {field: getattr(args, field) for _, field, _, _ in RUN_FLAGS}
     if args.baselines:
         overrides["baselines"] = True
     config = RunConfig.from_sources(args.config, overrides)  # every value checked before any work
-    progress = False if args.no_progress else None
     result = run(config, progress=progress)
+    _print_run_result(result, config.out)
+    return 0
+
+
+def _print_run_result(result, out: str) -> None:
     s = result.summary
     print(f"final accuracy {s['final_accuracy']:.4f} after {s['rounds']} rounds; "
           f"{(s['total_bytes_up'] + s['total_bytes_down']) / 1e6:.2f} MB sent; {s['wall_seconds']:.0f} s")
     if "baselines" in s:
         b = s["baselines"]
         print(f"centralized {b['centralized_accuracy']:.4f}, local-only {b['local_only_accuracy']:.4f}")
-    print(f"wrote {config.out}/: metrics.jsonl summary.json prompt.fpp curves.png")
-    return 0
+    print(f"wrote {out}/: metrics.jsonl summary.json prompt.fpp curves.png")
 
 
 def cmd_bench_simulate(args: argparse.Namespace) -> int:
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(flag, dest=field, type=kind, default=None, help=text)
     run.add_argument("--baselines", action="store_true", help="also train centralized and local-only baselines")
     run.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its own settings")
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="describe a backbone")

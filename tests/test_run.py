@@ -90,3 +90,50 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
 
     params, meta = load_prompt(out / "prompt.fpp")
     assert params["prompt"]["embeddings"].shape == (4, 384) and meta["label_names"] == ["animal", "tool"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL mid-way and resumed ends with the same prompt and metrics."""
+    import os
+    import signal
+
+    from fedprompt.wire.artifact import load_prompt
+
+    common = ["--rounds", "6", "--clients", "4", "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "8",
+              "--max-length", "12", "--virtual-tokens", "4", "--train-examples", "200", "--eval-examples", "48",
+              "--algorithm", "fedadam", "--dropout", "0.2", "--no-progress"]
+    base = [sys.executable, "-m", "fedprompt.cli", "run", *common]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run([*base, "--out", str(whole)], capture_output=True, timeout=600).returncode == 0
+
+    proc = subprocess.Popen([*base, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    done = subprocess.run([sys.executable, "-m", "fedprompt.cli", "run", "--resume", str(killed), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    def rounds(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert rounds(killed) == rounds(whole)
+    a, _ = load_prompt(whole / "prompt.fpp")
+    b, _ = load_prompt(killed / "prompt.fpp")
+    for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -330,10 +330,14 @@ def run_rounds(
     client_controls: Pytree | None = None,
     start_round: int = 0,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    on_state: Callable[[int, ServerState, Pytree], None] | None = None,
 ) -> tuple[ServerState, Pytree, list[dict[str, Any]]]:
-    """Run ``rounds`` rounds, evaluating every ``eval_every`` rounds and after the last one.
+    """Run rounds ``start_round .. start_round + rounds - 1``, evaluating every ``eval_every``
+    rounds and after the last one.
 
-    ``callback(metrics)`` receives each round's metrics dict as soon as it is known.
+    ``callback(metrics)`` receives each round's metrics dict as soon as it is known;
+    ``on_state(completed_rounds, state, client_controls)`` then sees the new state (to
+    checkpoint it).
     """
     if state is None:
         state, client_controls = simulation.init()
@@ -350,4 +354,6 @@ def run_rounds(
         history.append(metrics)
         if callback is not None:
             callback(metrics)
+        if on_state is not None:
+            on_state(r + 1, state, client_controls)
     return state, client_controls, history

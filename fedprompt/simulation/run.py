@@ -9,7 +9,6 @@ clients, and runs the federation; ``run(config)`` does the same and writes the r
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from fedprompt.config import RunConfig
 from fedprompt.prompts import PromptConfig
 from fedprompt.server import algorithms
 from fedprompt.server.algorithms import ServerState
-from fedprompt.simulation import datasets, partition, report
+from fedprompt.simulation import checkpoint, datasets, partition, report
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
 from fedprompt.tasks import SequenceClassification
 from fedprompt.wire import artifact
@@ -105,6 +104,9 @@ def simulate(
     train: datasets.TextDataset | None = None,
     test: datasets.TextDataset | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    previous_metrics: list[dict[str, Any]] | None = None,
 ) -> SimulationResult:
     """Run a federated prompt-tuning simulation.
 
@@ -113,6 +115,9 @@ def simulate(
       backbone: an already loaded backbone (default: load ``config.backbone``).
       train, test: in-memory data sets (default: per ``config.data``).
       callback: called with each round's metrics dict as soon as the round ends.
+      checkpoint_dir: write a crash-safe checkpoint there after every round.
+      resume: continue from the checkpoint in ``checkpoint_dir``.
+      previous_metrics: the metrics of the rounds before the checkpoint (when resuming).
 
     Example:
       >>> result = fedprompt.simulate(RunConfig(rounds=2, clients=4, clients_per_round=2))  # doctest: +SKIP
@@ -142,7 +147,22 @@ def simulate(
         clients_per_round=config.clients_per_round, local_steps=config.local_steps, batch_size=config.batch_size,
         scaffold_lr=config.resolved_local_lr, dropout=config.dropout, client_block=config.client_block, seed=config.seed,
     )
-    state, _, metrics = run_rounds(simulation, config.rounds, encoded_test, eval_every=config.eval_every, callback=callback)
+    state, client_controls = simulation.init()
+    completed = 0
+    if resume:
+        completed, (state, client_controls) = checkpoint.load_checkpoint(
+            checkpoint_dir, template=(state, client_controls), config=config.to_dict()
+        )
+    on_state = None
+    if checkpoint_dir is not None:
+        def on_state(done: int, new_state: ServerState, controls: Any) -> None:
+            checkpoint.save_checkpoint(checkpoint_dir, completed_rounds=done, state=(new_state, controls), config=config.to_dict())
+
+    state, _, metrics = run_rounds(
+        simulation, config.rounds - completed, encoded_test, eval_every=config.eval_every, state=state,
+        client_controls=client_controls, start_round=completed, callback=callback, on_state=on_state,
+    )
+    metrics = list(previous_metrics or [])[:completed] + metrics
     final = metrics[-1]
     summary: dict[str, Any] = {
         "final_accuracy": final["eval_accuracy"],
@@ -155,6 +175,8 @@ def simulate(
         "train_examples": len(train),
         "test_examples": len(test),
         "client_sizes": [int(s) for s in client_data.sizes],
+        "label_names": list(train.label_names),
+        "client_label_histograms": client_data.label_histograms.tolist(),
         "config": config.to_dict(),
     }
     if config.baselines:
@@ -221,19 +243,54 @@ def compute_baselines(
     }
 
 
-def run(config: RunConfig, *, stream=sys.stderr, progress: bool | None = None) -> SimulationResult:
+def run(config: RunConfig, *, stream=None, progress: bool | None = None) -> SimulationResult:
     """The main job: :func:`simulate` plus the run folder ``config.out``.
 
-    ``metrics.jsonl`` grows by one line per round while the run goes, so an interrupted run
-    keeps its history. ``progress`` (default: only on a terminal) shows a progress bar.
+    ``metrics.jsonl`` grows by one line per round while the run goes and a checkpoint is
+    written after every round, so a killed run keeps its history and continues with
+    :func:`resume`. ``progress`` (default: only on a terminal) shows a progress bar.
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / checkpoint.CHECKPOINT_FILE).unlink(missing_ok=True)
+    checkpoint.write_config(out, config.to_dict())
+    return _run_in(out, config, stream=stream, progress=progress, resume=False)
+
+
+def resume(folder: str | Path, *, stream=None, progress: bool | None = None) -> SimulationResult:
+    """Continue a run that was interrupted, from its last completed round.
+
+    The settings are the ones the run was started with (``config.json`` in the folder); the
+    result is the same as that of an uninterrupted run.
+    """
+    out = Path(folder)
+    config = RunConfig(**checkpoint.read_config(out))
+    if config.out != str(out) and Path(config.out).resolve() != out.resolve():
+        config = dataclasses.replace(config, out=str(out))
+    return _run_in(out, config, stream=stream, progress=progress, resume=True)
+
+
+def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resume: bool) -> SimulationResult:
     metrics_path = out / "metrics.jsonl"
+    previous: list[dict[str, Any]] = []
+    if resume:
+        if not (out / checkpoint.CHECKPOINT_FILE).is_file():
+            previous = []  # killed before the first round ended: start again
+            resume = False
+        else:
+            previous = report.read_metrics(metrics_path) if metrics_path.is_file() else []
+    start = 0
+    if resume:
+        start = checkpoint.completed_rounds(out)
+        previous = previous[:start]
+    # Rewrite metrics.jsonl with exactly the completed rounds, then append as rounds finish.
     metrics_path.unlink(missing_ok=True)
     writer = report.MetricsWriter(metrics_path)
+    for record in previous:
+        writer.write(record)
     bar = report.Progress(config.rounds, stream=stream, enabled=progress)
-    cumulative = 0
+    cumulative = sum(m["bytes_up"] + m["bytes_down"] for m in previous)
 
     def on_round(metrics: dict[str, Any]) -> None:
         nonlocal cumulative
@@ -242,7 +299,7 @@ def run(config: RunConfig, *, stream=sys.stderr, progress: bool | None = None) -
         bar.update(metrics["round"], accuracy=metrics["eval_accuracy"], cumulative_bytes=cumulative)
 
     try:
-        result = simulate(config, callback=on_round)
+        result = simulate(config, callback=on_round, checkpoint_dir=out, resume=resume, previous_metrics=previous)
     finally:
         bar.close()
         writer.close()

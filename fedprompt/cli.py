@@ -4,7 +4,15 @@ Sub-commands:
   run                      federated prompt tuning (the built-in default with no arguments)
   info [BACKBONE]          load a backbone and print its architecture and fingerprint
   bench train-step         time a compiled prompt-tuning step and show its memory analysis
-  bench simulate           vmapped round vs sequential per-client / per-step loops
+  bench simulate           vmapped round vs sequential per-client / per-step loops, block memory
+  bench aggregate          compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s
+  bench train              train step FLOP/s as a fraction of this machine's matmul FLOP/s
+  bench kernels            Pallas kernels vs their XLA references
+  inspect FILE             a prompt artifact's metadata (readable text, or --json)
+  apply FILE --text T      classify texts with a prompt and its head, or generate with a decoder
+  export FILE --format peft --out DIR
+                           a PEFT prompt-tuning / prefix-tuning adapter
+  import DIR --out FILE    a PEFT prompt-tuning / prefix-tuning adapter as a prompt artifact
 """
 
 from __future__ import annotations
@@ -100,7 +108,27 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--dropout", "dropout", float, "probability that a sampled client drops out"),
     ("--client-block", "client_block", int, "clients trained together in one vmapped program"),
     ("--seed", "seed", int, "the run's seed"),
+    ("--aggregator", "aggregator", str, "mean | median | trimmed_mean | krum | multi_krum | norm_bound"),
+    ("--trim-beta", "trim_beta", float, "trimmed_mean: fraction trimmed at each end"),
+    ("--num-byzantine", "num_byzantine", int, "krum / multi_krum: assumed attackers"),
+    ("--krum-m", "krum_m", int, "multi_krum: updates averaged"),
+    ("--norm-bound", "norm_bound", float, "norm_bound: L2 bound of each update"),
+    ("--attack", "attack", str, "sign_flip | scaling | gaussian | label_flip"),
+    ("--attack-fraction", "attack_fraction", float, "fraction of malicious clients"),
+    ("--attack-scale", "attack_scale", float, "factor of sign_flip / scaling attacks"),
+    ("--dp", "dp", str, "central | local differential privacy"),
+    ("--dp-clip", "dp_clip", float, "DP clipping norm"),
+    ("--dp-noise-multiplier", "dp_noise_multiplier", float, "DP noise multiplier z"),
+    ("--dp-target-epsilon", "dp_target_epsilon", float, "choose z so the run spends this epsilon"),
+    ("--dp-delta", "dp_delta", float, "DP delta"),
+    ("--dp-accountant", "dp_accountant", str, "rdp | pld"),
+    ("--secagg-threshold", "secagg_threshold", int, "secure aggregation: Shamir threshold"),
     ("--out", "out", str, "output folder (default runs/latest)"),
+]
+RUN_SWITCHES = [
+    ("--baselines", "baselines", "also train centralized and local-only baselines"),
+    ("--dp-adaptive", "dp_adaptive", "adaptive DP clipping (Andrew et al. 2021)"),
+    ("--secagg", "secagg", "secure aggregation (Bonawitz et al. 2017)"),
 ]
 
 
@@ -114,8 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_run_result(result, args.resume)
         return 0
     overrides = {field: getattr(args, field) for _, field, _, _ in RUN_FLAGS}
-    if args.baselines:
-        overrides["baselines"] = True
+    overrides.update({field: True for _, field, _ in RUN_SWITCHES if getattr(args, field)})
     config = RunConfig.from_sources(args.config, overrides)  # every value checked before any work
     result = run(config, progress=progress)
     _print_run_result(result, config.out)
@@ -144,15 +171,328 @@ def cmd_bench_simulate(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
     print(f"one round of local training, {backbone.name}, {args.local_steps} local steps x batch 16 x 32 tokens, "
           f"20 virtual tokens, on {device.platform}:{device.device_kind}")
-    print(f"{'clients':>7} {'vmapped':>10} {'per-client loop':>16} {'per-step loop':>14} {'speed-up':>18}")
+    print(f"{'clients':>7} {'vmapped':>10} {'per client':>11} {'per-client loop':>16} {'per-step loop':>14} {'speed-up':>18}")
     for r in rows:
         t = r["seconds"]
-        print(f"{r['clients_per_round']:>7} {t['vmapped']:>9.2f}s {t['per_client']:>15.2f}s {t['per_step']:>13.2f}s "
+        print(f"{r['clients_per_round']:>7} {t['vmapped']:>9.2f}s {t['vmapped'] / r['clients_per_round']:>10.3f}s "
+              f"{t['per_client']:>15.2f}s {t['per_step']:>13.2f}s "
               f"{r['speedup_vs_per_client']:>6.2f}x / {r['speedup_vs_per_step']:.2f}x")
+    memory = bench.block_memory(backbone, clients=tuple(args.memory_clients), local_steps=args.local_steps) if args.memory_clients else []
+    if memory:
+        print(bench.format_block_memory(memory))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "rows": rows}, f, indent=2)
+            json.dump({"device": str(device), "machine": bench.machine(), "rows": rows, "memory": memory}, f, indent=2)
     return 0
+
+
+def _bench_report(args: argparse.Namespace, result, text: str) -> int:
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def cmd_bench_aggregate(args: argparse.Namespace) -> int:
+    from fedprompt import bench
+
+    shapes = tuple(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
+    result = bench.aggregate(clients=tuple(args.clients), shapes=shapes, repeats=args.repeats)
+    return _bench_report(args, result, bench.format_aggregate(result))
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from fedprompt import bench
+    from fedprompt.backbones.loading import load_backbone
+
+    result = bench.train_efficiency(load_backbone(args.backbone), method=args.method, batch_size=args.batch_size,
+                                    tokens=args.tokens, virtual_tokens=args.virtual_tokens, steps=args.steps)
+    return _bench_report(args, result, bench.format_train(result))
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from fedprompt import bench
+
+    result = bench.kernels_bench(repeats=args.repeats)
+    return _bench_report(args, result, bench.format_kernels(result))
+
+
+def add_bench_commands(bench_sub) -> None:
+    """``bench aggregate``, ``bench train``, ``bench kernels``."""
+    agg = bench_sub.add_parser("aggregate", help="compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s")
+    agg.add_argument("--clients", type=_int_list, default=[10, 100, 1000], help="comma-separated client counts")
+    agg.add_argument("--shapes", default="20x384,100x4096", help="comma-separated prompt shapes, e.g. 20x384,100x4096")
+    agg.add_argument("--repeats", type=int, default=5)
+    agg.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    agg.set_defaults(func=cmd_bench_aggregate)
+    train = bench_sub.add_parser("train", help="train step FLOP/s against this machine's matmul FLOP/s (and PEFT)")
+    train.add_argument("--backbone", default="minilm")
+    train.add_argument("--method", default="prompt", choices=["prompt", "prefix"])
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--tokens", type=int, default=64)
+    train.add_argument("--virtual-tokens", type=int, default=20)
+    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    train.set_defaults(func=cmd_bench_train)
+    kern = bench_sub.add_parser("kernels", help="Pallas kernels vs their XLA references (timed on GPU/TPU only)")
+    kern.add_argument("--repeats", type=int, default=5)
+    kern.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    kern.set_defaults(func=cmd_bench_kernels)
+
+
+# ----------------------------------------------------------------------------- prompt artifacts
+
+
+def _artifact_warnings(caught) -> None:
+    for warning in caught:
+        print(f"fedprompt: warning: {warning.message}", file=sys.stderr)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fedprompt.wire.artifact import load_prompt
+
+    described = load_prompt(args.file).describe()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    b, task, training = described["backbone"], described["task"], described["training"]
+    config = described["prompt_config"]
+    init = config["init"] or ("sample_vocab" if described["method"] == "prompt" else "random")
+    what = f"{config['num_virtual_tokens']} virtual tokens" + (", reparameterized" if config["reparameterize"] else "") + f", init {init}"
+    arch = ", ".join(text for text, v in ((b["model_type"], b["model_type"]), (f"{b['num_layers']} layers", b["num_layers"]),
+                                          (f"width {b['hidden_size']}", b["hidden_size"])) if v is not None)
+    if task is None:
+        task_text = "none recorded"
+    elif task["type"] == "causal_lm":
+        task_text = "causal language modelling"
+    else:
+        names = task["label_names"]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "") if names else "unnamed"
+        how = "verbalizer" if task["verbalizer"] else f"{task['pooling'] or 'default'} pooling + linear head"
+        task_text = f"sequence classification, {task['num_labels']} labels ({how}): {shown}"
+    epsilon = training.get("privacy_epsilon")
+    train_text = ", ".join(str(x) for x in (
+        training.get("algorithm"),
+        None if training.get("rounds") is None else f"{training['rounds']} rounds",
+        None if training.get("clients") is None else f"{training['clients']} clients",
+        "no differential privacy" if epsilon is None else f"differential privacy epsilon = {epsilon}",
+    ) if x is not None)
+    extra = {k: v for k, v in training.items() if k not in ("algorithm", "rounds", "clients", "privacy_epsilon")}
+    rows = [
+        ("file", f"{args.file} ({described['file_bytes']:,} bytes, schema {described['schema_version']})"),
+        ("checksum", described["checksum"]),
+        ("created", described["created"]),
+        ("method", f"{described['method']}: {what}"),
+        ("backbone", f"{b['name']} ({arch})" + (f" at {b['path']}" if b["path"] else "")),
+        ("fingerprint", b["fingerprint"]),
+        ("tokenizer", f"sha256 {b['tokenizer_hash']}" if b["tokenizer_hash"] else "no hash recorded"),
+        ("task", task_text),
+        ("training", train_text + (f"; {json.dumps(extra)}" if extra else "")),
+        ("storage", described["storage"]),
+        ("parameters", f"{described['parameters']:,}"),
+    ]
+    for name, tensor in described["tensors"].items():
+        rows.append(("tensors" if name == next(iter(described["tensors"])) else "",
+                     f"{name} {tensor['shape']} stored {tensor['storage']} (restored as {tensor['dtype']})"))
+    if described["metadata"]:
+        rows.append(("metadata", json.dumps(described["metadata"])))
+    for key, value in rows:
+        print(f"{key:<12} {value}")
+    return 0
+
+
+def _artifact_backbone(artifact, override: str | None):
+    """The backbone to apply an artifact to: --backbone, else the recorded folder, else the recorded name."""
+    from fedprompt.backbones.loading import load_backbone
+    from fedprompt.errors import ModelNotFoundError
+
+    if override is not None:
+        return load_backbone(override)
+    recorded = artifact.backbone
+    candidates = [c for c in (recorded.path, recorded.name) if c]
+    for candidate in candidates:
+        try:
+            return load_backbone(candidate)
+        except ModelNotFoundError:
+            continue
+    raise ModelNotFoundError(
+        f"cannot find the backbone the prompt was trained on ({' or '.join(map(repr, candidates))}); pass --backbone"
+    )
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from fedprompt.errors import ConfigError
+    from fedprompt.wire.artifact import check_backbone, load_prompt
+
+    artifact = load_prompt(args.file)
+    backbone = _artifact_backbone(artifact, args.backbone)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_backbone(artifact, backbone, force=args.force)
+    _artifact_warnings(caught)
+    prompt = artifact.materialize(backbone.config)
+    classify = artifact.task is not None and artifact.task.type == "sequence_classification" and not args.generate
+    if not classify:
+        if not backbone.is_decoder:
+            raise ConfigError(f"the prompt has no classification task and {backbone.name!r} is an encoder: nothing to generate")
+        return _apply_generate(args, backbone, prompt)
+    task = artifact.task.to_task().resolve(backbone)
+    n_soft = artifact.prompt_config.num_virtual_tokens if artifact.method == "prompt" else 0
+    limit = backbone.config.max_positions
+    max_length = args.max_length if limit is None else min(args.max_length, limit - n_soft)
+    batch = backbone.tokenize(list(args.text), max_length, num_virtual=n_soft)
+    output = backbone.forward(batch["input_ids"], batch["attention_mask"], prompt, with_logits=task.needs_logits())
+    probs = np.asarray(jax.nn.softmax(task.logits(artifact.head, output), axis=-1))
+    names = artifact.label_names or tuple(str(i) for i in range(task.num_labels))
+    results = []
+    for text, row in zip(args.text, probs):
+        order = np.argsort(-row)
+        results.append({"text": text, "label": names[order[0]], "probabilities": {names[i]: float(row[i]) for i in order}})
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(f"{result['label']}\t{result['text']}")
+        for name, p in list(result["probabilities"].items())[: args.top]:
+            print(f"  {p:7.4f}  {name}")
+    return 0
+
+
+def _apply_generate(args: argparse.Namespace, backbone, prompt) -> int:
+    import jax
+    import numpy as np
+
+    from fedprompt.errors import InputError
+    from fedprompt.inference.generate import generate
+
+    tokenizer = backbone.tokenizer
+    if tokenizer is None:
+        raise InputError(f"backbone {backbone.name!r} has no tokenizer")
+    results = []
+    for index, text in enumerate(args.text):
+        ids = list(tokenizer(text)["input_ids"])
+        if not ids:
+            raise InputError(f"the text {text!r} tokenizes to no tokens")
+        tokens = generate(
+            backbone, prompt, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, key=jax.random.key(args.seed + index),
+            eos_token_id=tokenizer.eos_token_id,
+        )[0]
+        results.append({"text": text, "generated": tokenizer.decode(tokens.tolist(), skip_special_tokens=True),
+                        "tokens": tokens.tolist()})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(f"{result['text']}{result['generated']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from fedprompt.wire.artifact import load_prompt
+    from fedprompt.wire.peft import export_peft
+
+    artifact = load_prompt(args.file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_peft(artifact, args.out, base_model_name_or_path=args.base_model, task_type=args.task_type)
+    _artifact_warnings(caught)
+    written = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"wrote {out}/: {' '.join(written)}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import warnings
+
+    from fedprompt.backbones.loading import load_backbone
+    from fedprompt.errors import ConfigError, PromptMismatchError
+    from fedprompt.prompts import check_prompt_params
+    from fedprompt.tasks import CausalLM
+    from fedprompt.wire.artifact import save_prompt
+    from fedprompt.wire.peft import read_peft_adapter
+
+    adapter = read_peft_adapter(args.dir)
+    source = args.backbone or adapter.base_model_name_or_path
+    if not source:
+        raise ConfigError("the adapter names no base model; pass --backbone")
+    backbone = load_backbone(source)
+    check_prompt_params(adapter.prompt_config, adapter.params, backbone)
+    task = adapter.task
+    if adapter.fingerprint not in (None, backbone.fingerprint):
+        text = f"the adapter's head was trained on a backbone with fingerprint {adapter.fingerprint}, not {backbone.fingerprint}"
+        if not args.force:
+            raise PromptMismatchError(f"{text}; pass --force to import it anyway")
+        print(f"fedprompt: warning: {text}; importing it anyway (forced)", file=sys.stderr)
+    if task is None and adapter.task_type == "CAUSAL_LM" and backbone.is_decoder:
+        task = CausalLM()
+    if adapter.extra_tensors:
+        print(f"fedprompt: note: not imported: {', '.join(adapter.extra_tensors)} (PEFT's own classifier pools "
+              "differently from fedprompt's head)", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = save_prompt(
+            args.out, {"prompt": adapter.params, "head": adapter.head}, config=adapter.prompt_config, backbone=backbone,
+            task=task, storage=args.storage,
+            metadata={"imported_from": "peft", "peft_task_type": adapter.task_type,
+                      "peft_base_model": adapter.base_model_name_or_path},
+        )
+    _artifact_warnings(caught)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes): {adapter.config['peft_type']} adapter, "
+          f"{adapter.prompt_config.num_virtual_tokens} virtual tokens, on {backbone.name}")
+    return 0
+
+
+def add_artifact_commands(sub) -> None:
+    """``inspect``, ``apply``, ``export`` and ``import``: the prompt artifact (``.fpp``) on the command line."""
+    inspect = sub.add_parser("inspect", help="show a prompt artifact's metadata")
+    inspect.add_argument("file", help="a .fpp prompt artifact")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=cmd_inspect)
+
+    apply = sub.add_parser("apply", help="classify texts with a prompt, or generate with a decoder backbone")
+    apply.add_argument("file", help="a .fpp prompt artifact")
+    apply.add_argument("--text", action="append", required=True, help="an input text (repeat for several)")
+    apply.add_argument("--backbone", help="the backbone (default: the one recorded in the artifact)")
+    apply.add_argument("--force", action="store_true", help="apply even if the backbone's fingerprint differs")
+    apply.add_argument("--json", action="store_true", help="print JSON")
+    apply.add_argument("--max-length", type=int, default=128, help="classification: tokens per text")
+    apply.add_argument("--top", type=int, default=5, help="classification: how many labels to list")
+    apply.add_argument("--generate", action="store_true", help="generate even if the prompt has a classification task")
+    apply.add_argument("--max-new-tokens", type=int, default=32, help="generation: tokens to generate")
+    apply.add_argument("--temperature", type=float, default=0.0, help="generation: 0 is greedy")
+    apply.add_argument("--top-k", type=int, default=None, help="generation: sample from the k most likely tokens")
+    apply.add_argument("--seed", type=int, default=0, help="generation: the sampling seed")
+    apply.set_defaults(func=cmd_apply)
+
+    export = sub.add_parser("export", help="export a prompt artifact (as a PEFT adapter)")
+    export.add_argument("file", help="a .fpp prompt artifact")
+    export.add_argument("--format", choices=["peft"], required=True, help="the output format")
+    export.add_argument("--out", required=True, metavar="DIR", help="the adapter folder to write")
+    export.add_argument("--base-model", help="PEFT's base_model_name_or_path (default: the recorded backbone)")
+    export.add_argument("--task-type", choices=["CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"],
+                        help="PEFT task type (default: CAUSAL_LM for decoders, FEATURE_EXTRACTION for encoders)")
+    export.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import", help="import a PEFT prompt-tuning or prefix-tuning adapter as a .fpp")
+    imp.add_argument("dir", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    imp.add_argument("--out", required=True, metavar="FILE", help="the .fpp to write")
+    imp.add_argument("--backbone", help="the backbone (default: the adapter's base_model_name_or_path)")
+    imp.add_argument("--storage", choices=["float16", "float32", "int8"], default="float16", help="tensor storage")
+    imp.add_argument("--force", action="store_true", help="import even if fedprompt's head was made for another backbone")
+    imp.set_defaults(func=cmd_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="TOML", help="a TOML file of settings; flags override it")
     for flag, field, kind, text in RUN_FLAGS:
         run.add_argument(flag, dest=field, type=kind, default=None, help=text)
-    run.add_argument("--baselines", action="store_true", help="also train centralized and local-only baselines")
+    for flag, field, text in RUN_SWITCHES:
+        run.add_argument(flag, dest=field, action="store_true", help=text)
     run.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     run.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its own settings")
     run.set_defaults(func=cmd_run)
@@ -186,12 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=cmd_bench_train_step)
     sim = bench_sub.add_parser("simulate", help="vmapped round vs sequential per-client and per-step loops")
     sim.add_argument("--backbone", default="minilm")
-    sim.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[8],
-                     help="comma-separated clients per round, e.g. 8,32")
+    sim.add_argument("--clients", type=_int_list, default=[8, 32],
+                     help="comma-separated clients per round, e.g. 8,32,128,512")
+    sim.add_argument("--memory-clients", type=_int_list, default=[8, 32, 128, 512],
+                     help="block sizes for the compiled memory analysis (compiled, not run); empty to skip")
     sim.add_argument("--local-steps", type=int, default=4)
     sim.add_argument("--repeats", type=int, default=3)
     sim.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     sim.set_defaults(func=cmd_bench_simulate)
+    add_bench_commands(bench_sub)
+    add_artifact_commands(sub)
     return parser
 
 

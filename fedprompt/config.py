@@ -62,6 +62,20 @@ class RunConfig:
       client_block: clients trained together in one vmapped program (None: all of a round).
       seed: the one seed of the run (sampling, partition, initialization).
       baselines: also train centralized and local-only baselines.
+      aggregator: mean, median, trimmed_mean, krum, multi_krum or norm_bound (robust rules
+        replace the mean for every algorithm).
+      trim_beta, num_byzantine, krum_m, norm_bound: their parameters.
+      attack: sign_flip, scaling, gaussian or label_flip, by a fixed ``attack_fraction`` of
+        the clients; ``attack_scale`` multiplies sign-flipped and scaled updates.
+      dp: central or local client-level differential privacy (DP-FedAvg); unset: none.
+      dp_clip: the clipping norm C (initial value when ``dp_adaptive``).
+      dp_noise_multiplier / dp_target_epsilon: the noise multiplier z, or the epsilon the
+        whole run may spend (z is then chosen before training).
+      dp_delta: the delta of the guarantee (default min(1e-5, 1 / clients)).
+      dp_adaptive: adaptive clipping to the median update norm (Andrew et al. 2021).
+      dp_accountant: rdp (fixed-size sampling, as the engine samples).
+      secagg: secure aggregation of the round's updates (Bonawitz et al. 2017).
+      secagg_threshold: Shamir threshold t (default about 2/3 of the round's clients).
       out: output folder.
     """
 
@@ -72,7 +86,7 @@ class RunConfig:
     label_key: str = "label"
     method: str = "prompt"
     num_virtual_tokens: int = 20
-    algorithm: str = "fedavg"
+    algorithm: str = "fedadam"
     server_lr: float | None = None
     server_momentum: float = 0.9
     tau: float = 1e-3
@@ -97,6 +111,23 @@ class RunConfig:
     client_block: int | None = None
     seed: int = 0
     baselines: bool = False
+    aggregator: str = "mean"
+    trim_beta: float = 0.2
+    num_byzantine: int = 1
+    krum_m: int | None = None
+    norm_bound: float = 1.0
+    attack: str | None = None
+    attack_fraction: float = 0.2
+    attack_scale: float = 10.0
+    dp: str | None = None
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_adaptive: bool = False
+    dp_accountant: str = "rdp"
+    secagg: bool = False
+    secagg_threshold: int | None = None
     out: str = "runs/latest"
 
     def __post_init__(self) -> None:
@@ -131,6 +162,7 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.prox_mu < 0:
             raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        self._check_robustness_and_privacy()
         if self.test_data is not None and self.data is None:
             raise ConfigError("test_data needs data (the built-in data set has its own test split)")
         for name in ("data", "test_data"):
@@ -147,6 +179,50 @@ class RunConfig:
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         _reject_unknown(values, source=str(config_file) if config_file else "overrides")
         return cls(**values)
+
+    def _check_robustness_and_privacy(self) -> None:
+        from fedprompt.server.robust import make_aggregator
+        from fedprompt.simulation.attacks import AttackConfig
+
+        make_aggregator(self.aggregator, **self.aggregator_options())
+        if self.attack is not None:
+            AttackConfig(kind=self.attack, fraction=self.attack_fraction, scale=self.attack_scale)
+        self.dp_config()
+        if self.dp is not None and self.algorithm == "scaffold":
+            raise ConfigError("differential privacy with SCAFFOLD is not supported: the control deltas are not privatized")
+        if self.dp == "central" and self.aggregator != "mean":
+            raise ConfigError("central DP needs aggregator = 'mean' (noise is calibrated to the clipped sum)")
+        if self.secagg:
+            if self.aggregator not in ("mean",):
+                raise ConfigError("secure aggregation reveals only the sum: use aggregator = 'mean'")
+            if self.dp == "local":
+                raise ConfigError("secure aggregation with local DP is not supported; use central DP")
+            if self.algorithm == "scaffold":
+                raise ConfigError("secure aggregation with SCAFFOLD is not supported")
+            threshold = self.secagg_threshold
+            if threshold is not None and not 2 <= threshold <= self.clients_per_round:
+                raise ConfigError(f"secagg_threshold must be in [2, clients_per_round], got {threshold}")
+
+    def aggregator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`fedprompt.server.robust.make_aggregator` for ``aggregator``."""
+        return {
+            "trimmed_mean": {"beta": self.trim_beta},
+            "krum": {"num_byzantine": self.num_byzantine},
+            "multi_krum": {"num_byzantine": self.num_byzantine, **({"m": self.krum_m} if self.krum_m else {})},
+            "norm_bound": {"bound": self.norm_bound},
+        }.get(self.aggregator, {})
+
+    def dp_config(self):
+        """The :class:`~fedprompt.privacy.dp.DPConfig` of this run (validated)."""
+        from fedprompt.privacy.dp import DPConfig
+
+        if self.dp is None:
+            return DPConfig()
+        return DPConfig(
+            mode=self.dp, clip=self.dp_clip, noise_multiplier=self.dp_noise_multiplier,
+            target_epsilon=self.dp_target_epsilon, delta=self.dp_delta, adaptive=self.dp_adaptive,
+            accountant=self.dp_accountant, sampling="fixed",
+        )
 
     @property
     def resolved_local_optimizer(self) -> str:

@@ -50,3 +50,12 @@ class DataError(FedPromptError, ValueError):
 
 class WireError(FedPromptError, ValueError):
     """A message from another party is malformed, oversized or does not match what was expected."""
+
+
+class SecureAggregationError(FedPromptError):
+    """Secure aggregation cannot complete (fewer than the threshold of clients left, a bad share
+    or message); nothing is published."""
+
+
+class ArtifactError(WireError):
+    """A prompt artifact (``.fpp``) or adapter folder is corrupted, malformed or of an unsupported schema."""

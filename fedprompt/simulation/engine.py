@@ -35,10 +35,12 @@ import optax
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.client.federated import ClientResult, make_client_update
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step, make_loss_fn
-from fedprompt.errors import ConfigError, WireError
+from fedprompt.errors import ConfigError, SecureAggregationError
 from fedprompt.prompts import PromptConfig
-from fedprompt.server import aggregators
+from fedprompt.privacy import accounting, dp, secagg
+from fedprompt.server import aggregators, rounds
 from fedprompt.server.algorithms import Algorithm, ServerState
+from fedprompt.simulation import attacks
 from fedprompt.simulation.datasets import TextDataset
 from fedprompt.tasks import Task
 from fedprompt.wire import codec
@@ -101,6 +103,7 @@ class RoundResult:
     rejections: dict[str, int]
     bytes_up: int
     bytes_down: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class ClientProgram(NamedTuple):
@@ -138,7 +141,14 @@ class FederatedSimulation:
       seed: the run's seed.
       program: a :class:`ClientProgram` replacing the gradient-based client update (its
         ``local_optimizer``, ``local_steps`` and ``batch_size`` are then not used).
-      aggregator: ``(stacked, weights) -> mean`` (default: the weighted mean).
+      aggregator: ``(stacked, weights) -> mean`` (default: the weighted mean; see
+        :mod:`fedprompt.server.robust` for robust rules).
+      attack: malicious clients (a fixed fraction, chosen by seed) and what they do.
+      dp_config: client-level differential privacy (central or local DP-FedAvg).
+      total_rounds: the run's rounds (needed to calibrate a DP target epsilon).
+      secure_aggregation: aggregate with secure aggregation (only the sum is revealed).
+      secagg_threshold: Shamir threshold (default about two thirds of the round's clients).
+      secagg_range: per-coordinate clip range of quantized updates without DP.
     """
 
     def __init__(
@@ -159,6 +169,12 @@ class FederatedSimulation:
         seed: int = 0,
         program: ClientProgram | None = None,
         aggregator: aggregators.Aggregator = aggregators.weighted_mean,
+        attack: attacks.AttackConfig | None = None,
+        dp_config: dp.DPConfig | None = None,
+        total_rounds: int | None = None,
+        secure_aggregation: bool = False,
+        secagg_threshold: int | None = None,
+        secagg_range: float = 1.0,
     ):
         if clients_per_round > client_data.num_clients:
             raise ConfigError(f"clients_per_round {clients_per_round} exceeds the {client_data.num_clients} clients")
@@ -168,8 +184,20 @@ class FederatedSimulation:
         self.prompt_config = prompt_config
         self.task = task.resolve(backbone)
         self.algorithm = algorithm
+        self.attack = attack
+        self.malicious = np.zeros(client_data.num_clients, bool)
+        if attack is not None:
+            self.malicious = attacks.malicious_clients(client_data.num_clients, attack.fraction, seed)
+            if attack.kind == "label_flip":
+                labels = attacks.poison_client_labels(np.asarray(client_data.columns["labels"]), self.malicious,
+                                                      self.task.num_labels)
+                client_data = dataclasses.replace(client_data, columns={**client_data.columns, "labels": jnp.asarray(labels)})
         self.client_data = client_data
         self.clients_per_round = clients_per_round
+        self.secagg = secure_aggregation
+        self.secagg_threshold = secagg_threshold
+        self.secagg_range = secagg_range
+        self._init_privacy(dp_config or dp.DPConfig(), total_rounds)
         self.dropout = dropout
         self.seed = seed
         self.block = aggregators.bucket_size(client_block or clients_per_round)
@@ -185,6 +213,7 @@ class FederatedSimulation:
         update = program.update
         self._client_update = update
         self._to_delta = jax.jit(jax.vmap(program.to_delta, in_axes=(None, 0)))
+        self._to_delta_single = jax.jit(program.to_delta)
 
         def train_block(global_params, weights, columns, sizes, ids, keys, control, client_controls):
             data = {name: column[ids] for name, column in columns.items()}
@@ -197,6 +226,40 @@ class FederatedSimulation:
         self._server_step = jax.jit(algorithm.apply)
         self._eval_step = make_eval_step(backbone, prompt_config, self.task)
         self._sizes = jnp.asarray(client_data.sizes)
+
+    def _init_privacy(self, config: dp.DPConfig, total_rounds: int | None) -> None:
+        """Noise multiplier (calibrated to a target epsilon if asked), accountant, DP aggregator."""
+        self.dp = config
+        self.ledger = None
+        self.noise_multiplier = 0.0
+        self._central_dp = None
+        self._local_dp = None
+        self.dp_state: Any = {}
+        if not config.enabled:
+            return
+        population, cohort = self.client_data.num_clients, self.clients_per_round
+        delta = config.resolved_delta(population)
+        z = config.noise_multiplier
+        if z is None:
+            if total_rounds is None:
+                raise ConfigError("a DP target epsilon needs the number of rounds to calibrate the noise")
+            z = accounting.noise_multiplier_for_epsilon(
+                config.target_epsilon, None, total_rounds, delta, accountant=config.accountant, sampling="fixed",
+                population=population, cohort=cohort, mode=config.mode,
+            )
+        self.noise_multiplier = float(z)
+        self.ledger = accounting.PrivacyLedger(
+            noise_multiplier=z, delta=delta, mode=config.mode, accountant=config.accountant, sampling="fixed",
+            population=population, cohort=cohort,
+        )
+        if config.mode == "central":
+            self._central_dp = dp.CentralDP(
+                clip=config.clip, noise_multiplier=z, denominator=cohort, adaptive=config.adaptive,
+                target_quantile=config.target_quantile, clip_lr=config.clip_lr, count_stddev=config.count_stddev,
+            )
+            self.dp_state = self._central_dp.init()
+        else:
+            self._local_dp = jax.jit(jax.vmap(dp.local_privatize, in_axes=(0, 0, None, None)))
 
     # -- state -------------------------------------------------------------------------------
 
@@ -243,66 +306,123 @@ class FederatedSimulation:
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *results)
 
     def run_round(self, state: ServerState, client_controls: Pytree, round_index: int) -> tuple[ServerState, Pytree, RoundResult]:
-        """Sample, broadcast, train, encode/validate, aggregate and step the server."""
+        """Sample, broadcast, train, (attack, privatize,) encode/validate, aggregate, step the server."""
         ids, dropped = self.sample(round_index)
         fingerprint = self.backbone.fingerprint
         broadcast = {"params": state.params, **({"control": state.control} if self.algorithm.scaffold else {})}
-        bytes_down = len(codec.encode(jax.device_get(broadcast), kind="global", round=round_index, fingerprint=fingerprint)) * len(ids)
+        bytes_down = len(codec.encode(jax.device_get(broadcast), kind=rounds.GLOBAL_KIND, round=round_index,
+                                      fingerprint=fingerprint)) * len(ids)
         results = self.train_clients(state, client_controls, ids, round_index)
-        host = jax.device_get(results)
-        template = {"delta": host.delta, "control_delta": host.control_delta} if self.algorithm.scaffold else {"delta": host.delta}
-        template = jax.tree.map(lambda x: x[0], template)
-        # Every sampled slot keeps its place (zeros and weight 0 when it did not report), so the
-        # aggregation program always sees clients_per_round rows and compiles once.
-        zeros = jax.tree.map(np.zeros_like, template)
-        received_trees = [zeros] * len(ids)
-        accepted, rejections, bytes_up = [], {}, 0
-        for slot, client in enumerate(ids):
-            if dropped[slot]:
-                continue
-            update = {"delta": jax.tree.map(lambda x: x[slot], host.delta)}
-            if self.algorithm.scaffold:
-                update["control_delta"] = jax.tree.map(lambda x: x[slot], host.control_delta)
-            message = codec.encode(update, kind="update", round=round_index, fingerprint=fingerprint)
-            bytes_up += len(message)
-            try:
-                received = codec.decode(message)
-                if received.round != round_index or received.fingerprint != fingerprint:
-                    raise WireError("update is for another round or backbone")
-                codec.check_template(received.tree, template)
-            except WireError as err:
-                reason = str(err).split(":")[0][:80] or type(err).__name__
-                rejections[reason] = rejections.get(reason, 0) + 1
-                continue
-            accepted.append(slot)
-            received_trees[slot] = received.tree
-        is_accepted = np.zeros(len(ids), bool)
-        is_accepted[accepted] = True
-        weights = np.where(is_accepted, self.client_data.sizes[ids], 0).astype(np.float32)
-        if accepted:
-            payloads = aggregators.stack_clients([t["delta"] for t in received_trees])
-            deltas = self._to_delta(state.params, payloads)
-            mean_delta = self._aggregate(deltas, weights).aggregate
-            mean_control = None
-            if self.algorithm.scaffold:
-                uniform = is_accepted.astype(np.float32)
-                mean_control = self._aggregate([t["control_delta"] for t in received_trees], uniform).aggregate
-            participation = len(accepted) / self.client_data.num_clients
-            state = self._server_step(state, mean_delta, mean_control, participation)
-            if self.algorithm.scaffold:
+        round_key = jax.random.fold_in(self._key, 2_000_000 + round_index)
+        payload = results.delta
+        if self._local_dp is not None:  # each client clips and noises its own update before sending
+            payload = self._local_dp(jax.random.split(round_key, len(ids)), payload, self.dp.clip, self.noise_multiplier)
+        if self.attack is not None and self.attack.kind != "label_flip":
+            payload = attacks.attack_updates(
+                self.attack.kind, payload, jnp.asarray(self.malicious[ids]), jax.random.fold_in(round_key, 1),
+                scale=self.attack.scale, noise_std=self.attack.noise_std,
+            )
+        host = jax.device_get(results._replace(delta=payload))
+        extra: dict[str, Any] = {}
+        if self.secagg:
+            state, num, train_loss, bytes_up, extra = self._secure_round(state, host, ids, dropped, round_index, round_key)
+            rejections: dict[str, int] = {}
+        else:
+            template = {"delta": host.delta, "control_delta": host.control_delta} if self.algorithm.scaffold else {"delta": host.delta}
+            template = jax.tree.map(lambda x: x[0], template)
+            messages = []
+            for slot in range(len(ids)):
+                if dropped[slot]:
+                    messages.append(None)
+                    continue
+                update = {"delta": jax.tree.map(lambda x: x[slot], host.delta)}
+                if self.algorithm.scaffold:
+                    update["control_delta"] = jax.tree.map(lambda x: x[slot], host.control_delta)
+                messages.append(codec.encode(update, kind=rounds.UPDATE_KIND, round=round_index, fingerprint=fingerprint))
+            received = rounds.receive_updates(messages, round_index=round_index, fingerprint=fingerprint, template=template)
+            aggregate = self._aggregate
+            if self._central_dp is not None:
+                aggregate = self._central_dp_aggregate(round_key, extra)
+            outcome = rounds.aggregate_round(
+                state, received, self.client_data.sizes[ids], server_step=self._server_step, aggregate=aggregate,
+                num_clients=self.client_data.num_clients, to_delta=self._to_delta, scaffold=self.algorithm.scaffold,
+                losses=host.loss,
+            )
+            state, num, train_loss = outcome.state, outcome.num_aggregated, outcome.train_loss
+            bytes_up, rejections = received.bytes_up, received.rejections
+            if self.algorithm.scaffold and received.accepted.any():
+                accepted = np.flatnonzero(received.accepted)
                 rows = jnp.asarray(ids[accepted], jnp.int32)
-                new = jax.tree.map(lambda x: jnp.asarray(x[np.asarray(accepted)]), host.control)
+                new = jax.tree.map(lambda x: jnp.asarray(x[accepted]), host.control)
                 client_controls = jax.tree.map(lambda c, n: c.at[rows].set(n), client_controls, new)
-            train_loss = float(np.average(np.asarray(host.loss)[accepted], weights=weights[accepted]))
-        else:  # nobody reported: the global state stays, the round still counts
-            state = state._replace(round=state.round + 1)
-            train_loss = float("nan")
+        if self.ledger is not None:
+            epsilon = self.ledger.record_round(ids[~dropped])
+            extra.update({"epsilon": epsilon if np.isfinite(epsilon) else None, "delta": self.ledger.delta})
         result = RoundResult(
-            round=round_index + 1, train_loss=train_loss, clients=len(accepted), sampled=len(ids),
+            round=round_index + 1, train_loss=train_loss, clients=num, sampled=len(ids),
             dropped=int(dropped.sum()), rejected=sum(rejections.values()), rejections=rejections,
-            bytes_up=bytes_up, bytes_down=bytes_down,
+            bytes_up=bytes_up, bytes_down=bytes_down, extra=extra,
         )
         return state, client_controls, result
+
+    def _central_dp_aggregate(self, key: jax.Array, extra: dict[str, Any]) -> Callable[..., Any]:
+        """An aggregate function for :func:`rounds.aggregate_round` that runs central DP."""
+
+        def aggregate(deltas, weights):
+            result, self.dp_state = self._central_dp(self.dp_state, deltas, weights, key, stacked=True)
+            extra.update({"dp_clip": float(result.clip), "dp_noise_std": float(result.noise_std)})
+            if self.dp.adaptive:
+                extra["dp_unclipped_fraction"] = float(result.unclipped_fraction)
+            return result
+
+        return aggregate
+
+    def _secure_round(self, state, host, ids, dropped, round_index, key):
+        """Secure aggregation (Bonawitz et al. 2017): the server learns only the sum of the updates.
+
+        Every reporting client clips (to the DP clip with central DP, else to ``secagg_range``
+        per coordinate), quantizes and masks its flattened update; the masked vectors are
+        encoded with the wire codec (their real bytes are counted); the server sums them and
+        removes the masks with the survivors' Shamir shares. The mean is uniform over the
+        survivors (example weights would reveal more than the sum), or DP-FedAvg's noised sum
+        over the fixed denominator with central DP.
+        """
+        n = len(ids)
+        t = self.secagg_threshold or max(2, -(-2 * n // 3))
+        central = self._central_dp is not None
+        clip_range = self.dp.clip if central else self.secagg_range
+        deltas = [jax.tree.map(lambda x: x[slot], host.delta) for slot in range(n)]
+        if central:
+            deltas = [jax.device_get(dp.clip_update(d, self.dp.clip)[0]) for d in deltas]
+        vectors = [secagg.flatten_tree(d) for d in deltas]
+        spec = vectors[0][1]
+        scale = secagg.scale_for(n, clip_range, 32)
+        session = secagg.SecureAggregation.setup(n, t, length=spec.size, bits=32, seed=self.seed * 100_003 + round_index)
+        survivors = [i for i in range(n) if not dropped[i]]
+        masked, bytes_up = {}, 0
+        for i in survivors:
+            ints = secagg.quantize(vectors[i][0], clip_range=clip_range, scale=scale, bits=32)
+            message = codec.encode({"masked": session.mask(i, ints)}, kind=rounds.UPDATE_KIND, round=round_index,
+                                   fingerprint=self.backbone.fingerprint)
+            bytes_up += len(message)
+            masked[i] = codec.decode(message).tree["masked"]
+        extra: dict[str, Any] = {"secagg_threshold": t}
+        try:
+            total = session.unmask(session.sum_masked(masked), survivors, session.unmasking_shares(survivors))
+        except SecureAggregationError as err:
+            extra.update({"secagg_failed": True, "secagg_error": str(err)})
+            return state._replace(round=state.round + 1), 0, float("nan"), bytes_up, extra
+        summed = secagg.unflatten_tree(secagg.dequantize(total, scale=scale, bits=32), spec)
+        if central:
+            mean = dp.privatize_sum(key, summed, clip=self.dp.clip, noise_multiplier=self.noise_multiplier,
+                                    denominator=float(self.clients_per_round))
+            extra.update({"dp_clip": self.dp.clip, "dp_noise_std": self.noise_multiplier * self.dp.clip})
+        else:
+            mean = jax.tree.map(lambda x: x / len(survivors), summed)
+        mean = self._to_delta_single(state.params, mean)
+        state = self._server_step(state, mean, None, len(survivors) / self.client_data.num_clients)
+        train_loss = float(np.mean(np.asarray(host.loss)[survivors]))
+        return state, len(survivors), train_loss, bytes_up, extra
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -346,6 +466,7 @@ def run_rounds(
         start = time.perf_counter()
         state, client_controls, result = simulation.run_round(state, client_controls, r)
         metrics: dict[str, Any] = dataclasses.asdict(result)
+        metrics.update(metrics.pop("extra"))
         if (r + 1) % eval_every == 0 or r + 1 == start_round + rounds:
             metrics.update(simulation.evaluate(state.params, test))
         else:

@@ -26,9 +26,8 @@ from fedprompt.config import RunConfig
 from fedprompt.prompts import PromptConfig
 from fedprompt.server import algorithms
 from fedprompt.server.algorithms import ServerState
-from fedprompt.simulation import checkpoint, datasets, partition, report
+from fedprompt.simulation import checkpoint, datasets, federation, report
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
-from fedprompt.tasks import SequenceClassification
 from fedprompt.wire import artifact
 
 
@@ -91,12 +90,6 @@ def make_local_optimizer(config: RunConfig) -> optax.GradientTransformation:
     return optax.adam(config.resolved_local_lr)
 
 
-def _subsample(ds: datasets.TextDataset, limit: int | None, seed: int) -> datasets.TextDataset:
-    if limit is None or limit >= len(ds):
-        return ds
-    return ds.subset(np.sort(np.random.default_rng(seed).choice(len(ds), limit, replace=False)))
-
-
 def simulate(
     config: RunConfig,
     *,
@@ -127,36 +120,36 @@ def simulate(
     backbone = backbone or load_backbone(config.backbone)
     if train is None or test is None:
         train, test = load_data(config)
-    train = _subsample(train, config.train_examples, config.seed)
-    test = _subsample(test, config.eval_examples, config.seed + 1)
-    prompt_config = PromptConfig(
-        method=config.method, num_virtual_tokens=config.num_virtual_tokens,
-        random_std=0.02 if config.method == "prefix" else 1.0,
-    )
-    task = SequenceClassification(num_labels=train.num_labels)
-    parts = partition.partition(
-        config.partition, np.asarray(train.labels), config.clients,
-        alpha=config.alpha, labels_per_client=config.labels_per_client, seed=config.seed,
-    )
+    train, test = federation.select_examples(config, train, test)
+    prompt_config = federation.make_prompt_config(config)
+    task = federation.make_task(train.num_labels)
+    parts = federation.partition_clients(config, train.labels)
     encoded_train = encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens)
     encoded_test = encode_dataset(backbone, test, config.max_length, config.num_virtual_tokens)
     client_data = build_client_data(encoded_train, parts, train.num_labels)
-    algorithm = make_algorithm(config)
-    simulation = FederatedSimulation(
-        backbone, prompt_config, task, algorithm, make_local_optimizer(config), client_data,
-        clients_per_round=config.clients_per_round, local_steps=config.local_steps, batch_size=config.batch_size,
-        scaffold_lr=config.resolved_local_lr, dropout=config.dropout, client_block=config.client_block, seed=config.seed,
-    )
+    simulation = federation.make_simulation(config, backbone, prompt_config, task, client_data)
     state, client_controls = simulation.init()
+    ledger = simulation.ledger
+    local_dp = ledger is not None and ledger.mode == "local"
+
+    def participations() -> np.ndarray:
+        return np.asarray(ledger.participations) if local_dp else np.zeros(0, np.int64)
+
     completed = 0
     if resume:
-        completed, (state, client_controls) = checkpoint.load_checkpoint(
-            checkpoint_dir, template=(state, client_controls), config=config.to_dict()
+        completed, (state, client_controls, simulation.dp_state, counts) = checkpoint.load_checkpoint(
+            checkpoint_dir, template=(state, client_controls, simulation.dp_state, participations()),
+            config=config.to_dict(),
         )
+        if ledger is not None:
+            ledger.restore(completed, counts if local_dp else None)
     on_state = None
     if checkpoint_dir is not None:
         def on_state(done: int, new_state: ServerState, controls: Any) -> None:
-            checkpoint.save_checkpoint(checkpoint_dir, completed_rounds=done, state=(new_state, controls), config=config.to_dict())
+            checkpoint.save_checkpoint(
+                checkpoint_dir, completed_rounds=done, config=config.to_dict(),
+                state=(new_state, controls, simulation.dp_state, participations()),
+            )
 
     state, _, metrics = run_rounds(
         simulation, config.rounds - completed, encoded_test, eval_every=config.eval_every, state=state,
@@ -179,6 +172,8 @@ def simulate(
         "client_label_histograms": client_data.label_histograms.tolist(),
         "config": config.to_dict(),
     }
+    if simulation.ledger is not None:
+        summary["privacy"] = {**simulation.ledger.summary(), "clip": config.dp_clip, "adaptive": config.dp_adaptive}
     if config.baselines:
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test)
     summary["wall_seconds"] = time.perf_counter() - started
@@ -308,7 +303,8 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
         config=dataclasses.asdict(result.prompt_config), backbone_name=result.backbone.name,
         fingerprint=result.backbone.fingerprint,
         metadata={"label_names": list(result.label_names), "algorithm": config.algorithm, "rounds": config.rounds,
-                  "clients": config.clients, "final_accuracy": result.summary["final_accuracy"]},
+                  "clients": config.clients, "final_accuracy": result.summary["final_accuracy"],
+                  **({"privacy": result.summary["privacy"]} if "privacy" in result.summary else {})},
     )
     report.write_summary(out / "summary.json", result.summary)
     description = (f"{config.algorithm} · {config.method} · {config.clients} clients "

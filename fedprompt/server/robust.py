@@ -1,0 +1,273 @@
+"""Byzantine-robust aggregators: drop-in replacements for the weighted mean.
+
+Every aggregator here has the signature of :mod:`fedprompt.server.aggregators`,
+``aggregate(stacked, weights) -> pytree``, and is jittable for a fixed, padded client axis
+``[K, ...]``, so it plugs into :class:`~fedprompt.server.aggregators.Aggregation` (which pads
+to a bucket and zeroes non-finite clients) and into every algorithm (the server optimizer
+consumes whatever replaces the mean).
+
+A client is *present* when its weight is > 0 (padding, dropped and rejected clients have
+weight 0 and are ignored whatever their values). The robust rules are *unweighted* over the
+present clients: a weight (an example count) is something a malicious client could inflate,
+so it only says who is present. Only :func:`norm_bounded_mean` keeps the weights.
+
+* :func:`coordinate_median`: the coordinate-wise median (Yin, Chen, Ramchandran & Bartlett 2018,
+  "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML).
+* :func:`trimmed_mean`: per coordinate, drop the ``floor(beta m)`` largest and smallest of the
+  ``m`` present values and average the rest (same paper).
+* :func:`krum`, :func:`multi_krum`: Blanchard, El Mhamdi, Guerraoui & Stainer 2017, "Machine
+  Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS. Each present update
+  gets the score ``sum of squared L2 distances to its n - f - 2 nearest present neighbours``
+  (``n`` present clients, ``f`` assumed Byzantine); Krum returns the update with the lowest
+  score, Multi-Krum the average of the ``m`` lowest-scored ones. The guarantee needs
+  ``n > 2f + 2``; with fewer present clients the rule still runs, using
+  ``max(n - f - 2, 1)`` neighbours (the guarantee is then void).
+* :func:`norm_bounded_mean`: clip each update to L2 norm ``bound``, then the weighted mean
+  (Sun, Kairouz, Suresh & McMahan 2019, "Can You Really Backdoor Federated Learning?").
+
+With no present client every rule returns zeros.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> stacked = {"w": jnp.array([[1.0], [2.0], [100.0], [7.0]])}
+  >>> coordinate_median(stacked, jnp.array([1.0, 1.0, 1.0, 0.0]))["w"].tolist()
+  [2.0]
+  >>> make_aggregator("trimmed_mean", beta=0.34)(stacked, jnp.ones(4))["w"].tolist()
+  [4.5]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedprompt.errors import ConfigError
+from fedprompt.server.aggregators import Aggregator, weighted_mean
+
+PyTree = Any
+
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
+"""The names :func:`make_aggregator` knows."""
+
+__all__ = [
+    "ROBUST_AGGREGATORS",
+    "coordinate_median",
+    "krum",
+    "krum_scores",
+    "make_aggregator",
+    "multi_krum",
+    "norm_bounded_mean",
+    "pairwise_sq_distances",
+    "trimmed_mean",
+]
+
+
+def _present(weights: jax.Array) -> jax.Array:
+    w = jnp.asarray(weights, jnp.float32)
+    return w > 0  # NaN compares False: absent
+
+
+def _client_axis(v: jax.Array, x: jax.Array) -> jax.Array:
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def _sorted_present(x: jax.Array, present: jax.Array) -> jax.Array:
+    """``x`` ``[K, ...]`` as float32, sorted along the client axis with absent clients last (+inf)."""
+    x = jnp.asarray(x).astype(jnp.float32)
+    return jnp.sort(jnp.where(_client_axis(present, x), x, jnp.inf), axis=0)
+
+
+def coordinate_median(stacked: PyTree, weights: jax.Array) -> PyTree:
+    """The coordinate-wise median of the present clients' updates (unweighted).
+
+    With an even number ``m`` of present clients, the mean of the two middle values (as
+    ``numpy.median``). Zeros when no client is present.
+    """
+    present = _present(weights)
+    m = jnp.sum(present, dtype=jnp.int32)
+    lo = jnp.maximum((m - 1) // 2, 0)
+    hi = jnp.maximum(m // 2, 0)
+
+    def leaf(x):
+        s = _sorted_present(x, present)
+        median = 0.5 * (s[lo] + s[hi])
+        return jnp.where(m > 0, median, 0.0)
+
+    return jax.tree.map(leaf, stacked)
+
+
+def trimmed_mean(beta: float) -> Aggregator:
+    """The coordinate-wise ``beta``-trimmed mean: per coordinate, of the ``m`` present values, drop
+    the ``k = floor(beta m)`` smallest and the ``k`` largest and average the ``m - 2k`` left.
+
+    Args:
+      beta: the fraction trimmed from *each* end, ``0 <= beta < 1/2`` (0: the plain unweighted
+        mean).
+
+    Raises:
+      ConfigError: ``beta`` out of range.
+    """
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 0.5):
+        raise ConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta!r}")
+    beta = float(beta)
+
+    def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
+        present = _present(weights)
+        m = jnp.sum(present, dtype=jnp.int32)
+        k = jnp.floor(beta * m.astype(jnp.float32)).astype(jnp.int32)
+        count = jnp.maximum(m - 2 * k, 1).astype(jnp.float32)
+
+        def leaf(x):
+            s = _sorted_present(x, present)
+            rank = jnp.arange(s.shape[0]).reshape((-1,) + (1,) * (s.ndim - 1))
+            keep = (rank >= k) & (rank < m - k)
+            return jnp.where(m > 0, jnp.sum(jnp.where(keep, s, 0.0), axis=0) / count, 0.0)
+
+        return jax.tree.map(leaf, stacked)
+
+    aggregate.__name__ = f"trimmed_mean_{beta:g}"
+    return aggregate
+
+
+def pairwise_sq_distances(stacked: PyTree) -> jax.Array:
+    """``[K, K]`` squared L2 distances between the clients' whole updates (float32).
+
+    Computed row by row from the differences (``lax.map``), not from ``|a|^2 + |b|^2 - 2ab``,
+    so near-equal updates get exact small distances and memory stays at one ``[K, ...]`` copy.
+    """
+    flat = jnp.concatenate([jnp.asarray(x).astype(jnp.float32).reshape(jnp.shape(x)[0], -1)
+                            for x in jax.tree.leaves(stacked)], axis=1)
+    return jax.lax.map(lambda row: jnp.sum(jnp.square(flat - row), axis=1), flat)
+
+
+def krum_scores(stacked: PyTree, weights: jax.Array, num_byzantine: int) -> jax.Array:
+    """``[K]`` Krum scores: the sum of squared distances to the ``max(n - f - 2, 1)`` nearest
+    other present clients (``n`` present); ``+inf`` for absent clients."""
+    present = _present(weights)
+    k = present.shape[0]
+    n = jnp.sum(present, dtype=jnp.int32)
+    neighbours = jnp.maximum(n - num_byzantine - 2, 1)
+    d = pairwise_sq_distances(stacked)
+    valid = present[None, :] & present[:, None] & ~jnp.eye(k, dtype=bool)
+    d = jnp.sort(jnp.where(valid, d, jnp.inf), axis=1)
+    rank = jnp.arange(k)[None, :]
+    score = jnp.sum(jnp.where((rank < neighbours) & jnp.isfinite(d), d, 0.0), axis=1)
+    return jnp.where(present, score, jnp.inf)
+
+
+def _check_byzantine(num_byzantine: Any) -> int:
+    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
+        raise ConfigError(f"num_byzantine must be an integer >= 0, got {num_byzantine!r}")
+    return num_byzantine
+
+
+def _mean_of_selected(stacked: PyTree, selected: jax.Array) -> PyTree:
+    count = jnp.maximum(jnp.sum(selected), 1).astype(jnp.float32)
+
+    def leaf(x):
+        x = jnp.asarray(x).astype(jnp.float32)
+        return jnp.sum(jnp.where(_client_axis(selected, x), x, 0.0), axis=0) / count
+
+    return jax.tree.map(leaf, stacked)
+
+
+def multi_krum(num_byzantine: int, m: int) -> Aggregator:
+    """Multi-Krum: the unweighted average of the ``m`` present updates with the lowest Krum scores.
+
+    Args:
+      num_byzantine: ``f``, the number of Byzantine clients tolerated.
+      m: how many updates to average (fewer when fewer are present); ``m = 1`` is Krum.
+
+    Raises:
+      ConfigError: ``f < 0`` or ``m < 1``.
+    """
+    f = _check_byzantine(num_byzantine)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ConfigError(f"multi_krum needs an integer m >= 1, got {m!r}")
+
+    def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
+        scores = krum_scores(stacked, weights, f)
+        present = _present(weights)
+        order = jnp.argsort(scores, stable=True)
+        rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+        selected = present & (rank < m)
+        return _mean_of_selected(stacked, selected)
+
+    aggregate.__name__ = f"multi_krum_f{f}_m{m}"
+    return aggregate
+
+
+def krum(num_byzantine: int) -> Aggregator:
+    """Krum: the present update with the lowest Krum score (ties: the lowest index)."""
+    aggregate = multi_krum(num_byzantine, 1)
+    aggregate.__name__ = f"krum_f{num_byzantine}"
+    return aggregate
+
+
+def norm_bounded_mean(bound: float) -> Aggregator:
+    """Clip every update to L2 norm ``bound`` (whole pytree), then the weighted mean.
+
+    Raises:
+      ConfigError: ``bound <= 0``.
+    """
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0 or bound == float("inf"):
+        raise ConfigError(f"norm_bound needs a finite bound > 0, got {bound!r}")
+    bound = float(bound)
+
+    def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
+        leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree.leaves(stacked)]
+        k = leaves[0].shape[0]
+        peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x.reshape(k, -1)), axis=1, initial=0.0) for x in leaves]), axis=0)
+        safe = jnp.where(peak > 0, peak, 1.0)
+        norms = peak * jnp.sqrt(sum(jnp.sum(jnp.square(x.reshape(k, -1) / safe[:, None]), axis=1) for x in leaves))
+        scale = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1.0), 1.0)
+        clipped = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32) * _client_axis(scale, jnp.asarray(x)), stacked)
+        return weighted_mean(clipped, weights)
+
+    aggregate.__name__ = f"norm_bounded_mean_{bound:g}"
+    return aggregate
+
+
+_PARAMS: dict[str, tuple[str, ...]] = {
+    "mean": (),
+    "median": (),
+    "trimmed_mean": ("beta",),
+    "krum": ("num_byzantine",),
+    "multi_krum": ("num_byzantine", "m"),
+    "norm_bound": ("bound",),
+}
+
+
+def make_aggregator(name: str, **params: Any) -> Aggregator:
+    """The aggregator called ``name`` (one of :data:`ROBUST_AGGREGATORS`) with its parameters.
+
+    ``mean``: :func:`~fedprompt.server.aggregators.weighted_mean`; ``median``:
+    :func:`coordinate_median`; ``trimmed_mean(beta)``; ``krum(num_byzantine)``;
+    ``multi_krum(num_byzantine, m)``; ``norm_bound(bound)``. Parameters set to None are
+    treated as absent.
+
+    Raises:
+      ConfigError: an unknown name, a missing, unknown or invalid parameter.
+    """
+    if name not in _PARAMS:
+        raise ConfigError(f"aggregator must be one of {', '.join(ROBUST_AGGREGATORS)}; got {name!r}")
+    params = {k: v for k, v in params.items() if v is not None}
+    expected = _PARAMS[name]
+    unknown = sorted(set(params) - set(expected))
+    if unknown:
+        raise ConfigError(f"aggregator {name!r} takes {', '.join(expected) or 'no parameters'}; got {unknown}")
+    missing = [p for p in expected if p not in params]
+    if missing:
+        raise ConfigError(f"aggregator {name!r} needs {', '.join(missing)}")
+    factories: dict[str, Callable[..., Aggregator]] = {
+        "mean": lambda: weighted_mean,
+        "median": lambda: coordinate_median,
+        "trimmed_mean": trimmed_mean,
+        "krum": krum,
+        "multi_krum": multi_krum,
+        "norm_bound": norm_bounded_mean,
+    }
+    return factories[name](**params)

@@ -75,7 +75,8 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     cmd = [sys.executable, "-m", "fedprompt.cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.jsonl", "prompt.fpp", "summary.json"]
+    written = {p.name for p in out.iterdir()}
+    assert {"curves.png", "metrics.jsonl", "prompt.fpp", "summary.json", "checkpoint.msgpack", "config.json"} == written
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2]
     for m in lines:
@@ -88,8 +89,8 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from fedprompt.wire.artifact import load_prompt
 
-    params, meta = load_prompt(out / "prompt.fpp")
-    assert params["prompt"]["embeddings"].shape == (4, 384) and meta["label_names"] == ["animal", "tool"]
+    artifact = load_prompt(out / "prompt.fpp")
+    assert artifact.params["embeddings"].shape == (4, 384) and artifact.label_names == ("animal", "tool")
 
 
 @pytest.mark.slow
@@ -127,8 +128,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
                 for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
     assert rounds(killed) == rounds(whole)
-    a, _ = load_prompt(whole / "prompt.fpp")
-    b, _ = load_prompt(killed / "prompt.fpp")
+    a = load_prompt(whole / "prompt.fpp").trainable()
+    b = load_prompt(killed / "prompt.fpp").trainable()
     for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 

@@ -55,7 +55,8 @@ def select_examples(
     config: RunConfig, train: datasets.TextDataset, test: datasets.TextDataset
 ) -> tuple[datasets.TextDataset, datasets.TextDataset]:
     """The run's training and test subsets (``train_examples``, ``eval_examples``; seeded)."""
-    return _subsample(train, config.train_examples, config.seed), _subsample(test, config.eval_examples, config.seed + 1)
+    train = _subsample(train, config.train_examples, config.seed)
+    return train, _subsample(test, config.eval_examples, config.seed + 1)
 
 
 def _subsample(ds: datasets.TextDataset, limit: int | None, seed: int) -> datasets.TextDataset:
@@ -115,7 +116,8 @@ def make_simulation(
     return FederatedSimulation(
         backbone, prompt_config, task, make_algorithm(config), make_local_optimizer(config), client_data,
         clients_per_round=config.clients_per_round, local_steps=config.local_steps, batch_size=config.batch_size,
-        scaffold_lr=config.resolved_local_lr, dropout=config.dropout, client_block=config.client_block, seed=config.seed,
+        scaffold_lr=config.resolved_local_lr, dropout=config.dropout, client_block=config.client_block,
+        seed=config.seed,
         **protection_options(config),
     )
 

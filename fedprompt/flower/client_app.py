@@ -1,0 +1,161 @@
+"""The Flower ClientApp: one client of a federated prompt-tuning run, on its own SuperNode.
+
+On a ``train`` message the client
+
+1. reads which client it is from its node config (``partition-id``) and builds the run's
+   :class:`~fedprompt.flower.common.Federation` from the run config, as the simulation does:
+   the frozen backbone (loaded here, never sent), and its own rows of the partitioned training
+   set, padded as in the simulation;
+2. decodes the server's message with the wire codec, as hostile input, and checks its kind,
+   round, backbone fingerprint and tree (shapes, dtypes, finite values);
+3. runs the simulation's client update (``FederatedSimulation.program.update``, i.e.
+   :func:`~fedprompt.client.federated.make_client_update`) with the key the simulation gives
+   this client in this round (``FederatedSimulation.client_keys``);
+4. replies with its update encoded by the wire codec, and its loss and number of examples.
+
+SCAFFOLD's client control variate stays on the node, in the run's ``context.state`` (itself
+codec bytes), and is replaced when the client replies (the simulation replaces it when the
+server accepts the update: the two differ only for an update that is lost or refused).
+
+Flower's deployment starts a fresh ClientApp process for every message; within a process the
+built federation, the compiled update and the client's rows are cached (Flower's simulation
+runtime reuses processes). Set ``JAX_COMPILATION_CACHE_DIR`` on the SuperNodes so that a new
+process finds the update already compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprompt.errors import WireError
+from fedprompt.flower import common
+from fedprompt.server.rounds import GLOBAL_KIND, UPDATE_KIND
+from fedprompt.wire import codec
+
+CONTROL_KIND = "control"
+
+app = ClientApp()
+
+
+class _Client(NamedTuple):
+    federation: common.Federation
+    update: Callable[..., Any]
+    rows: dict[str, np.ndarray]
+    size: int
+
+
+@functools.lru_cache(maxsize=2)
+def _federation(settings: common.FlowerSettings, backbone: str | None) -> tuple[common.Federation, Callable[..., Any]]:
+    fed = common.build_federation(settings, common.load_run_backbone(settings, common.NodeSettings(0, None, backbone)))
+    return fed, jax.jit(fed.simulation.program.update)
+
+
+@functools.lru_cache(maxsize=64)
+def _client(settings: common.FlowerSettings, node: common.NodeSettings) -> _Client:
+    """This node's federation, compiled update and rows, kept while the process lives (Flower's
+    deployment starts a process per message; its simulation runtime reuses processes)."""
+    common.check_node(settings, node)
+    fed, update = _federation(settings, node.backbone)
+    rows, size = fed.client_rows(node.partition_id)
+    return _Client(fed, update, rows, size)
+
+
+def _this_client(context: Context) -> tuple[_Client, int]:
+    node = common.node_settings(context.node_config)
+    return _client(common.settings_from_run_config(context.run_config), node), node.partition_id
+
+
+@app.query()
+def hello(message: Message, context: Context) -> Message:
+    """Tells the server which client this node is and which backbone it holds.
+
+    It builds the node's federation, so a bad run config, a missing backbone or data file, or a
+    node that does not fit the run fails here, before the first round.
+    """
+    client, client_id = _this_client(context)
+    record = ConfigRecord({
+        "partition-id": client_id,
+        "num-partitions": client.federation.settings.run.clients,
+        "fingerprint": client.federation.backbone.fingerprint,
+    })
+    return Message(RecordDict({common.RECORD: record}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of local training on this node's rows; replies with the encoded update."""
+    start = time.perf_counter()
+    client, client_id = _this_client(context)
+    fields = _fields(message)
+    round_index = fields["round"]
+    if fields["client-id"] != client_id:
+        raise common.FederationError(
+            f"the server addressed client {fields['client-id']}, this node is client {client_id}"
+        )
+
+    fed = client.federation
+    fingerprint = fed.backbone.fingerprint
+    received = codec.check_message(
+        codec.decode(fields["global"]), kind=GLOBAL_KIND, round=round_index, fingerprint=fingerprint
+    )
+    broadcast = codec.check_template(received.tree, fed.broadcast_template())
+
+    params = broadcast["params"]
+    control = broadcast.get("control", jax.tree.map(np.zeros_like, params))
+    client_control = _load_control(context, jax.tree.map(np.zeros_like, params), fingerprint)
+    key = fed.simulation.client_keys(round_index)[client_id]
+    result = jax.device_get(client.update(
+        params, fed.backbone.weights, client.rows, np.int32(client.size), key, control, client_control
+    ))
+
+    update = {"delta": result.delta}
+    if fed.scaffold:
+        update["control_delta"] = result.control_delta
+        _store_control(context, result.control, round_index, fingerprint)
+    payload = codec.encode(update, kind=UPDATE_KIND, round=round_index, fingerprint=fingerprint)
+    content = RecordDict({
+        common.RECORD: ConfigRecord({"update": payload}),
+        common.METRICS: MetricRecord({
+            "loss": float(result.loss), "num-examples": client.size, "seconds": time.perf_counter() - start,
+        }),
+    })
+    return Message(content, reply_to=message)
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    """The server's fields of a ``train`` message, type-checked."""
+    record = message.content.config_records.get(common.RECORD) if message.has_content() else None
+    if record is None:
+        raise WireError(f"the message has no {common.RECORD!r} record")
+    expected = {"global": bytes, "round": int, "client-id": int}
+    fields = {}
+    for key, kind in expected.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise WireError(f"the message's {key!r} must be {kind.__name__}, got {type(value).__name__}")
+        fields[key] = value
+    if fields["round"] < 0:
+        raise WireError(f"the message's round must be >= 0, got {fields['round']}")
+    return fields
+
+
+def _load_control(context: Context, zeros: Any, fingerprint: str) -> Any:
+    """SCAFFOLD's client control variate kept in the run's node state (zeros at first)."""
+    record = context.state.config_records.get(common.RECORD)
+    if record is None or "control" not in record:
+        return zeros
+    message = codec.check_message(codec.decode(record["control"]), kind=CONTROL_KIND, fingerprint=fingerprint)
+    return codec.check_template(message.tree, zeros)
+
+
+def _store_control(context: Context, control: Any, round_index: int, fingerprint: str) -> None:
+    data = codec.encode(control, kind=CONTROL_KIND, round=round_index, fingerprint=fingerprint)
+    context.state[common.RECORD] = ConfigRecord({"control": data})

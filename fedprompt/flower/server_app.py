@@ -1,0 +1,320 @@
+"""The Flower ServerApp: the server of a federated prompt-tuning run over SuperNodes.
+
+It builds the run's :class:`~fedprompt.flower.common.Federation` from the run config as the
+simulation does, then
+
+1. waits for the SuperNodes and asks each (a ``query`` message) which client it is and which
+   backbone it holds; a node whose backbone fingerprint differs is left out;
+2. every round, samples clients exactly as the simulation (``FederatedSimulation.sample``),
+   sends each sampled client that has a node the global state encoded by the wire codec, and
+   waits up to ``round-timeout`` seconds for the replies (``grid.send_and_receive``);
+3. decodes and validates the replies and aggregates them with the server round shared with the
+   simulation (:mod:`fedprompt.server.rounds`): a client that died, timed out, answered with an
+   error or sent a bad update is left out and the other clients' weights renormalize;
+4. evaluates the global prompt on the test set, and appends the round's metrics to
+   ``<out>/metrics.jsonl``: the simulation's fields (``bytes_up``/``bytes_down`` are the
+   lengths of the codec payloads that crossed) plus ``wire_bytes_up``/``wire_bytes_down``
+   (the Flower messages' objects as pushed, records and metadata included), ``participants``
+   (the clients whose update was aggregated), ``unreachable`` (sampled clients without a live
+   node), ``timeouts`` (no reply within ``round-timeout``) and ``errors`` (error replies, such
+   as the SuperLink's for a node that went offline); ``dropped`` counts all three.
+
+At the end it writes ``<out>/prompt.fpp`` (the prompt artifact of ``fedprompt run``),
+``<out>/global_state.msgpack`` (the final global state in the wire codec, exactly as trained)
+and ``<out>/summary.json``. ``out`` is a path on the SuperLink's machine, relative to the directory
+the SuperLink was started in unless absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedprompt.flower import common
+from fedprompt.server import aggregators, rounds
+from fedprompt.server.algorithms import ServerState
+from fedprompt.simulation import report
+from fedprompt.wire import artifact, codec
+
+FINAL_STATE_FILE = "global_state.msgpack"
+"""The final global state as the server would broadcast it (wire codec, float32 as trained)."""
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's entry point: the whole run (see :func:`run_federation`)."""
+    settings = common.settings_from_run_config(context.run_config)
+    run_federation(grid, settings, log=_log)
+
+
+def _log(text: str) -> None:
+    print(f"[fedprompt] {text}", flush=True)
+
+
+@dataclasses.dataclass
+class FlowerRunResult:
+    """What :func:`run_federation` returns (and writes to ``out``)."""
+
+    state: ServerState
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out: Path
+
+
+class NodeDirectory:
+    """Which SuperNode holds which client, kept up to date as nodes come and go.
+
+    A node is asked once (a ``query`` message); its answer maps its ``partition-id`` to its node
+    id. Nodes that leave (no longer online at the SuperLink) are forgotten.
+    """
+
+    def __init__(self, grid: Grid, fingerprint: str, clients: int, *, log: Callable[[str], None]):
+        self.grid = grid
+        self.fingerprint = fingerprint
+        self.clients = clients
+        self.log = log
+        self.node_of: dict[int, int] = {}
+        self._asked: set[int] = set()
+        self._unanswered: dict[int, int] = {}
+
+    def refresh(self, timeout: float) -> None:
+        """Forgets nodes that left and asks new nodes which client they are."""
+        online = set(self.grid.get_node_ids())
+        self.node_of = {client: node for client, node in self.node_of.items() if node in online}
+        new = sorted(online - self._asked)
+        if not new:
+            return
+        ask = [
+            Message(RecordDict({common.RECORD: ConfigRecord({"ask": common.HELLO})}), dst_node_id=node,
+                    message_type="query", ttl=max(timeout, 60.0))
+            for node in new
+        ]
+        replies = list(self.grid.send_and_receive(ask, timeout=timeout))
+        node_of_message = {m.metadata.message_id: node for m, node in zip(ask, new)}
+        answered = {node_of_message.get(reply.metadata.reply_to_message_id) for reply in replies}
+        for node in set(new) - answered:  # asked twice without an answer: not asked again
+            self._unanswered[node] = self._unanswered.get(node, 0) + 1
+            if self._unanswered[node] >= 2:
+                self._asked.add(node)
+                self.log(f"node {node} did not say which client it is (twice in {timeout:.0f} s); left out")
+        for reply in replies:
+            node = node_of_message.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            self._asked.add(node)
+            if reply.has_error():
+                self.log(f"node {node} could not say which client it is: {reply.error.reason}")
+                continue
+            record = reply.content.config_records.get(common.RECORD)
+            client = record.get("partition-id") if record is not None else None
+            if not isinstance(client, int) or isinstance(client, bool) or not 0 <= client < self.clients:
+                self.log(f"node {node} answered without a valid partition-id; left out")
+                continue
+            if record.get("fingerprint") != self.fingerprint:
+                self.log(f"node {node} (client {client}) holds another backbone; left out")
+                continue
+            if client in self.node_of and self.node_of[client] in online:
+                self.log(f"node {node} also says it is client {client} (node {self.node_of[client]}); left out")
+                continue
+            self.node_of[client] = node
+            self.log(f"node {node} is client {client}")
+
+    def wait_for(self, required: int, timeout: float) -> None:
+        """Waits until ``required`` clients have a node.
+
+        Raises:
+          FederationError: fewer after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh(timeout=max(1.0, deadline - time.monotonic()))
+            if len(self.node_of) >= required:
+                return
+            if time.monotonic() >= deadline:
+                raise common.FederationError(
+                    f"{len(self.node_of)} of the {required} clients needed have a SuperNode after {timeout:.0f} s"
+                )
+            time.sleep(1.0)
+
+
+def run_federation(
+    grid: Grid, settings: common.FlowerSettings, *, log: Callable[[str], None] = _log
+) -> FlowerRunResult:
+    """Runs a whole federation over the SuperNodes of ``grid``; writes metrics, prompt and summary."""
+    started = time.perf_counter()
+    cfg = settings.run
+    fed = common.build_federation(settings, common.load_run_backbone(settings))
+    sim = fed.simulation
+    fingerprint = fed.backbone.fingerprint
+    test = fed.test_set()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / report.METRICS_FILE).unlink(missing_ok=True)
+    log(f"{cfg.algorithm} · {cfg.method} · {cfg.clients} clients ({cfg.clients_per_round}/round) · "
+        f"{cfg.rounds} rounds · backbone {fed.backbone.name} ({fingerprint[:12]}) · out {out.resolve()}")
+
+    nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log)
+    nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
+
+    state, _ = sim.init()
+    aggregate = aggregators.Aggregation()
+    server_step = jax.jit(sim.algorithm.apply)
+    template = fed.update_template()
+    metrics: list[dict[str, Any]] = []
+    with report.MetricsWriter(out / report.METRICS_FILE) as writer:
+        for r in range(cfg.rounds):
+            state, record = _round(grid, settings, fed, nodes, state, r, aggregate, server_step, template)
+            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+                record.update(sim.evaluate(state.params, test))
+            else:
+                record.update({"eval_loss": None, "eval_accuracy": None})
+            record["seconds"] = time.perf_counter() - record.pop("_start")
+            metrics.append(record)
+            writer.write(record)
+            log(f"round {record['round']}: {record['clients']}/{record['sampled']} clients, "
+                f"train loss {record['train_loss']:.4f}, eval accuracy {record['eval_accuracy']}, "
+                f"up {record['bytes_up']} B, down {record['bytes_down']} B, {record['seconds']:.1f} s")
+
+    params = jax.device_get(state.params)
+    artifact.write_atomic(out / FINAL_STATE_FILE, codec.encode(
+        {"params": params, **({"control": jax.device_get(state.control)} if fed.scaffold else {})},
+        kind=rounds.GLOBAL_KIND, round=cfg.rounds, fingerprint=fingerprint,
+    ))
+    artifact.save_prompt(
+        out / "prompt.fpp", params, method=cfg.method, config=dataclasses.asdict(fed.prompt_config),
+        backbone_name=fed.backbone.name, fingerprint=fingerprint,
+        metadata={"label_names": list(fed.label_names), "algorithm": cfg.algorithm, "rounds": cfg.rounds,
+                  "clients": cfg.clients, "final_accuracy": metrics[-1]["eval_accuracy"], "runtime": "flower"},
+    )
+    summary = {
+        "runtime": "flower",
+        "final_accuracy": metrics[-1]["eval_accuracy"],
+        "final_eval_loss": metrics[-1]["eval_loss"],
+        "rounds": cfg.rounds,
+        "total_bytes_up": int(sum(m["bytes_up"] for m in metrics)),
+        "total_bytes_down": int(sum(m["bytes_down"] for m in metrics)),
+        "total_wire_bytes_up": _total(metrics, "wire_bytes_up"),
+        "total_wire_bytes_down": _total(metrics, "wire_bytes_down"),
+        "backbone": {"name": fed.backbone.name, "fingerprint": fingerprint,
+                     "weight_bytes": fed.backbone.weight_bytes()},
+        "client_sizes": [int(len(p)) for p in fed.parts],
+        "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
+        "label_names": list(fed.label_names),
+        "config": cfg.to_dict(),
+        "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    report.write_summary(out / "summary.json", summary)
+    log(f"done: final accuracy {summary['final_accuracy']}, prompt in {(out / 'prompt.fpp').resolve()}")
+    return FlowerRunResult(state, metrics, summary, out)
+
+
+def _total(metrics: list[dict[str, Any]], key: str) -> int | None:
+    values = [m[key] for m in metrics]
+    return None if any(v is None for v in values) else int(sum(values))
+
+
+def _round(grid, settings, fed, nodes, state, r, aggregate, server_step, template):
+    """One round over Flower; returns the new state and the round's metrics."""
+    start = time.perf_counter()
+    sim = fed.simulation
+    cfg = settings.run
+    fingerprint = fed.backbone.fingerprint
+    nodes.refresh(timeout=min(settings.round_timeout, settings.node_wait_timeout))
+    ids, _ = sim.sample(r)
+    broadcast = {"params": state.params, **({"control": state.control} if fed.scaffold else {})}
+    payload = codec.encode(jax.device_get(broadcast), kind=rounds.GLOBAL_KIND, round=r, fingerprint=fingerprint)
+
+    slot_of_message: list[int] = []
+    messages = []
+    for slot, client in enumerate(ids.tolist()):
+        node = nodes.node_of.get(client)
+        if node is None:
+            continue
+        record = ConfigRecord({"global": payload, "round": r, "client-id": client})
+        messages.append(Message(RecordDict({common.RECORD: record}), dst_node_id=node, message_type="train",
+                                group_id=str(r), ttl=settings.round_timeout + 60.0))
+        slot_of_message.append(slot)
+    wire_down = [common.flower_message_bytes(m) for m in messages]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    # Pushing gave every message its id; a reply names the message it answers (an error reply
+    # for a node that went offline comes from the SuperLink, not from that node).
+    slot_of = {m.metadata.message_id: slot for m, slot in zip(messages, slot_of_message)}
+
+    updates: list[bytes | None] = [None] * len(ids)
+    answered = np.zeros(len(ids), bool)
+    losses = np.full(len(ids), np.nan)
+    errors, extra_rejections, bytes_up, wire_up = 0, {}, 0, []
+    for reply in replies:
+        slot = slot_of.get(reply.metadata.reply_to_message_id)
+        if slot is None or answered[slot]:
+            continue
+        answered[slot] = True
+        wire_up.append(common.flower_message_bytes(reply))
+        if reply.has_error():
+            errors += 1
+            continue
+        update, loss, reason = _reply_fields(reply, int(sim.client_data.sizes[ids[slot]]))
+        if update is not None:
+            bytes_up += len(update)
+        if reason is not None:
+            extra_rejections[reason] = extra_rejections.get(reason, 0) + 1
+            continue
+        updates[slot], losses[slot] = update, loss
+
+    received = rounds.receive_updates(updates, round_index=r, fingerprint=fingerprint, template=template)
+    outcome = rounds.aggregate_round(
+        state, received, sim.client_data.sizes[ids], server_step=server_step, aggregate=aggregate,
+        num_clients=cfg.clients, scaffold=fed.scaffold, losses=losses,
+    )
+    rejections = dict(received.rejections)
+    for reason, count in extra_rejections.items():
+        rejections[reason] = rejections.get(reason, 0) + count
+    record: dict[str, Any] = {
+        "round": r + 1,
+        "train_loss": outcome.train_loss,
+        "clients": outcome.num_aggregated,
+        "sampled": len(ids),
+        "dropped": int(len(ids) - answered.sum()) + errors,
+        "rejected": sum(rejections.values()),
+        "rejections": rejections,
+        "bytes_up": bytes_up,
+        "bytes_down": len(payload) * len(messages),
+        "participants": [int(ids[slot]) for slot in np.flatnonzero(received.accepted)],
+        "unreachable": len(ids) - len(messages),
+        "errors": errors,
+        "timeouts": int(len(messages) - answered.sum()),
+        "wire_bytes_up": None if None in wire_up else int(sum(wire_up)),
+        "wire_bytes_down": None if None in wire_down else int(sum(wire_down)),
+        "_start": start,
+    }
+    return outcome.state, record
+
+
+def _reply_fields(reply: Message, expected_examples: int) -> tuple[bytes | None, float, str | None]:
+    """A reply's update bytes and loss, or the reason it is refused."""
+    if not reply.has_content():
+        return None, float("nan"), "empty reply"
+    record = reply.content.config_records.get(common.RECORD)
+    update = record.get("update") if record is not None else None
+    if not isinstance(update, bytes):
+        return None, float("nan"), "reply without an update"
+    metrics = reply.content.metric_records.get(common.METRICS)
+    if metrics is None:
+        return update, float("nan"), "reply without metrics"
+    examples, loss = metrics.get("num-examples"), metrics.get("loss")
+    if examples != expected_examples:
+        return update, float("nan"), "wrong number of examples"
+    if not isinstance(loss, (int, float)) or not np.isfinite(loss):
+        return update, float("nan"), "non-finite loss"
+    return update, float(loss), None

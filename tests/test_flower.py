@@ -1,0 +1,525 @@
+"""The Flower apps against the in-process simulation: in this process, and on a real deployment.
+
+The first tests run the ServerApp and ClientApps in this process, through a Grid that hands
+each message to the ClientApp of its destination node (Flower's message objects, no
+transport): fast checks of the protocol, of SCAFFOLD's node state, and of a node that sends
+garbage or goes silent. The deployment tests start one ``flower-superlink`` and three
+``flower-supernode`` processes on 127.0.0.1 (free ports chosen at run time, ``--insecure``),
+launch ``examples/flower_app`` with ``flwr run`` and read what the ServerApp wrote.
+
+The backbone is the tiny BERT fixture; it has no tokenizer, so the data are seeded synthetic
+token ids (``synthetic-examples``), built by the same function the in-process reference uses.
+Every process is killed in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedprompt.errors import ConfigError
+from fedprompt.flower import client_app, common, server_app
+from fedprompt.server import aggregators, rounds
+from fedprompt.simulation import federation
+from fedprompt.simulation.engine import build_client_data, run_rounds
+from fedprompt.wire import artifact, codec
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+BIN = Path(sys.executable).parent
+NODES = 3
+RUN = {
+    "backbone": str(FIXTURES / "bert"),
+    "synthetic-examples": 96,
+    "synthetic-labels": 3,
+    "eval-examples": 32,
+    "train-examples": "",
+    "clients": NODES,
+    "clients-per-round": NODES,
+    "partition": "dirichlet",
+    "alpha": 1.0,
+    "rounds": 3,
+    "local-steps": 3,
+    "batch-size": 4,
+    "max-length": 8,
+    "num-virtual-tokens": 4,
+    "local-lr": 0.05,
+    "seed": 3,
+    "node-wait-timeout": 90.0,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml_value(value) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class LocalDeployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, started as subprocesses of this test."""
+
+    def __init__(self, tmp: Path, nodes: int, jax_cache: Path):
+        self.tmp = tmp
+        self.home = tmp / "flwr-home"
+        self.home.mkdir()
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.port = _free_port()
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # Flower starts a ClientApp process per message: cache compiled XLA programs.
+            "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PLATFORMS": "cpu",
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.nodes = nodes
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.logs / f"{name}.log", "wb")
+        self.processes[name] = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--disable-runtime-dependency-installation"])
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.processes["superlink"].poll() is not None:
+                    raise RuntimeError(f"the SuperLink did not start:\n{self.log('superlink')}") from None
+                time.sleep(0.5)
+        for i in range(self.nodes):
+            self._start(f"supernode-{i}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--host", "127.0.0.1", "--port", str(_free_port()),
+                "--node-config", f"partition-id={i} num-partitions={self.nodes}",
+            ])
+
+    def run(self, overrides: dict, *, timeout: float) -> subprocess.Popen:
+        """``flwr run examples/flower_app local-deployment --run-config <toml> --stream``."""
+        toml = self.tmp / "run-config.toml"
+        toml.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
+        log = open(self.logs / "flwr-run.log", "wb")
+        proc = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(APP), "local-deployment", "--run-config", str(toml), "--stream"],
+            cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.processes["flwr-run"] = proc
+        self.deadline = time.monotonic() + timeout
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kills one of the processes, with everything it started; waits until they are gone."""
+        proc = self.processes[name]
+        family = _descendants(proc.pid)
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in family:
+            if _running(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to every process group at once; SIGKILL to whatever is left after ``grace`` s."""
+        family = set().union(*(_descendants(p.pid) for p in self.processes.values()))
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        while any(_running(pid) for pid in family) and time.monotonic() < deadline + 5:
+            time.sleep(0.2)
+        for pid in family:
+            if _running(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+    def wait(self, proc: subprocess.Popen) -> None:
+        try:
+            proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run did not finish in time:\n{self.log('flwr-run')}") from None
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> Path:
+    """One persistent XLA cache for every node of every test here (Flower starts a process per message)."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _app_config(overrides: dict) -> dict:
+    """The run config Flower gives the apps: the app's ``[tool.flwr.app.config]``, overridden."""
+    return {**tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **overrides}
+
+
+def _settings(out: Path, **extra) -> tuple[dict, common.FlowerSettings]:
+    """The overrides for ``flwr run`` and the settings the apps see: the app's config, overridden."""
+    overrides = {**RUN, "out": str(out), **extra}
+    config = _app_config(overrides)
+    assert len(config) == len(_app_config({})), "flwr run refuses keys the app's config does not have"
+    return overrides, common.settings_from_run_config(config)
+
+
+def _reference(settings: common.FlowerSettings):
+    """The in-process simulation of the same run: all clients' rows, vmapped training."""
+    fed = common.build_federation(settings, common.load_run_backbone(settings))
+    client_data = build_client_data(fed.training_set(), fed.parts, len(fed.label_names))
+    sim = federation.make_simulation(settings.run, fed.backbone, fed.prompt_config, fed.task, client_data)
+    return fed, sim
+
+
+def _read_run(out: Path):
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    final = codec.decode((out / server_app.FINAL_STATE_FILE).read_bytes())
+    assert final.kind == rounds.GLOBAL_KIND and final.round == len(metrics)
+    prompt = artifact.load_prompt(out / "prompt.fpp")
+    return metrics, summary, final.tree["params"], prompt
+
+
+def _assert_close(actual, expected, atol=1e-5):
+    flat_a, tree_a = jax.tree.flatten(actual)
+    flat_e, tree_e = jax.tree.flatten(jax.device_get(expected))
+    assert tree_a == tree_e
+    for a, e in zip(flat_a, flat_e):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e), rtol=1e-5, atol=atol)
+
+
+def test_run_config_is_read_like_fedprompt_run_and_refuses_what_a_deployment_cannot_do():
+    settings = common.settings_from_run_config(_app_config({"clients-per-round": 2, "local-lr": 0.1, "server_lr": ""}))
+    assert settings.run.clients_per_round == 2 and settings.run.local_lr == 0.1 and settings.run.server_lr is None
+    assert settings.run.train_examples == 2048 and settings.required_nodes == settings.run.clients == 4
+    with pytest.raises(ConfigError, match="did you mean 'rounds'"):
+        common.settings_from_run_config({"roundz": 3})
+    with pytest.raises(ConfigError, match="drop out for real"):
+        common.settings_from_run_config({"dropout": 0.5})
+    with pytest.raises(ConfigError, match="round-timeout must be float"):
+        common.settings_from_run_config({"round-timeout": "soon"})
+    with pytest.raises(ConfigError, match="min-nodes"):
+        common.settings_from_run_config({"clients": 2, "clients-per-round": 2, "min-nodes": 3})
+    with pytest.raises(ConfigError, match="partition-id"):
+        common.node_settings({"num-partitions": 3})
+    with pytest.raises(common.FederationError, match="num-partitions=3"):
+        common.check_node(settings, common.node_settings({"partition-id": 0, "num-partitions": 3}))
+
+
+def test_a_node_holds_exactly_its_simulation_rows(tmp_path):
+    _, settings = _settings(tmp_path, partition="dirichlet", alpha=0.3)
+    fed, sim = _reference(settings)
+    sizes = sim.client_data.sizes
+    assert len(set(sizes.tolist())) > 1  # unequal clients: the padding matters
+    for client in range(settings.run.clients):
+        rows, size = fed.client_rows(client)
+        assert size == sizes[client]
+        for name, column in sim.client_data.columns.items():
+            np.testing.assert_array_equal(rows[name], np.asarray(column[client]))
+        keys = sim.client_keys(5)
+        np.testing.assert_array_equal(jax.random.key_data(fed.simulation.client_keys(5)[client]),
+                                      jax.random.key_data(keys[client]))
+    for r in range(4):
+        np.testing.assert_array_equal(fed.simulation.sample(r)[0], sim.sample(r)[0])
+
+
+class InProcessGrid(Grid):
+    """A Grid whose SuperNodes are ClientApp calls in this process.
+
+    ``silent`` nodes (a set of client ids) never answer; ``tamper(client_id, reply)`` may
+    replace a reply. An exception in the ClientApp becomes an error reply, as in Flower.
+    """
+
+    def __init__(self, run_config: dict, nodes: int):
+        self.contexts = {
+            1000 + i: Context(run_id=1, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": nodes},
+                              state=RecordDict(), run_config=run_config)
+            for i in range(nodes)
+        }
+        self.silent: set[int] = set()
+        self.tamper = None
+        self.sent: list[Message] = []
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what pushing does
+            self.sent.append(message)
+            context = self.contexts[message.metadata.dst_node_id]
+            client = context.node_config["partition-id"]
+            if client in self.silent:
+                continue
+            try:
+                reply = client_app.app(message, context)
+            except Exception as err:  # noqa: BLE001 - Flower turns it into an error reply
+                reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
+            if self.tamper is not None:
+                reply = self.tamper(client, reply)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """The identity Flower gives the ServerApp's process (messages are stamped with it)."""
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _replay(fed, sim, metrics, settings):
+    """The in-process simulation's rounds with exactly the clients the deployment aggregated."""
+    state, controls = sim.init()
+    aggregate, server_step = aggregators.Aggregation(), jax.jit(sim.algorithm.apply)
+    template = {"delta": jax.device_get(state.params)}
+    for r, m in enumerate(metrics):
+        ids, _ = sim.sample(r)
+        host = jax.device_get(sim.train_clients(state, controls, ids, r))
+        deltas = [jax.tree.map(lambda x, s=slot: x[s], host.delta) for slot in range(len(ids))]
+        messages = [
+            codec.encode({"delta": delta}, kind=rounds.UPDATE_KIND, round=r, fingerprint=fed.backbone.fingerprint)
+            if int(client) in m["participants"] else None
+            for delta, client in zip(deltas, ids)
+        ]
+        received = rounds.receive_updates(messages, round_index=r, fingerprint=fed.backbone.fingerprint,
+                                          template=template)
+        state = rounds.aggregate_round(state, received, sim.client_data.sizes[ids], server_step=server_step,
+                                       aggregate=aggregate, num_clients=settings.run.clients).state
+    return state
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+def test_apps_in_process_equal_the_simulation(tmp_path, flower_task, algorithm):
+    overrides, settings = _settings(tmp_path / "out", algorithm=algorithm, **{"clients-per-round": 2, "clients": 4})
+    grid = InProcessGrid(_app_config(overrides), 4)
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    fed, sim = _reference(settings)
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    _assert_close(result.state.params, state.params)
+    if algorithm == "scaffold":  # the server control variate, from the clients' kept controls
+        _assert_close(result.state.control, state.control)
+        assert all(common.RECORD in c.state.config_records for c in grid.contexts.values()
+                   if c.node_config["partition-id"] in {p for m in result.metrics for p in m["participants"]})
+    for got, want in zip(result.metrics, expected):
+        assert got["participants"] == sorted(int(i) for i in sim.sample(got["round"] - 1)[0])
+        for key in ("bytes_up", "bytes_down", "clients"):
+            assert got[key] == want[key]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+
+
+def test_a_node_sending_garbage_or_going_silent_is_left_out(tmp_path, flower_task):
+    overrides, settings = _settings(tmp_path / "out")
+    grid = InProcessGrid(_app_config(overrides), NODES)
+
+    def with_update(reply, data):
+        metrics = reply.content.metric_records[common.METRICS]
+        content = RecordDict({common.RECORD: ConfigRecord({"update": data}), common.METRICS: metrics})
+        return Message(content, reply_to=_sent(grid, reply))
+
+    def tamper(client, reply):
+        if reply.metadata.message_type != "train":
+            return reply
+        round_index = int(reply.metadata.group_id)
+        if client == 0 and round_index == 1:  # a corrupted update
+            return with_update(reply, b"\x93garbage")
+        if client == 1 and round_index == 2:  # an update for another round
+            stale = codec.decode(reply.content.config_records[common.RECORD]["update"])
+            return with_update(reply, codec.encode(stale.tree, kind=rounds.UPDATE_KIND, round=0,
+                                                   fingerprint=stale.fingerprint))
+        return reply
+
+    grid.tamper = tamper
+    original = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.group_id == "2":
+            grid.silent = {2}  # client 2 goes silent in round 3
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    metrics = result.metrics
+    assert metrics[0]["participants"] == [0, 1, 2] and metrics[0]["rejected"] == 0
+    assert metrics[1]["participants"] == [1, 2] and metrics[1]["rejections"] == {"not a valid msgpack message": 1}
+    assert metrics[2]["participants"] == [0] and metrics[2]["timeouts"] == 1
+    assert metrics[2]["rejections"] == {"update is for another round or backbone": 1}
+    fed, sim = _reference(settings)
+    _assert_close(result.state.params, _replay(fed, sim, metrics, settings).params)
+
+
+def _sent(grid: InProcessGrid, reply: Message) -> Message:
+    return next(m for m in grid.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
+
+
+def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(tmp_path, jax_cache):
+    overrides, settings = _settings(tmp_path / "out", **{"round-timeout": 120.0})
+    deployment = LocalDeployment(tmp_path, NODES, jax_cache)
+    try:
+        deployment.start()
+        deployment.wait(deployment.run(overrides, timeout=170))
+        assert (tmp_path / "out" / "summary.json").exists(), deployment.log("flwr-run")
+    finally:
+        deployment.stop()
+    metrics, summary, params, prompt = _read_run(tmp_path / "out")
+
+    fed, sim = _reference(settings)
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    # The final prompt (and head) are the simulation's, and so is every round.
+    _assert_close(params, state.params)
+    assert [m["clients"] for m in metrics] == [NODES] * 3
+    assert [m["participants"] for m in metrics] == [list(range(NODES))] * 3
+    for got, want in zip(metrics, expected):
+        assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
+        np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
+    assert summary["runtime"] == "flower" and prompt.backbone.fingerprint == summary["backbone"]["fingerprint"]
+    _assert_close(prompt.params, state.params["prompt"], atol=1e-2)  # prompt.fpp may store float16
+
+    # What crossed is the prompt: per client, one encoded prompt-sized message each way.
+    encoded = codec.encode(jax.device_get({"params": state.params}), kind=rounds.GLOBAL_KIND, round=0,
+                           fingerprint=fed.backbone.fingerprint)
+    prompt_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state.params))
+    backbone_bytes = fed.backbone.weight_bytes()
+    for m in metrics:
+        assert m["bytes_down"] == len(encoded) * NODES
+        assert prompt_bytes * NODES <= m["bytes_up"] <= (prompt_bytes + 400) * NODES
+        # Flower's own envelope (records, metadata) adds a fixed ~1 KB per message.
+        assert m["bytes_up"] < m["wire_bytes_up"] <= m["bytes_up"] + 2048 * NODES
+        assert m["bytes_down"] < m["wire_bytes_down"] <= m["bytes_down"] + 2048 * NODES
+        assert (m["wire_bytes_up"] + m["wire_bytes_down"]) / NODES < backbone_bytes / 20
+
+
+def test_a_supernode_killed_mid_run_leaves_and_the_run_completes(tmp_path, jax_cache):
+    # A round waits at most 40 s for a client; a cold round (compiling) takes ~15-30 s on 2 busy cores.
+    overrides, settings = _settings(tmp_path / "out", **{"round-timeout": 40.0})
+    deployment = LocalDeployment(tmp_path, NODES, jax_cache)
+    metrics_file = tmp_path / "out" / "metrics.jsonl"
+    try:
+        deployment.start()
+        run = deployment.run(overrides, timeout=170)
+        while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1):
+            assert run.poll() is None and time.monotonic() < deployment.deadline, deployment.log("flwr-run")
+            time.sleep(0.2)
+        deployment.kill(f"supernode-{NODES - 1}")  # SIGKILL, after round 1
+        deployment.wait(run)
+        assert (tmp_path / "out" / "summary.json").exists(), deployment.log("flwr-run")
+    finally:
+        deployment.stop()
+    metrics, summary, params, _ = _read_run(tmp_path / "out")
+    assert len(metrics) == settings.run.rounds
+    assert NODES - 1 in metrics[0]["participants"]  # alive in round 1, dead from round 2 on
+    for m in metrics[1:]:
+        assert NODES - 1 not in m["participants"] and 1 <= m["clients"] <= NODES - 1
+        assert m["dropped"] >= 1 and m["timeouts"] + m["errors"] + m["unreachable"] >= 1
+        assert m["bytes_up"] < NODES * metrics[0]["bytes_up"] / metrics[0]["clients"]
+
+    # The dead client is simply missing: the others' weights renormalize. Same result in-process.
+    fed, sim = _reference(settings)
+    state = _replay(fed, sim, metrics, settings)
+    _assert_close(params, state.params)
+    assert np.isfinite(summary["final_accuracy"])

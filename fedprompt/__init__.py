@@ -21,6 +21,7 @@ from fedprompt.errors import FedPromptError
 from fedprompt.prompts import Prefix, PromptConfig, SoftPrompt, fold_prompt, init_prompt, materialize
 from fedprompt.simulation.run import SimulationResult, run, simulate
 from fedprompt.tasks import CausalLM, SequenceClassification
+from fedprompt.wire.artifact import PromptArtifact, load_prompt, save_prompt
 
 __version__ = "0.1.0"
 
@@ -46,9 +47,12 @@ __all__ = [
     "init_trainable",
     "iterate_batches",
     "load_backbone",
+    "load_prompt",
     "local_train",
     "make_eval_step",
     "make_loss_fn",
     "make_train_step",
     "materialize",
+    "PromptArtifact",
+    "save_prompt",
 ]

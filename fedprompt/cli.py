@@ -177,12 +177,18 @@ def cmd_bench_simulate(args: argparse.Namespace) -> int:
         print(f"{r['clients_per_round']:>7} {t['vmapped']:>9.2f}s {t['vmapped'] / r['clients_per_round']:>10.3f}s "
               f"{t['per_client']:>15.2f}s {t['per_step']:>13.2f}s "
               f"{r['speedup_vs_per_client']:>6.2f}x / {r['speedup_vs_per_step']:.2f}x")
+    peak = bench.matmul_flops()["flops_per_second"]
+    print("achieved GFLOP/s (vmapped / per-client / per-step) against the measured matmul "
+          f"{peak / 1e9:.1f} GFLOP/s: " + "; ".join(
+              f"{r['clients_per_round']}: " + " / ".join(f"{v / 1e9:.1f}" for v in r["achieved_flops_per_second"].values())
+              for r in rows))
     memory = bench.block_memory(backbone, clients=tuple(args.memory_clients), local_steps=args.local_steps) if args.memory_clients else []
     if memory:
         print(bench.format_block_memory(memory))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "machine": bench.machine(), "rows": rows, "memory": memory}, f, indent=2)
+            json.dump({"device": str(device), "machine": bench.machine(), "matmul_flops_per_second": peak, "rows": rows,
+                       "memory": memory}, f, indent=2)
     return 0
 
 

@@ -136,12 +136,14 @@ def test_bad_forward_inputs_give_library_errors():
 
 
 def test_library_imports_without_torch():
+    """With torch made unimportable, load MiniLM, tokenize and run a forward pass."""
     import subprocess
     import sys
 
     code = (
         "import sys; sys.modules['torch'] = None; import fedprompt; bb = fedprompt.load_backbone('minilm'); "
-        "print(bb.tokenize(['hello world'], 4)['input_ids'].tolist())"
+        "enc = bb.tokenize(['hello world'], 4); bb.forward(enc['input_ids'], enc['attention_mask']); "
+        "print(enc['input_ids'].tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "[[101, 7592, 2088, 102]]", out.stderr

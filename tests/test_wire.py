@@ -467,14 +467,16 @@ def _save(path, params=None, **kwargs):
 
 
 def test_artifact_round_trip(tmp_path):
-    params = {"embeddings": _array(np.float32, (20, 16)), "head": {"w": _array(ml_dtypes.bfloat16, (16, 4))}}
-    path = _save(tmp_path / "p.fpp", params, metadata={"rounds": 30, "accuracy": 0.75})
-    loaded, meta = load_prompt(path)
-    _assert_same_tree(loaded, params)
-    assert meta["method"] == "prompt" and meta["backbone"] == "minilm" and meta["fingerprint"] == "f" * 64
-    assert meta["prompt_config"] == {"num_virtual_tokens": 20, "init": "random"}
-    assert meta["rounds"] == 30 and meta["accuracy"] == 0.75
-    assert meta["created"].endswith("Z") and meta["created"][:2] == "20"
+    params = {"prompt": {"embeddings": _array(np.float32, (20, 16))},
+              "head": {"w": _array(ml_dtypes.bfloat16, (16, 4)), "b": _array(np.float32, (4,))}}
+    path = _save(tmp_path / "p.fpp", params, metadata={"rounds": 30, "accuracy": 0.75}, storage="float32")
+    loaded = load_prompt(path)
+    _assert_same_tree(loaded.trainable(), params)
+    assert loaded.method == "prompt" and loaded.backbone.name == "minilm" and loaded.fingerprint == "f" * 64
+    assert loaded.prompt_config.num_virtual_tokens == 20 and loaded.prompt_config.init == "random"
+    assert loaded.training["rounds"] == 30 and loaded.metadata == {"accuracy": 0.75}
+    assert loaded.task.num_labels == 4
+    assert loaded.created.endswith("Z") and loaded.created[:2] == "20"
     assert decode(path.read_bytes()).kind == "prompt"
 
 
@@ -504,7 +506,7 @@ def test_artifact_of_the_wrong_kind_raises_wire_error(tmp_path):
     with pytest.raises(WireError, match="not a prompt artifact"):
         load_prompt(path)
     path.write_bytes(encode({"x": np.zeros(2, np.float32)}, kind="prompt", fingerprint="ab", meta={"method": "prompt"}))
-    with pytest.raises(WireError, match="prompt_config"):
+    with pytest.raises(WireError, match="schema version"):
         load_prompt(path)
 
 

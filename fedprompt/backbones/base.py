@@ -16,7 +16,10 @@ Every architecture module implements the same small interface (see :class:`Backb
   rotary embedding is applied to them, exactly like a pre-filled key/value cache), they are
   always visible to every query, and the positions of the real tokens start at ``P``, as in a
   Hugging Face model called with a cache of length ``P``.
-* decoders also have ``lm_head(hidden) -> [B, S, vocab]``.
+* decoders also have ``lm_head(hidden) -> [B, S, vocab]`` and, for incremental decoding,
+  ``forward_cached(inputs_embeds, cache, start) -> (hidden, cache)``: the new tokens at
+  positions ``start..`` against a :class:`KVCache` whose slot ``j`` holds position ``j`` (a deep
+  prefix fills slots ``0..P-1``); equal to ``__call__`` on the whole sequence.
 
 Weights are loaded from a Hugging Face ``state_dict`` (name -> NumPy array) by each module's
 ``from_hf(config, tensors, dtype)`` classmethod, which uses :func:`take` so that a missing or
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +161,71 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
+
+
+def cached_attention(
+    q: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    key_valid: jax.Array,
+    q_positions: jax.Array,
+    *,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention of new queries over a key/value cache (incremental decoding).
+
+    Slot ``j`` of the cache holds the key and value at absolute position ``j`` (a deep prefix
+    fills slots ``0..P-1``, the tokens follow). The masking rules are those of :func:`attention`
+    written in absolute positions: a query at position ``p`` sees the valid slots ``j <= p``
+    (prefix slots are always ``< p``), and with a window ``W`` only those with ``j > p - W``.
+    Unfilled slots must be marked invalid in ``key_valid``; masked scores are
+    ``finfo(float32).min`` as in :func:`attention`, so they carry exactly zero weight.
+
+    Args:
+      q: queries ``[B, T, H, hd]``.
+      cache_k, cache_v: ``[B, S, H_kv, hd]`` with ``H % H_kv == 0``.
+      key_valid: ``[B, S]`` boolean, True where a slot holds a real (prefix or unpadded) key.
+      q_positions: ``[T]`` absolute positions of the queries (may be traced).
+      sliding_window: optional window ``W``.
+
+    Returns:
+      ``[B, T, H, hd]`` in ``q``'s dtype; softmax in float32.
+    """
+    b, t, h, hd = q.shape
+    s = cache_k.shape[1]
+    n_kv = cache_k.shape[2]
+    k_pos = jnp.arange(s)
+    visible = key_valid.astype(bool)[:, None, :] & (k_pos[None, None, :] <= q_positions[None, :, None])
+    if sliding_window is not None:
+        visible = visible & (k_pos[None, None, :] > q_positions[None, :, None] - int(sliding_window))
+    mask = visible[:, None]  # [B, 1, T, S]
+    group = h // n_kv
+    qg = q.reshape(b, t, n_kv, group, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k.astype(q.dtype)).astype(jnp.float32) / np.sqrt(hd).astype(np.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v)
+    return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array | int) -> jax.Array:
+    """``cache`` ``[B, S, H_kv, hd]`` with ``new`` ``[B, T, H_kv, hd]`` written at slots ``start..start+T-1``."""
+    start = jnp.asarray(start, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (zero, start, zero, zero))
+
+
+class KVCache(NamedTuple):
+    """A key/value cache for incremental decoding.
+
+    Attributes:
+      keys, values: ``[L, B, S, H_kv, head_dim]``; slot ``j`` holds absolute position ``j``.
+      valid: ``[B, S]`` boolean, True where a slot holds a real key (prefix or unpadded token).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
 
 
 def split_prefix(prefix: tuple[jax.Array, jax.Array] | None, layer: int) -> tuple[jax.Array, jax.Array] | None:

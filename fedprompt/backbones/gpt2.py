@@ -29,13 +29,16 @@ from flax import nnx
 from fedprompt.backbones.base import (
     ArchConfig,
     FrozenWeight,
+    KVCache,
     attention,
+    cached_attention,
     layer_norm,
     linear,
     prefix_length,
     split_prefix,
     take,
     value,
+    write_cache,
 )
 from fedprompt.errors import CheckpointError, ConfigError, SequenceTooLongError
 
@@ -143,12 +146,32 @@ class GPT2Block(nnx.Module):
     def __call__(
         self, x: jax.Array, key_mask: jax.Array, prefix: tuple[jax.Array, jax.Array] | None
     ) -> jax.Array:
-        cfg = self.config
-        b, s, d = x.shape
-        h, hd = cfg.num_heads, cfg.head_dim
-        eps = cfg.layer_norm_eps
+        q, k, v = self._qkv(x)
+        a = attention(q, k, v, key_mask, causal=True, prefix=prefix)
+        return self._finish(x, a)
 
-        y = layer_norm(x, self.ln_1_scale, self.ln_1_bias, eps)
+    def step(
+        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, key_valid: jax.Array, start: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Incremental decoding: ``x`` ``[B, T, D]`` at positions ``start..start+T-1``.
+
+        Writes this block's keys/values for the new tokens into ``cache_k``/``cache_v``
+        (``[B, S, H, hd]``) and attends over the whole cache (see
+        :func:`~fedprompt.backbones.base.cached_attention`). Returns ``(x, cache_k, cache_v)``.
+        """
+        q, k, v = self._qkv(x)
+        cache_k = write_cache(cache_k, k, start)
+        cache_v = write_cache(cache_v, v, start)
+        positions = jnp.asarray(start, jnp.int32) + jnp.arange(x.shape[1], dtype=jnp.int32)
+        a = cached_attention(q, cache_k, cache_v, key_valid, positions)
+        return self._finish(x, a), cache_k, cache_v
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values ``[B, S, H, hd]``; GPT-2's extra score scalings folded into the queries."""
+        cfg = self.config
+        b, s, _ = x.shape
+        h, hd = cfg.num_heads, cfg.head_dim
+        y = layer_norm(x, self.ln_1_scale, self.ln_1_bias, cfg.layer_norm_eps)
         qkv = linear(y, self.c_attn_w, self.c_attn_b)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q = q.reshape(b, s, h, hd)
@@ -162,10 +185,14 @@ class GPT2Block(nnx.Module):
             extra /= float(self.layer + 1)
         if extra != 1.0:
             q = q * jnp.asarray(extra, dtype=q.dtype)
-        a = attention(q, k, v, key_mask, causal=True, prefix=prefix)
-        x = x + linear(a.reshape(b, s, d), self.attn_proj_w, self.attn_proj_b)
+        return q, k, v
 
-        y = layer_norm(x, self.ln_2_scale, self.ln_2_bias, eps)
+    def _finish(self, x: jax.Array, a: jax.Array) -> jax.Array:
+        """The attention output projection and the MLP, each with its residual."""
+        cfg = self.config
+        b, s, d = x.shape
+        x = x + linear(a.reshape(b, s, d), self.attn_proj_w, self.attn_proj_b)
+        y = layer_norm(x, self.ln_2_scale, self.ln_2_bias, cfg.layer_norm_eps)
         y = jax.nn.gelu(linear(y, self.c_fc_w, self.c_fc_b), approximate=cfg.gelu_approximate)
         return x + linear(y, self.mlp_proj_w, self.mlp_proj_b)
 
@@ -288,6 +315,35 @@ class GPT2(nnx.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, key_mask, split_prefix(prefix, layer))
         return layer_norm(x, self.ln_f_scale, self.ln_f_bias, cfg.layer_norm_eps)
+
+    def forward_cached(
+        self, inputs_embeds: jax.Array, cache: KVCache, start: jax.Array | int
+    ) -> tuple[jax.Array, KVCache]:
+        """Run new tokens through the model against a key/value cache (incremental decoding).
+
+        Args:
+          inputs_embeds: ``[B, T, D]`` word embeddings of the new tokens (soft-prompt vectors
+            included when prefilling), at absolute positions ``start..start+T-1``.
+          cache: the :class:`~fedprompt.backbones.base.KVCache`; ``cache.valid`` must already
+            mark the new tokens' slots (a deep prefix sits in slots ``0..P-1``).
+          start: the first new token's position (may be traced); the caller keeps
+            ``start + T`` within the position table.
+
+        Returns:
+          ``(hidden [B, T, D] after the final LayerNorm, updated cache)``. Equal to
+          :meth:`__call__` on the whole sequence, restricted to the new tokens.
+        """
+        dt = inputs_embeds.dtype
+        t = inputs_embeds.shape[1]
+        pos = jax.lax.dynamic_slice_in_dim(value(self.wpe), jnp.asarray(start, jnp.int32), t, axis=0).astype(dt)
+        x = inputs_embeds + pos[None]
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            x, k, v = block.step(x, cache.keys[layer], cache.values[layer], cache.valid, start)
+            keys.append(k)
+            values.append(v)
+        hidden = layer_norm(x, self.ln_f_scale, self.ln_f_bias, self.config.layer_norm_eps)
+        return hidden, KVCache(jnp.stack(keys), jnp.stack(values), cache.valid)
 
     def lm_head(self, hidden: jax.Array) -> jax.Array:
         """Logits ``[B, S, vocab]`` from the tied embedding matrix, in ``hidden``'s dtype."""

@@ -40,13 +40,16 @@ from flax import nnx
 from fedprompt.backbones.base import (
     ArchConfig,
     FrozenWeight,
+    KVCache,
     attention,
+    cached_attention,
     linear,
     prefix_length,
     rms_norm,
     split_prefix,
     take,
     value,
+    write_cache,
 )
 from fedprompt.errors import ConfigError
 
@@ -274,8 +277,13 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 
 def rotary_tables(config: LlamaConfig, start: int, length: int) -> tuple[jax.Array, jax.Array]:
     """``cos, sin`` tables ``[length, head_dim]`` (float32) for positions ``start + arange(length)``."""
+    return rotary_tables_at(config, jnp.arange(start, start + length, dtype=jnp.float32))
+
+
+def rotary_tables_at(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` tables ``[len(positions), head_dim]`` (float32) for any (possibly traced) positions."""
     inv_freq = jnp.asarray(rope_inv_freq(config))
-    positions = jnp.arange(start, start + length, dtype=jnp.float32)
+    positions = jnp.asarray(positions).astype(jnp.float32)
     freqs = positions[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -322,21 +330,49 @@ class LlamaBlock(nnx.Module):
         sin: jax.Array,
         prefix: tuple[jax.Array, jax.Array] | None,
     ) -> jax.Array:
+        q, k, v = self._qkv(x, cos, sin)
+        a = attention(q, k, v, key_mask, causal=True, prefix=prefix, sliding_window=self.sliding_window)
+        return self._finish(x, a)
+
+    def step(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        key_valid: jax.Array,
+        start: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Incremental decoding: ``x`` ``[B, T, D]`` at positions ``start..start+T-1`` (``cos``/``sin`` for them).
+
+        Writes the new (rotated) keys and values into ``cache_k``/``cache_v`` ``[B, S, H_kv, hd]``
+        and attends over the cache with this layer's sliding window. Returns ``(x, cache_k, cache_v)``.
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        cache_k = write_cache(cache_k, k, start)
+        cache_v = write_cache(cache_v, v, start)
+        positions = jnp.asarray(start, jnp.int32) + jnp.arange(x.shape[1], dtype=jnp.int32)
+        a = cached_attention(q, cache_k, cache_v, key_valid, positions, sliding_window=self.sliding_window)
+        return self._finish(x, a), cache_k, cache_v
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated queries ``[B, S, H, hd]``, rotated keys and values ``[B, S, H_kv, hd]``."""
         cfg = self.config
         b, s, _ = x.shape
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
-
-        y = rms_norm(x, self.input_norm, eps)
+        y = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         q = linear(y, self.q_w, self.q_b).reshape(b, s, h, hd)
         k = linear(y, self.k_w, self.k_b).reshape(b, s, kv, hd)
         v = linear(y, self.v_w, self.v_b).reshape(b, s, kv, hd)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        a = attention(q, k, v, key_mask, causal=True, prefix=prefix, sliding_window=self.sliding_window)
-        x = x + linear(a.reshape(b, s, h * hd), self.o_w, self.o_b)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-        y = rms_norm(x, self.post_norm, eps)
+    def _finish(self, x: jax.Array, a: jax.Array) -> jax.Array:
+        """The output projection and the SwiGLU MLP, each with its residual."""
+        cfg = self.config
+        b, s, _ = x.shape
+        x = x + linear(a.reshape(b, s, cfg.num_heads * cfg.head_dim), self.o_w, self.o_b)
+        y = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         gated = jax.nn.silu(linear(y, self.gate_w, self.gate_b)) * linear(y, self.up_w, self.up_b)
         return x + linear(gated, self.down_w, self.down_b)
 
@@ -445,6 +481,34 @@ class Llama(nnx.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, key_mask, cos, sin, split_prefix(prefix, layer))
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def forward_cached(
+        self, inputs_embeds: jax.Array, cache: KVCache, start: jax.Array | int
+    ) -> tuple[jax.Array, KVCache]:
+        """Run new tokens through the decoder against a key/value cache (incremental decoding).
+
+        Args:
+          inputs_embeds: ``[B, T, D]`` word embeddings of the new tokens (soft-prompt vectors
+            included when prefilling), at absolute positions ``start..start+T-1``.
+          cache: the :class:`~fedprompt.backbones.base.KVCache`; ``cache.valid`` must already
+            mark the new tokens' slots. A deep prefix sits, unrotated, in slots ``0..P-1``.
+          start: the first new token's position (may be traced).
+
+        Returns:
+          ``(hidden [B, T, D] after the final RMSNorm, updated cache)``. Equal to
+          :meth:`__call__` on the whole sequence, restricted to the new tokens.
+        """
+        t = inputs_embeds.shape[1]
+        positions = jnp.asarray(start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rotary_tables_at(self.config, positions)
+        x = inputs_embeds
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            x, k, v = block.step(x, cos, sin, cache.keys[layer], cache.values[layer], cache.valid, start)
+            keys.append(k)
+            values.append(v)
+        hidden = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return hidden, KVCache(jnp.stack(keys), jnp.stack(values), cache.valid)
 
     def lm_head(self, hidden: jax.Array) -> jax.Array:
         """Logits ``[B, S, vocab]`` in ``hidden``'s dtype (tied to the embeddings when configured)."""

@@ -201,6 +201,49 @@ def fingerprint(config: Mapping[str, Any], digests: Mapping[str, bytes]) -> str:
     return h.hexdigest()[:32]
 
 
+#: Files that define a tokenizer's vocabulary and rules, in the order :func:`tokenizer_hash` reads them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def tokenizer_hash(folder: str | os.PathLike[str] | None) -> str | None:
+    """A SHA-256 (hex) of the tokenizer files in a checkpoint folder, or None when it has none.
+
+    Exactly what is hashed: for each file of :data:`TOKENIZER_FILES` that exists in ``folder``,
+    in that order, the UTF-8 file name, a zero byte, and the SHA-256 digest (32 bytes) of the
+    file's bytes. Settings files (``tokenizer_config.json``, ``special_tokens_map.json``) are
+    left out: they change with library versions while the vocabulary does not. A prompt
+    artifact records this hash so that a prompt is not silently applied through a different
+    vocabulary.
+    """
+    if folder is None:
+        return None
+    folder = Path(folder)
+    outer = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        inner = hashlib.sha256()
+        try:
+            with open(path, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    inner.update(block)
+        except OSError as err:
+            raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from None
+        outer.update(name.encode() + b"\0" + inner.digest())
+        found = True
+    return outer.hexdigest() if found else None
+
+
 def load_tokenizer(folder: Path):
     """The folder's tokenizer through transformers' AutoTokenizer, or None when it has none."""
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):

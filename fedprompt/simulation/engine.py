@@ -37,7 +37,7 @@ from fedprompt.client.federated import ClientResult, make_client_update
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step, make_loss_fn
 from fedprompt.errors import ConfigError, SecureAggregationError
 from fedprompt.prompts import PromptConfig
-from fedprompt.privacy import accounting, dp, secagg
+from fedprompt.privacy import dp
 from fedprompt.server import aggregators, rounds
 from fedprompt.server.algorithms import Algorithm, ServerState
 from fedprompt.simulation import attacks
@@ -237,6 +237,8 @@ class FederatedSimulation:
         self.dp_state: Any = {}
         if not config.enabled:
             return
+        from fedprompt.privacy import accounting  # dp-accounting (and SciPy) only when DP is used
+
         population, cohort = self.client_data.num_clients, self.clients_per_round
         delta = config.resolved_delta(population)
         z = config.noise_multiplier
@@ -387,6 +389,8 @@ class FederatedSimulation:
         survivors (example weights would reveal more than the sum), or DP-FedAvg's noised sum
         over the fixed denominator with central DP.
         """
+        from fedprompt.privacy import secagg
+
         n = len(ids)
         t = self.secagg_threshold or max(2, -(-2 * n // 3))
         central = self._central_dp is not None

@@ -298,13 +298,13 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
     finally:
         bar.close()
         writer.close()
+    privacy = result.summary.get("privacy") or {}
     artifact.save_prompt(
-        out / "prompt.fpp", jax.device_get(result.state.params), method=config.method,
-        config=dataclasses.asdict(result.prompt_config), backbone_name=result.backbone.name,
-        fingerprint=result.backbone.fingerprint,
-        metadata={"label_names": list(result.label_names), "algorithm": config.algorithm, "rounds": config.rounds,
-                  "clients": config.clients, "final_accuracy": result.summary["final_accuracy"],
-                  **({"privacy": result.summary["privacy"]} if "privacy" in result.summary else {})},
+        out / "prompt.fpp", jax.device_get(result.state.params), config=result.prompt_config,
+        backbone=result.backbone, task=federation.make_task(len(result.label_names)),
+        label_names=list(result.label_names),
+        training={"rounds": config.rounds, "clients": config.clients, "algorithm": config.algorithm,
+                  "privacy_epsilon": privacy.get("epsilon"), "final_accuracy": result.summary["final_accuracy"]},
     )
     report.write_summary(out / "summary.json", result.summary)
     description = (f"{config.algorithm} · {config.method} · {config.clients} clients "

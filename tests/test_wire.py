@@ -542,3 +542,15 @@ def test_save_is_atomic_when_writing_fails_midway(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_atomic(tmp_path / "new.bin", b"data")
     assert sorted(os.listdir(tmp_path)) == ["p.fpp"]
+
+
+def test_fuzz_target_survives_a_short_run():
+    """The standalone fuzz target (tests/fuzz_wire_decoder.py) on 300 seeded inputs."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fuzz_wire_decoder", Path(__file__).with_name("fuzz_wire_decoder.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for data in module._mutations(np.random.default_rng(1), 300):
+        module.target(data)

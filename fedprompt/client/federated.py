@@ -64,6 +64,14 @@ def random_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax.
     return jnp.argsort(jnp.where(jnp.arange(capacity) < num_examples, u, 2.0))
 
 
+def local_batch(
+    data: Mapping[str, jax.Array], order: jax.Array, num_examples: jax.Array, step: jax.Array, batch_size: int
+) -> dict[str, jax.Array]:
+    """The ``step``-th local batch: rows ``order[step * batch_size ...]`` cycling over the real examples."""
+    slots = (step * batch_size + jnp.arange(batch_size)) % jnp.maximum(num_examples, 1)
+    return {name: column[order[slots]] for name, column in data.items()}
+
+
 def make_client_update(
     loss_fn: LossFn,
     local_optimizer: optax.GradientTransformation,
@@ -118,8 +126,7 @@ def make_client_update(
 
         def local_step(carry, step):
             params, opt_state = carry
-            slots = (step * batch_size + jnp.arange(batch_size)) % jnp.maximum(num_examples, 1)
-            batch = {name: column[order[slots]] for name, column in data.items()}
+            batch = local_batch(data, order, num_examples, step, batch_size)
             grads, loss = jax.grad(objective, has_aux=True)(params, batch)
             if correction is not None:
                 grads = jax.tree.map(lambda g, c: g + c, grads, correction)

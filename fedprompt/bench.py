@@ -135,6 +135,13 @@ def simulate_round(
                 params, opt_state, m = step(params, opt_state, {k: v[rows] for k, v in encoded.items()}, backbone.weights)
             jax.block_until_ready(m)
 
+    # FLOPs of the round: local steps x clients x one train step's FLOPs (XLA cost analysis of
+    # the step on one client's batch; the vmapped and looped programs do the same arithmetic).
+    batch = {k: v[parts[0][:batch_size]] for k, v in encoded.items()}
+    params = jax.tree.map(jnp.array, state.params)
+    cost = step.lower(params, optimizer.init(params), batch, backbone.weights).compile().cost_analysis()
+    step_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    round_flops = step_flops * local_steps * clients_per_round
     timings = {}
     for name, fn in (("vmapped", vmapped), ("per_client", per_client), ("per_step", per_step)):
         fn()  # compile
@@ -152,6 +159,457 @@ def simulate_round(
         "virtual_tokens": virtual_tokens,
         "seconds": timings,
         "clients_per_second": {k: clients_per_round / v for k, v in timings.items()},
+        "step_flops": step_flops,
+        "achieved_flops_per_second": {k: round_flops / v for k, v in timings.items()},
         "speedup_vs_per_client": timings["per_client"] / timings["vmapped"],
         "speedup_vs_per_step": timings["per_step"] / timings["vmapped"],
     }
+
+
+# ----------------------------------------------------------------------------- machine limits
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: JAX's device, the CPU model and count, the load."""
+    import os
+    import platform
+
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.min(times))
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, float]:
+    """This machine's memory bandwidth, from large copies (read + write bytes per second).
+
+    ``numpy_copy``: ``np.copyto`` of ``nbytes`` into a preallocated array; ``jax_add``: a jitted
+    ``x + 1`` updating its (donated) input in place, so no fresh output pages are faulted in.
+    ``bandwidth`` is the larger, in bytes/s.
+    """
+    n = nbytes // 4
+    src = np.random.default_rng(0).random(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    numpy_copy = 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats)
+    add = jax.jit(lambda v: v + 1.0, donate_argnums=0)
+    state = {"x": jnp.array(src)}
+
+    def run():
+        state["x"] = add(state["x"])
+        state["x"].block_until_ready()
+
+    jax_add = 2 * nbytes / _best_seconds(run, repeats)
+    return {"bytes": nbytes, "numpy_copy": numpy_copy, "jax_add": jax_add, "bandwidth": max(numpy_copy, jax_add)}
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """This machine's float32 matmul FLOP/s: a jitted ``[n, n] @ [n, n]`` (``2 n^3`` FLOPs)."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.random((n, n), dtype=np.float32))
+    b = jnp.asarray(rng.random((n, n), dtype=np.float32))
+    matmul = jax.jit(jnp.matmul)
+    seconds = _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    return {"n": n, "seconds": seconds, "flops_per_second": 2 * n**3 / seconds}
+
+
+# ----------------------------------------------------------------------------- aggregate
+
+
+def flower_style_aggregate(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
+    """The NumPy baseline: what Flower's ``aggregate`` does with ``(arrays, num_examples)``
+    pairs: scale every client's arrays by its example count, ``reduce(np.add)`` layer by layer,
+    divide by the total count."""
+    import functools
+
+    total = sum(n for _, n in results)
+    weighted = [[layer * n for layer in arrays] for arrays, n in results]
+    return [functools.reduce(np.add, layers) / total for layers in zip(*weighted)]
+
+
+def aggregate(
+    *,
+    clients: tuple[int, ...] = (10, 100, 1000),
+    shapes: tuple[tuple[int, ...], ...] = ((20, 384), (100, 4096)),
+    repeats: int = 5,
+    clip_norm: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """fedprompt's compiled aggregation vs the NumPy (Flower-style) weighted sum, side by side.
+
+    For every prompt shape and client count ``K``: median seconds of
+
+    * ``numpy``: :func:`flower_style_aggregate` over a list of ``K`` arrays;
+    * ``kernel_mean``: ``jax.jit(fedprompt.kernels.make_clipped_mean(None))``, the weighted
+      mean of the kernels' XLA path (one read of the updates, streamed client row by row);
+    * ``fused_clip``: :func:`fedprompt.kernels.clipped_weighted_sum` (XLA), per-client norm
+      clipping + weighting + sum (two reads: norms, then the sum);
+    * ``jit_mean``: ``jax.jit(fedprompt.server.aggregators.weighted_mean)`` over the stacked
+      ``[K, *shape]`` device array (a column reduction over the client axis);
+    * ``aggregation``: :class:`~fedprompt.server.aggregators.Aggregation` with its default
+      ``weighted_mean``, the engine's path (pads ``K`` to a power of two outside the program
+      and rejects non-finite clients inside it).
+
+    Effective bandwidth is the updates' bytes (``K x size x 4``) over the time, next to this
+    machine's copy bandwidth measured in the same run.
+    """
+    from fedprompt import kernels
+    from fedprompt.server import aggregators
+
+    bandwidth = memory_bandwidth()
+    rng = np.random.default_rng(seed)
+    rows = []
+    jit_mean = jax.jit(aggregators.weighted_mean)
+    kernel_mean = jax.jit(kernels.make_clipped_mean(None))
+    for shape in shapes:
+        size = int(np.prod(shape))
+        for k in clients:
+            stacked_np = rng.random((k, *shape), dtype=np.float32) - np.float32(0.5)
+            counts = rng.integers(1, 100, k)
+            results = [([stacked_np[i]], int(counts[i])) for i in range(k)]  # K separate contiguous arrays
+            weights = jnp.asarray(counts, jnp.float32)
+            stacked = jnp.array(stacked_np)
+            tree = {"prompt": stacked}
+            aggregation = aggregators.Aggregation()
+            fused = jax.jit(lambda x, w: kernels.clipped_weighted_sum(x.reshape(x.shape[0], -1), w, clip_norm))
+            n_rep = repeats if k * size < 5e7 else max(2, repeats // 2)
+            slow_repeats = n_rep if k * size < 5e7 else 1  # the column reductions take seconds there
+            expected = flower_style_aggregate(results)[0]
+            got = np.asarray(kernel_mean(tree, weights)["prompt"])
+            seconds = {
+                "numpy": _median_seconds(lambda: flower_style_aggregate(results), n_rep),
+                "kernel_mean": _median_seconds(lambda: jax.block_until_ready(kernel_mean(tree, weights)), n_rep),
+                "fused_clip": _median_seconds(lambda: jax.block_until_ready(fused(stacked, weights)), n_rep),
+                "jit_mean": _median_seconds(lambda: jax.block_until_ready(jit_mean(tree, weights)), slow_repeats),
+                "aggregation": _median_seconds(lambda: jax.block_until_ready(aggregation(tree, weights)), slow_repeats),
+            }
+            nbytes = k * size * 4
+            rows.append(
+                {
+                    "clients": k,
+                    "shape": list(shape),
+                    "floats_per_client": size,
+                    "bytes": nbytes,
+                    "seconds": seconds,
+                    "speedup_vs_numpy": {name: seconds["numpy"] / t for name, t in seconds.items() if name != "numpy"},
+                    "gb_per_second": {name: nbytes / t / 1e9 for name, t in seconds.items()},
+                    "fraction_of_bandwidth": {name: nbytes / t / bandwidth["bandwidth"] for name, t in seconds.items()},
+                    "max_abs_error_vs_numpy": float(np.max(np.abs(got - expected))),
+                }
+            )
+            del stacked_np, results, stacked, tree
+    return {"machine": machine(), "bandwidth": bandwidth, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _peft_step_seconds(backbone: Backbone, batch: dict[str, np.ndarray], virtual_tokens: int, num_labels: int, steps: int) -> float | None:
+    """The same prompt-tuning step in PyTorch with PEFT (when torch and peft are installed)."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    if backbone.path is None:
+        return None
+    model = transformers.AutoModel.from_pretrained(str(backbone.path))
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.FEATURE_EXTRACTION, num_virtual_tokens=virtual_tokens)
+    model = peft.get_peft_model(model, config)
+    head = torch.nn.Linear(model.config.hidden_size, num_labels)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long)
+    labels = torch.as_tensor(batch["labels"], dtype=torch.long)
+
+    def step():
+        optimizer.zero_grad()
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, virtual_tokens:]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # mean pooling over real tokens
+        loss = torch.nn.functional.cross_entropy(head(pooled), labels)
+        loss.backward()
+        optimizer.step()
+
+    return _median_seconds(step, steps)
+
+
+def train_efficiency(
+    backbone: Backbone,
+    *,
+    method: str = "prompt",
+    batch_size: int = 16,
+    tokens: int = 64,
+    virtual_tokens: int = 20,
+    steps: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The compiled prompt-tuning train step as a fraction of this machine's matmul FLOP/s.
+
+    The step's FLOPs come from XLA's cost analysis of the compiled step; the machine's FLOP/s
+    from a large jitted matmul in the same process. With torch and peft installed, the same
+    step (same model, batch, prompt length, mean pooling, linear head, Adam) in PyTorch PEFT
+    prompt tuning is timed too.
+    """
+    rng = np.random.default_rng(seed)
+    batch = {
+        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (batch_size, tokens)).astype(np.int32),
+        "attention_mask": np.ones((batch_size, tokens), np.int32),
+        "labels": rng.integers(0, 4, batch_size).astype(np.int32),
+    }
+    task = SequenceClassification(num_labels=4)
+    optimizer = optax.adam(1e-3)
+    config = PromptConfig(method=method, num_virtual_tokens=virtual_tokens, init="random", random_std=0.02)
+    trainable = init_trainable(backbone, config, task, jax.random.key(seed))
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(backbone, config, task, optimizer)
+    compiled = step.lower(trainable, opt_state, batch, backbone.weights).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"])
+    state = {"trainable": trainable, "opt_state": opt_state}
+
+    def run():
+        state["trainable"], state["opt_state"], metrics = step(state["trainable"], state["opt_state"], batch, backbone.weights)
+        jax.block_until_ready(metrics)
+
+    seconds = _median_seconds(run, steps)
+    peak = matmul_flops()
+    peft_seconds = _peft_step_seconds(backbone, batch, virtual_tokens, 4, steps) if method == "prompt" else None
+    return {
+        "machine": machine(),
+        "method": method,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "virtual_tokens": virtual_tokens,
+        "step_flops": flops,
+        "step_bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+        "step_seconds": seconds,
+        "achieved_flops_per_second": flops / seconds,
+        "matmul_flops_per_second": peak["flops_per_second"],
+        "matmul_n": peak["n"],
+        "fraction_of_matmul_peak": flops / seconds / peak["flops_per_second"],
+        "peft_step_seconds": peft_seconds,
+        "ratio_vs_peft": None if peft_seconds is None else seconds / peft_seconds,
+    }
+
+
+# ----------------------------------------------------------------------------- simulate: memory
+
+
+def block_memory(
+    backbone: Backbone,
+    *,
+    clients: tuple[int, ...] = (8, 32, 128, 512),
+    local_steps: int = 4,
+    batch_size: int = 16,
+    tokens: int = 32,
+    virtual_tokens: int = 20,
+    examples_per_client: int = 64,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """XLA's memory analysis of the engine's vmapped block program against the clients per block.
+
+    Compiles (does not run) the block program for each block size over the same simulation
+    (``max(clients)`` clients' data on the device), so the arguments (frozen weights once, all
+    clients' data) stay fixed and what grows with the block is the temporaries.
+    """
+    from fedprompt.server import algorithms
+    from fedprompt.simulation.engine import FederatedSimulation, build_client_data
+
+    rng = np.random.default_rng(seed)
+    total = max(clients)
+    n = total * examples_per_client
+    encoded = {
+        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (n, tokens)).astype(np.int32),
+        "attention_mask": np.ones((n, tokens), np.int32),
+        "labels": rng.integers(0, 4, n).astype(np.int32),
+    }
+    parts = [np.arange(i * examples_per_client, (i + 1) * examples_per_client) for i in range(total)]
+    sim = FederatedSimulation(
+        backbone, PromptConfig(num_virtual_tokens=virtual_tokens), SequenceClassification(num_labels=4), algorithms.fedavg(),
+        optax.adam(1e-2), build_client_data(encoded, parts, 4), clients_per_round=total, local_steps=local_steps,
+        batch_size=batch_size, seed=seed,
+    )
+    state, controls = sim.init()
+    keys = sim.client_keys(0)
+    weights_bytes = backbone.weight_bytes()
+    rows = []
+    for k in clients:
+        ids = jnp.arange(k, dtype=jnp.int32)
+        memory = compiled_memory(
+            sim._train_block, state.params, backbone.weights, sim.client_data.columns, sim._sizes, ids, keys[ids],
+            state.control, jax.tree.map(lambda c: c[ids], controls),
+        )
+        rows.append(
+            {
+                "clients": k,
+                "weights_bytes": weights_bytes,
+                **{f"compiled_{name}_bytes": value for name, value in memory.items()},
+                "temporaries_per_client_bytes": memory["temporaries"] / k,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def kernels_bench(*, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Each Pallas kernel against its XLA reference.
+
+    On a GPU or TPU both are timed (median seconds) on aggregation-sized inputs. On a CPU the
+    Pallas kernels only run in interpret mode, which is an emulator and not a speed
+    measurement: they are run once on small inputs, checked against the reference, not timed.
+    """
+    from fedprompt import kernels
+
+    platform = jax.devices()[0].platform
+    accelerated = platform in ("gpu", "tpu", "cuda", "rocm")
+    interpret = not accelerated
+    rng = np.random.default_rng(seed)
+    k, n = (100, 409_600) if accelerated else (37, 1031)
+    x = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    w = jnp.asarray(rng.uniform(1, 10, k), jnp.float32)
+    mask = jnp.ones(k, bool)
+    key = jax.random.key(seed)
+    flat = x.reshape(-1)[: n * 20]
+    q8 = kernels.quantize_reference(flat, 8)
+    cases = {
+        "clipped_weighted_sum": lambda impl: kernels.clipped_weighted_sum(x, w, 1.0, **impl),
+        "coordinate_median": lambda impl: kernels.coordinate_median(x[: min(k, 32)], mask[: min(k, 32)], **impl),
+        "trimmed_mean": lambda impl: kernels.trimmed_mean(x[: min(k, 32)], 0.1, mask[: min(k, 32)], **impl),
+        "quantize_int8": lambda impl: kernels.quantize(flat, 8, key=key, **impl).q,
+        "quantize_int4": lambda impl: kernels.quantize(flat, 4, key=key, **impl).q,
+        "dequantize_int8": lambda impl: kernels.dequantize(q8, flat.shape, 8, **impl),
+    }
+    rows = []
+    for name, fn in cases.items():
+        pallas = {"implementation": "pallas", "interpret": interpret}
+        xla = {"implementation": "xla"}
+        a, b = np.asarray(fn(pallas)), np.asarray(fn(xla))
+        row = {
+            "kernel": name,
+            "max_abs_difference": float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))),
+            "timed": accelerated,
+        }
+        if accelerated:
+            row["pallas_seconds"] = _median_seconds(lambda: jax.block_until_ready(fn(pallas)), repeats)
+            row["xla_seconds"] = _median_seconds(lambda: jax.block_until_ready(fn(xla)), repeats)
+            row["speedup"] = row["xla_seconds"] / row["pallas_seconds"]
+        rows.append(row)
+    note = None if accelerated else (
+        "CPU: the Pallas kernels ran in interpret mode (an emulator), which is not a speed "
+        "measurement; they were only checked against their XLA references. Time them on a GPU or TPU."
+    )
+    return {"machine": machine(), "shape": [k, n], "interpret": interpret, "note": note, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    load = m.get("load_average")
+    load_text = f", load average {load[0]:.1f}" if load else ""
+    return f"{m['cpu']} ({m['cpu_count']} CPUs, {m['machine']}), JAX {m['jax']} on {m['platform']}:{m['device_kind']}{load_text}"
+
+
+def format_aggregate(result: dict[str, Any]) -> str:
+    bw = result["bandwidth"]
+    lines = [
+        _machine_line(result["machine"]),
+        f"memory bandwidth (copy, read+write bytes/s): numpy {bw['numpy_copy'] / 1e9:.1f} GB/s, jax {bw['jax_add'] / 1e9:.1f} GB/s",
+        "median ms per aggregation; speed-up over NumPy and effective GB/s (update bytes read / time) of kernel_mean",
+        f"{'clients':>7} {'floats':>7} {'numpy':>9} {'kernel_mean':>11} {'clip+sum':>9} {'jit wmean':>10} {'Aggregation':>11} "
+        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5}",
+    ]
+    for r in result["rows"]:
+        s, up, gbs, frac = r["seconds"], r["speedup_vs_numpy"], r["gb_per_second"], r["fraction_of_bandwidth"]
+        lines.append(
+            f"{r['clients']:>7} {r['floats_per_client']:>7} {s['numpy'] * 1e3:>9.2f} {s['kernel_mean'] * 1e3:>11.2f} "
+            f"{s['fused_clip'] * 1e3:>9.2f} {s['jit_mean'] * 1e3:>10.2f} {s['aggregation'] * 1e3:>11.2f} "
+            f"{up['kernel_mean']:>7.1f}x {gbs['kernel_mean']:>6.1f} {100 * frac['kernel_mean']:>4.0f}%"
+        )
+    return "\n".join(lines)
+
+
+def format_train(result: dict[str, Any]) -> str:
+    r = result
+    lines = [
+        _machine_line(r["machine"]),
+        f"{r['method']} tuning step, batch {r['batch_size']} x {r['tokens']} tokens, {r['virtual_tokens']} virtual tokens",
+        f"step FLOPs (XLA cost analysis)  {r['step_flops'] / 1e9:10.2f} GFLOP",
+        f"step time (median)              {r['step_seconds'] * 1e3:10.1f} ms",
+        f"achieved                        {r['achieved_flops_per_second'] / 1e9:10.1f} GFLOP/s",
+        f"matmul {r['matmul_n']}x{r['matmul_n']} float32          {r['matmul_flops_per_second'] / 1e9:10.1f} GFLOP/s",
+        f"fraction of matmul FLOP/s       {100 * r['fraction_of_matmul_peak']:10.1f} %",
+    ]
+    if r["peft_step_seconds"] is None:
+        lines.append("PyTorch PEFT: not measured (install the `bench` extra: torch and peft)")
+    else:
+        lines.append(f"PyTorch PEFT step (median)      {r['peft_step_seconds'] * 1e3:10.1f} ms  -> fedprompt takes {r['ratio_vs_peft']:.2f}x its time")
+    return "\n".join(lines)
+
+
+def format_block_memory(rows: list[dict[str, Any]]) -> str:
+    mib = 2**20
+    lines = [
+        f"block program memory (XLA memory analysis), frozen weights {rows[0]['weights_bytes'] / mib:.1f} MiB",
+        f"{'clients':>7} {'arguments':>11} {'temporaries':>12} {'peak':>11} {'temps/client':>13}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['clients']:>7} {r['compiled_arguments_bytes'] / mib:>7.1f} MiB {r['compiled_temporaries_bytes'] / mib:>8.1f} MiB "
+            f"{r['compiled_peak_bytes'] / mib:>7.1f} MiB {r['temporaries_per_client_bytes'] / mib:>9.2f} MiB"
+        )
+    return "\n".join(lines)
+
+
+def format_kernels(result: dict[str, Any]) -> str:
+    lines = [_machine_line(result["machine"]), f"inputs [clients, values] = {result['shape']}"]
+    if result["note"]:
+        lines.append(result["note"])
+    for r in result["rows"]:
+        if r["timed"]:
+            lines.append(
+                f"{r['kernel']:<22} pallas {r['pallas_seconds'] * 1e3:8.3f} ms  xla {r['xla_seconds'] * 1e3:8.3f} ms  "
+                f"speed-up {r['speedup']:.2f}x  max |diff| {r['max_abs_difference']:.2e}"
+            )
+        else:
+            lines.append(f"{r['kernel']:<22} ran (interpret), max |pallas - xla| {r['max_abs_difference']:.2e}")
+    return "\n".join(lines)

@@ -86,7 +86,7 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--test-data", "test_data", str, "separate test file (default: a seeded 80/20 split of --data)"),
     ("--text-key", "text_key", str, "text column of --data"),
     ("--label-key", "label_key", str, "label column of --data"),
-    ("--method", "method", str, "prompt | prefix"),
+    ("--method", "method", str, "prompt | prefix | bbt | zo"),
     ("--virtual-tokens", "num_virtual_tokens", int, "prompt length"),
     ("--algorithm", "algorithm", str, "fedavg | fedavgm | fedprox | fedadagrad | fedadam | fedyogi | scaffold"),
     ("--server-lr", "server_lr", float, "server learning rate"),

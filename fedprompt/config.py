@@ -36,7 +36,9 @@ class RunConfig:
       data: a JSONL/CSV file of labelled texts; None uses the built-in WordNet supersenses.
       test_data: a separate test file; without it ``data`` is split 80/20 (seeded).
       text_key, label_key: column names in ``data``.
-      method: ``prompt`` (soft prompt) or ``prefix`` (deep prefix).
+      method: ``prompt`` (soft prompt), ``prefix`` (deep prefix), or the gradient-free
+        ``bbt`` (CMA-ES on a 500-dimensional projection of a soft prompt, FedBPT) and ``zo``
+        (seed-based zeroth-order, FedKSeed); ``local_steps`` are CMA-ES generations or ZO steps.
       num_virtual_tokens: prompt length.
       algorithm: fedavg, fedavgm, fedprox, fedadagrad, fedadam, fedyogi or scaffold.
       server_lr: server learning rate (None: the algorithm's default).
@@ -142,7 +144,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or unset, got {value}")
-        _choice("method", self.method, ("prompt", "prefix"))
+        _choice("method", self.method, ("prompt", "prefix", "bbt", "zo"))
+        if self.method in ("bbt", "zo") and (self.dp is not None or self.secagg or self.algorithm == "scaffold"):
+            raise ConfigError(f"method {self.method!r} sends seeds/low-dimensional vectors: DP, secure aggregation "
+                              "and SCAFFOLD apply to gradient methods only")
         _choice("algorithm", self.algorithm, ALGORITHM_NAMES)
         _choice("partition", self.partition, PARTITIONS)
         if self.local_optimizer is not None:

@@ -39,9 +39,11 @@ from fedprompt.tasks import SequenceClassification
 
 
 def make_prompt_config(config: RunConfig) -> PromptConfig:
-    """The prompt of a run: ``method`` and ``num_virtual_tokens``; prefixes start small (std 0.02)."""
+    """The prompt of a run: ``method`` and ``num_virtual_tokens``; prefixes start small (std 0.02).
+
+    The gradient-free methods tune a soft prompt."""
     return PromptConfig(
-        method=config.method, num_virtual_tokens=config.num_virtual_tokens,
+        method="prefix" if config.method == "prefix" else "prompt", num_virtual_tokens=config.num_virtual_tokens,
         random_std=0.02 if config.method == "prefix" else 1.0,
     )
 
@@ -118,8 +120,24 @@ def make_simulation(
         clients_per_round=config.clients_per_round, local_steps=config.local_steps, batch_size=config.batch_size,
         scaffold_lr=config.resolved_local_lr, dropout=config.dropout, client_block=config.client_block,
         seed=config.seed,
+        program=client_program(config, backbone, prompt_config, task),
         **protection_options(config),
     )
+
+
+def client_program(config: RunConfig, backbone: Backbone, prompt_config: PromptConfig, task: SequenceClassification):
+    """The gradient-free :class:`~fedprompt.simulation.engine.ClientProgram` of ``bbt``/``zo``; None otherwise."""
+    if config.method == "bbt":
+        from fedprompt.client.bbt import make_bbt_program
+
+        return make_bbt_program(backbone, prompt_config, task, local_steps=config.local_steps,
+                                batch_size=config.batch_size, seed=config.seed)
+    if config.method == "zo":
+        from fedprompt.client.zeroth_order import make_zo_program
+
+        return make_zo_program(backbone, prompt_config, task, local_steps=config.local_steps,
+                               batch_size=config.batch_size, seed=config.seed)
+    return None
 
 
 def protection_options(config: RunConfig) -> dict:

@@ -43,6 +43,8 @@ class SimulationResult:
       backbone: the frozen backbone it was trained on.
       label_names: class names of the task.
       label_histograms: ``[clients, labels]`` training label counts per client.
+      trainable: the trained ``{"prompt", "head"}`` (for gradient-free methods, the prompt their
+        low-dimensional parameters stand for).
     """
 
     state: ServerState
@@ -52,6 +54,7 @@ class SimulationResult:
     backbone: Backbone
     label_names: tuple[str, ...]
     label_histograms: np.ndarray
+    trainable: Any = None
 
 
 def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
@@ -177,7 +180,9 @@ def simulate(
     if config.baselines:
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test)
     summary["wall_seconds"] = time.perf_counter() - started
+    to_trainable = simulation.program.to_trainable
     return SimulationResult(
+        trainable=to_trainable(state.params) if to_trainable is not None else state.params,
         state=state, metrics=metrics, summary=summary, prompt_config=prompt_config, backbone=backbone,
         label_names=train.label_names, label_histograms=client_data.label_histograms,
     )
@@ -300,7 +305,7 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
         writer.close()
     privacy = result.summary.get("privacy") or {}
     artifact.save_prompt(
-        out / "prompt.fpp", jax.device_get(result.state.params), config=result.prompt_config,
+        out / "prompt.fpp", jax.device_get(result.trainable), config=result.prompt_config,
         backbone=result.backbone, task=federation.make_task(len(result.label_names)),
         label_names=list(result.label_names),
         training={"rounds": config.rounds, "clients": config.clients, "algorithm": config.algorithm,

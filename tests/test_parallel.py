@@ -1,0 +1,134 @@
+"""Device-parallel training on 8 forced host CPU devices equals single-device training.
+
+The 8-device checks run in a subprocess (tests/parallel_worker.py) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before jax is imported, so the rest
+of the suite keeps its one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedprompt.errors import ConfigError, InputError
+from fedprompt.parallel import REPLICATED, SHARDED, DeviceAxis, pad_batch
+
+WORKER = Path(__file__).parent / "parallel_worker.py"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def eight_devices() -> dict[str, float]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        pytest.fail(f"the 8-device worker failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pick(results, prefix):
+    picked = {k: v for k, v in results.items() if k.startswith(prefix)}
+    assert picked, f"no results for {prefix}"
+    return picked
+
+
+@pytest.mark.parametrize("case", ["bert-prefix-B13", "gpt2-prompt-B12"])
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_parallel_train_step_equals_single_device_step(eight_devices, case, backend):
+    # Batches of 13 and 12 rows are padded to 16 with masked rows; the causal LM loss is a
+    # token mean, so the parts are weighted by their completion tokens, not their examples.
+    assert eight_devices[f"train_step/{case}/{backend}"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("k", [5, 11])
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_device_parallel_client_blocks_equal_the_engine(eight_devices, k, backend):
+    results = _pick(eight_devices, f"clients/K{k}-")
+    for name, diff in results.items():
+        if f"/{backend}" in name:
+            assert diff <= TOLERANCE, name
+
+
+def test_backends_are_identical(eight_devices):
+    backends = {k: v for k, v in eight_devices.items() if k.endswith("/backends")}
+    assert len(backends) == 4
+    assert all(v == 0.0 for v in backends.values()), backends
+
+
+def test_engine_hook_runs_for_both_backends(eight_devices):
+    hooks = {k: v for k, v in eight_devices.items() if k.endswith("/engine-hook")}
+    assert {k.split("/")[2] for k in hooks} == {"shard_map", "pmap"}
+    assert all(v <= TOLERANCE for v in hooks.values())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(os.environ.get("FEDPROMPT_MULTIHOST_TEST") != "1", reason="set FEDPROMPT_MULTIHOST_TEST=1 (two processes, ~40 CPU-seconds)")
+def test_two_process_cluster_equals_single_device():
+    """The documented multi-host path: jax.distributed.initialize, 2 processes x 2 CPU devices."""
+    worker = Path(__file__).parent / "multihost_worker.py"
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(i), port], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=1200) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+        results = json.loads(out.strip().splitlines()[-1])
+        assert results["train_step"] <= TOLERANCE and results["loss"] <= TOLERANCE and results["clients"] <= TOLERANCE, results
+
+
+# -- one device, in process: the interface itself --------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_device_axis_on_one_device(backend):
+    axis = DeviceAxis(backend)
+    assert axis.size == jax.device_count() == 1
+
+    def per_device(x, w):
+        return x * w, axis.psum(jnp.sum(x * w))
+
+    f = axis.map(per_device, (SHARDED, REPLICATED), (SHARDED, REPLICATED))
+    w = axis.replicate(jnp.float32(3.0))
+    assert axis.is_replicated(w)
+    scaled, total = f(jnp.arange(6.0).reshape(3, 2), w)
+    np.testing.assert_array_equal(scaled, 3 * np.arange(6.0).reshape(3, 2))
+    assert float(total) == 45.0
+
+
+def test_device_axis_rejects_bad_arguments():
+    with pytest.raises(ConfigError):
+        DeviceAxis("xmap")
+    with pytest.raises(ConfigError):
+        DeviceAxis().map(lambda x: x, ("split",), SHARDED)
+    with pytest.raises(InputError):
+        DeviceAxis().shard(jnp.float32(1.0))
+
+
+def test_pad_batch_masks_added_rows():
+    batch = {"input_ids": np.arange(10).reshape(5, 2), "labels": np.arange(5)}
+    padded = pad_batch(batch, 4)
+    assert padded["input_ids"].shape == (8, 2)
+    np.testing.assert_array_equal(padded["example_mask"], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(padded["input_ids"][5:], np.repeat(batch["input_ids"][:1], 3, axis=0))
+    kept = pad_batch({**batch, "example_mask": np.array([1, 1, 1, 0, 1], np.float32)}, 5)
+    np.testing.assert_array_equal(kept["example_mask"], [1, 1, 1, 0, 1])
+    with pytest.raises(InputError):
+        pad_batch({"a": np.zeros(3), "b": np.zeros(4)}, 2)

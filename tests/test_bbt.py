@@ -88,16 +88,20 @@ def test_projection_scale_follows_bbt():
 
 def test_payload_is_z_sigma_and_head_and_counted_exactly(federation):
     simulation, data = federation
-    for head in ("gradient", "frozen"):
-        sim = simulation(head)
-        state, controls = sim.init()
-        state, _, result = sim.run_round(state, controls, 0)
-        payload = {"z": np.zeros(DIM, np.float32), "sigma": np.zeros((), np.float32)}
-        if head == "gradient":
-            payload["head"] = {"w": np.zeros((32, LABELS), np.float32), "b": np.zeros(LABELS, np.float32)}
-        one = len(codec.encode({"delta": payload}, kind="update", round=0, fingerprint=sim.backbone.fingerprint))
-        counted = bbt.payload_bytes(state.params, head, 0, sim.backbone.fingerprint)
-        assert result.bytes_up == result.clients * one == result.clients * counted
+    sim = simulation("gradient")
+    state, controls = sim.init()
+    _, _, result = sim.run_round(state, controls, 0)
+    head = {"w": np.zeros((32, LABELS), np.float32), "b": np.zeros(LABELS, np.float32)}
+    payload = {"z": np.zeros(DIM, np.float32), "sigma": np.zeros((), np.float32), "head": head}
+    one = len(codec.encode({"delta": payload}, kind="update", round=0, fingerprint=sim.backbone.fingerprint))
+    counted = bbt.payload_bytes(state.params, "gradient", 0, sim.backbone.fingerprint)
+    assert result.bytes_up == result.clients * one == result.clients * counted
+    # A frozen head is not sent: z and sigma only.
+    frozen = bbt.make_bbt_program(sim.backbone, sim.prompt_config, sim.task, dim=DIM, popsize=POP, local_steps=1, head="frozen")
+    shapes = jax.eval_shape(frozen.update, state.params, sim.backbone.weights, data, 64, jax.random.key(0)).delta
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == {"z": ((DIM,), jnp.float32), "sigma": ((), jnp.float32)}
+    delta = jax.jit(frozen.to_delta)(state.params, {"z": jnp.ones(DIM), "sigma": jnp.float32(0.1)})
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(delta["head"]))
     # MiniLM-sized defaults: z of 500 floats and sigma are 2 KB; a 384 x 26 head adds 40 KB.
     minilm_like = {"z": np.zeros(500, np.float32), "head": {"w": np.zeros((384, 26), np.float32), "b": np.zeros(26, np.float32)}}
     assert 2000 < bbt.payload_bytes(minilm_like, "frozen") < 2200
@@ -122,16 +126,11 @@ def test_server_averages_client_distributions_as_fedbpt(federation):
 
 def test_black_box_federation_lowers_the_loss(federation):
     simulation, data = federation
-    for head in ("gradient", "frozen"):
-        sim = simulation(head)
-        state, controls = sim.init()
-        before = sim.evaluate(state.params, data)["eval_loss"]
-        final, _, history = run_rounds(sim, 5, data, eval_every=5, state=state, client_controls=controls)
-        # The exact-gradient head learns clearly; a random frozen head leaves the prompt alone less to do.
-        margin = 0.03 if head == "gradient" else 0.0
-        assert history[-1]["eval_loss"] < before - margin, (head, before, history[-1]["eval_loss"])
-        if head == "frozen":  # only z and sigma moved
-            jax.tree.map(np.testing.assert_array_equal, final.params["head"], state.params["head"])
+    sim = simulation("gradient")
+    state, controls = sim.init()
+    before = sim.evaluate(state.params, data)["eval_loss"]
+    _, _, history = run_rounds(sim, 5, data, eval_every=5, state=state, client_controls=controls)
+    assert history[-1]["eval_loss"] < before - 0.03, (before, history[-1]["eval_loss"])
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,13 @@ server's initial head and sends only ``z`` and ``sigma`` (about 2 KB).
 
 Payload (``ClientResult.delta``): ``{"z": float32 [d], "sigma": float32 []}`` plus
 ``"head"`` (the head delta) with ``head="gradient"``: the *change* of the client's CMA-ES mean
-and step size. Use :func:`payload_bytes` for the exact encoded size.
+(the distribution's centre after its last generation, not its best candidate) and step size.
+Use :func:`payload_bytes` for the exact encoded size: with MiniLM's defaults (``d = 500``,
+26 labels) 2,190 bytes with a frozen head and 42,304 with the head's delta (rounds < 128,
+32-character fingerprint).
+
+The client loss reported (``ClientResult.loss``) is the cross-entropy of the new mean's prompt
+on each generation's batch, averaged over the generations.
 """
 
 from __future__ import annotations
@@ -243,11 +249,11 @@ def make_bbt_program(
             # Computed outside the differentiated function: only the head's small graph is
             # differentiated, nothing of the backbone.
             output = forward(weights, space.unravel(space.project(state.mean[None])[0]), batch)
+            if head == "frozen":
+                return (state, head_params, opt_state), task.loss(head_params, output, batch)[0]
             loss, grads = jax.value_and_grad(lambda h: task.loss(h, output, batch)[0])(head_params)
-            if head == "gradient":
-                updates, opt_state = head_opt.update(grads, opt_state, head_params)
-                head_params = optax.apply_updates(head_params, updates)
-            return (state, head_params, opt_state), loss
+            updates, opt_state = head_opt.update(grads, opt_state, head_params)
+            return (state, optax.apply_updates(head_params, updates), opt_state), loss
 
         carry = (state, global_params["head"], head_opt.init(global_params["head"]))
         (state, head_params, _), losses = jax.lax.scan(generation, carry, jnp.arange(local_steps))

@@ -77,7 +77,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(os.environ.get("FEDPROMPT_MULTIHOST_TEST") != "1", reason="set FEDPROMPT_MULTIHOST_TEST=1 (two processes, ~40 CPU-seconds)")
 def test_two_process_cluster_equals_single_device():
     """The documented multi-host path: jax.distributed.initialize, 2 processes x 2 CPU devices."""
     worker = Path(__file__).parent / "multihost_worker.py"

@@ -36,15 +36,19 @@ other JAX call, initialize it::
     # on SLURM / Open MPI / TPU pods / Kubernetes JobSet the arguments are detected:
     # jax.distributed.initialize()
 
-Then ``jax.devices()`` lists the devices of every machine, and ``DeviceAxis()`` spans them all
-(``jax.local_devices()`` are this process's own). Every process loads the same backbone and
-calls the same functions in the same order (SPMD). Arrays passed to a mapped function must be
-global arrays: :meth:`DeviceAxis.replicate` and :meth:`DeviceAxis.shard` build them from
-host-local values (for ``shard``, each process passes its own rows, its ``1 / num_processes``
-share of the leading axis, via ``jax.make_array_from_process_local_data``). Read results back
-with ``jax.experimental.multihost_utils.process_allgather``. Collectives then run over the
-cluster's interconnect (NCCL across GPUs, ICI/DCN on TPU, Gloo for CPU collectives when
-``jax.config.update("jax_cpu_collectives_implementation", "gloo")``).
+Then ``jax.devices()`` lists the devices of every machine, and ``DeviceAxis()`` (use the
+``shard_map`` backend) spans them all; ``jax.local_devices()`` are this process's own. Every
+process loads the same backbone and calls the same functions in the same order (SPMD).
+Arrays passed to a mapped function are global arrays: :meth:`DeviceAxis.replicate` (the same
+value on every process) and :meth:`DeviceAxis.shard` (the same whole value on every process,
+each keeping its devices' rows) build them; :meth:`DeviceAxis.shard_local` builds one from
+each process's own rows (``jax.make_array_from_process_local_data``). The parallel train step
+takes each process's own part of the batch; the client trainer takes the whole round on
+every process. Read results back with
+``jax.experimental.multihost_utils.process_allgather(x, tiled=True)``. Collectives run over
+the cluster's interconnect (NCCL across GPUs, ICI/DCN on TPU; on CPUs Gloo, after
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")``). tests/multihost_worker.py
+runs exactly this on one machine: two processes of two CPU devices each.
 
 Example (8 host CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
 

@@ -41,39 +41,44 @@ def _simulation(program_kind=None, **kw):
     )
 
 
-def test_compressed_rounds_send_the_payload_bytes_and_stay_close():
-    plain = _simulation()
-    state, controls = plain.init()
-    plain_state, _, plain_result = plain.run_round(state, controls, 0)
-    ids, _ = plain.sample(0)
-    deltas = plain.train_clients(state, controls, ids, 0).delta
-    for kind in ("int8", "int4"):
-        sim = _simulation(kind)
-        new_state, _, result = sim.run_round(state, controls, 0)
-        assert result.rejected == 0 and result.clients == plain_result.clients
-        # bytes_up counts the encoded payloads themselves
-        payloads = jax.device_get(sim.train_clients(state, controls, ids, 0).delta)
-        sent = sum(
-            len(codec.encode({"delta": jax.tree.map(lambda x: x[i], payloads)}, kind="update", round=0, fingerprint=sim.backbone.fingerprint))
-            for i in range(len(ids))
-        )
-        assert result.bytes_up == sent < plain_result.bytes_up
-        # The aggregate differs from the uncompressed one by less than one quantization step of
-        # the largest client update (stochastic rounding: |error| < scale per value).
-        step = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(deltas)) / (127 if kind == "int8" else 7)
-        diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params, plain_state.params)
-        assert 0 < max(jax.tree.leaves(diffs)) < step
-
-
-def test_error_feedback_carries_the_residual():
-    sim = _simulation("int4", error_feedback=True, stochastic=False)
+@pytest.fixture(scope="module")
+def plain():
+    """The uncompressed simulation, its first round and its clients' true updates."""
+    sim = _simulation()
     state, controls = sim.init()
+    new_state, _, result = sim.run_round(state, controls, 0)
     ids, _ = sim.sample(0)
+    return sim, state, controls, ids, new_state, result, sim.train_clients(state, controls, ids, 0).delta
+
+
+def test_compressed_round_sends_the_payload_bytes_and_stays_close(plain):
+    # int4 here; int8 payload sizes are checked in test_kernels (wire codec).
+    _, state, controls, ids, plain_state, plain_result, deltas = plain
+    sim = _simulation("int4")
+    new_state, _, result = sim.run_round(state, controls, 0)
+    assert result.rejected == 0 and result.clients == plain_result.clients
+    # bytes_up counts the encoded payloads themselves
+    payloads = jax.device_get(sim.train_clients(state, controls, ids, 0).delta)
+    assert {x.dtype for x in jax.tree.leaves(payloads)} == {np.dtype(np.uint8), np.dtype(np.float32)}
+    sent = sum(
+        len(codec.encode({"delta": jax.tree.map(lambda x: x[i], payloads)}, kind="update", round=0, fingerprint=sim.backbone.fingerprint))
+        for i in range(len(ids))
+    )
+    assert result.bytes_up == sent < plain_result.bytes_up
+    # The aggregate differs from the uncompressed one by less than one quantization step of
+    # the largest client update (stochastic rounding: |error| < scale per value).
+    step = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(deltas)) / 7
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params, plain_state.params)
+    assert 0 < max(jax.tree.leaves(diffs)) < step
+
+
+def test_error_feedback_carries_the_residual(plain):
+    _, state, controls, ids, _, _, deltas = plain
+    sim = _simulation("int4", error_feedback=True, stochastic=False)
     out = sim.train_clients(state, controls, ids, 0)
     payload = jax.tree.map(lambda x: x[0], out.delta)
     residual = jax.tree.map(lambda x: x[0], out.control)
-    plain = _simulation()
-    true = jax.tree.map(lambda x: x[0], plain.train_clients(state, controls, ids, 0).delta)
+    true = jax.tree.map(lambda x: x[0], deltas)
     sent = sim.program.to_delta(state.params, payload)
     # what was sent + what is kept = the true update
     jax.tree.map(lambda s, r, t: np.testing.assert_allclose(s + r, t, atol=1e-6), sent, residual, true)

@@ -60,17 +60,12 @@ def main() -> None:
     }
     key = jax.random.key(args.seed)
     for name, parts in splits.items():
-        before = after = total = 0.0
-        for i, part in enumerate(parts):
-            client = {k: v[part] for k, v in encoded.items()}
-            result = tpt_evaluate(
-                backbone, config, task, trainable, client, key=jax.random.fold_in(key, i), batch_size=args.batch_size,
-                steps=args.steps, lr=args.lr, num_views=args.views,
-            )
-            before += result["accuracy_before"] * result["examples"]
-            after += result["accuracy_after"] * result["examples"]
-            total += result["examples"]
-        print(f"{name}: accuracy {before / total:.4f} -> {after / total:.4f} with TPT ({int(total)} examples)")
+        result = tpt_evaluate(
+            backbone, config, task, trainable, encoded, key=key, batch_size=args.batch_size,
+            steps=args.steps, lr=args.lr, num_views=args.views, clients=parts,
+        )
+        print(f"{name}: accuracy {result['accuracy_before']:.4f} -> {result['accuracy_after']:.4f} with TPT "
+              f"({result['examples']} examples)")
         if args.federated_rounds:
             program = make_tpt_program(
                 backbone, config, task, trainable, batch_size=args.batch_size, lr=args.lr, num_views=args.views
@@ -78,6 +73,7 @@ def main() -> None:
             simulation = FederatedSimulation(
                 backbone, config, task, algorithms.fedavg(), optax.sgd(0.0), build_client_data(encoded, parts, test.num_labels),
                 clients_per_round=len(parts), local_steps=1, batch_size=1, program=program, seed=args.seed,
+                client_block=1,  # one client's views x batch through forward and backward at a time
             )
             state, _, history = run_rounds(simulation, args.federated_rounds, encoded)
             print(f"  federated TPT, {args.federated_rounds} rounds: accuracy {history[-1]['eval_accuracy']:.4f}")

@@ -123,12 +123,22 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--dp-delta", "dp_delta", float, "DP delta"),
     ("--dp-accountant", "dp_accountant", str, "rdp | pld"),
     ("--secagg-threshold", "secagg_threshold", int, "secure aggregation: Shamir threshold"),
+    ("--compress", "compress", str, "int8 | int4 quantization of the client updates"),
+    ("--devices", "devices", int, "local devices each round's clients are spread over (0: all)"),
+    ("--parallel-backend", "parallel_backend", str, "shard_map | pmap (with --devices)"),
+    ("--tpt-steps", "tpt_steps", int, "TPT: adaptation steps per test batch"),
+    ("--tpt-lr", "tpt_lr", float, "TPT: learning rate"),
+    ("--tpt-views", "tpt_views", int, "TPT: augmented views per example"),
+    ("--tpt-test-clients", "tpt_test_clients", int, "TPT: test clients of the shifted split"),
+    ("--tpt-alpha", "tpt_alpha", float, "TPT: Dirichlet label skew of the test clients"),
     ("--out", "out", str, "output folder (default runs/latest)"),
 ]
 RUN_SWITCHES = [
     ("--baselines", "baselines", "also train centralized and local-only baselines"),
     ("--dp-adaptive", "dp_adaptive", "adaptive DP clipping (Andrew et al. 2021)"),
     ("--secagg", "secagg", "secure aggregation (Bonawitz et al. 2017)"),
+    ("--error-feedback", "error_feedback", "with --compress: carry the compression error to the next round"),
+    ("--tpt", "tpt", "also evaluate with test-time prompt tuning on a label-shifted test split"),
 ]
 
 
@@ -156,7 +166,48 @@ def _print_run_result(result, out: str) -> None:
     if "baselines" in s:
         b = s["baselines"]
         print(f"centralized {b['centralized_accuracy']:.4f}, local-only {b['local_only_accuracy']:.4f}")
+    if "tpt" in s:
+        t = s["tpt"]
+        print(f"test-time tuning on {t['test_clients']} label-shifted test clients (Dirichlet {t['alpha']:g}): "
+              f"accuracy {t['accuracy_before']:.4f} -> {t['accuracy_after']:.4f}")
     print(f"wrote {out}/: metrics.jsonl summary.json prompt.fpp curves.png")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fedprompt.errors import InputError
+    from fedprompt.simulation import report
+
+    labels = args.labels.split(",") if args.labels else [Path(d).name for d in args.dirs]
+    if len(labels) != len(args.dirs):
+        raise InputError(f"--labels names {len(labels)} runs, {len(args.dirs)} folders were given")
+    runs = {}
+    for label, folder in zip(labels, args.dirs):
+        path = Path(folder) / report.METRICS_FILE
+        if not path.is_file():
+            raise InputError(f"{folder} holds no {report.METRICS_FILE} (not a `fedprompt run` output folder)")
+        runs[label] = report.read_metrics(path)
+    try:
+        rows = report.compare_runs(runs)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'run':<20} {'rounds':>6} {'final acc':>9} {'best acc':>8} {'up total':>10} "
+              f"{'up/client/round':>15} {'down total':>10} {'time':>8}")
+        for r in rows:
+            per_client = report.format_bytes(r["bytes_up_per_client_round"] or 0)
+            print(f"{r['run']:<20} {r['rounds']:>6} {r['final_accuracy'] or float('nan'):>9.4f} "
+                  f"{r['best_accuracy'] or float('nan'):>8.4f} {report.format_bytes(r['bytes_up']):>10} "
+                  f"{per_client:>15} {report.format_bytes(r['bytes_down']):>10} "
+                  f"{report.format_duration(r['seconds']):>8}")
+    if args.out:
+        report.plot_comparison(runs, args.out)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_bench_simulate(args: argparse.Namespace) -> int:
@@ -228,8 +279,26 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return _bench_report(args, result, bench.format_kernels(result))
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from fedprompt.backbones.loading import load_backbone
+    from fedprompt.client.memory import format_memory_report, gradient_free_memory_report
+
+    backbone = load_backbone(args.backbone)
+    report = gradient_free_memory_report(backbone, batch_size=args.batch_size, max_length=args.tokens)
+    header = (f"compiled memory of one client step, {backbone.name}, batch {args.batch_size} x {args.tokens} tokens, "
+              f"20 virtual tokens (XLA memory analysis; weights {report['inference']['arguments'] / 2**20:.1f} MiB "
+              "are arguments)")
+    return _bench_report(args, report, header + "\n" + format_memory_report(report))
+
+
 def add_bench_commands(bench_sub) -> None:
-    """``bench aggregate``, ``bench train``, ``bench kernels``."""
+    """``bench aggregate``, ``bench train``, ``bench kernels``, ``bench memory``."""
+    mem = bench_sub.add_parser("memory", help="compiled memory of gradient-free client steps vs inference and a gradient step")
+    mem.add_argument("--backbone", default="minilm")
+    mem.add_argument("--batch-size", type=int, default=16)
+    mem.add_argument("--tokens", type=int, default=64)
+    mem.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    mem.set_defaults(func=cmd_bench_memory)
     agg = bench_sub.add_parser("aggregate", help="compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s")
     agg.add_argument("--clients", type=_int_list, default=[10, 100, 1000], help="comma-separated client counts")
     agg.add_argument("--shapes", default="20x384,100x4096", help="comma-separated prompt shapes, e.g. 20x384,100x4096")
@@ -543,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_bench_simulate)
     add_bench_commands(bench_sub)
     add_artifact_commands(sub)
+    compare = sub.add_parser("compare", help="several runs side by side: accuracy and bytes sent, one plot")
+    compare.add_argument("dirs", nargs="+", metavar="DIR", help="output folders of `fedprompt run`")
+    compare.add_argument("--labels", help="comma-separated names of the runs (default: the folder names)")
+    compare.add_argument("--out", metavar="PNG", help="also plot accuracy against rounds and upload")
+    compare.add_argument("--json", action="store_true", help="print JSON")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -78,6 +78,16 @@ class RunConfig:
       dp_accountant: rdp (fixed-size sampling, as the engine samples).
       secagg: secure aggregation of the round's updates (Bonawitz et al. 2017).
       secagg_threshold: Shamir threshold t (default about 2/3 of the round's clients).
+      compress: int8 or int4 quantization of the clients' updates before they are sent
+        (per-block scales, stochastic rounding; gradient methods; unset: float32 updates).
+      error_feedback: with ``compress``, each client adds what compression lost in its
+        earlier rounds to its next update.
+      devices: local devices each round's clients are spread over (1: one device; 0: all).
+      parallel_backend: shard_map or pmap, for ``devices`` other than 1.
+      tpt: after training, also evaluate with test-time prompt tuning (TPT) on test clients
+        whose label mix is shifted (Dirichlet ``tpt_alpha`` over ``tpt_test_clients``).
+      tpt_steps, tpt_lr, tpt_views: TPT's steps per batch, AdamW learning rate, and views per
+        example.
       out: output folder.
     """
 
@@ -130,6 +140,16 @@ class RunConfig:
     dp_accountant: str = "rdp"
     secagg: bool = False
     secagg_threshold: int | None = None
+    compress: str | None = None
+    error_feedback: bool = False
+    devices: int = 1
+    parallel_backend: str = "shard_map"
+    tpt: bool = False
+    tpt_steps: int = 1
+    tpt_lr: float = 5e-3
+    tpt_views: int = 8
+    tpt_test_clients: int = 16
+    tpt_alpha: float = 0.1
     out: str = "runs/latest"
 
     def __post_init__(self) -> None:
@@ -168,6 +188,7 @@ class RunConfig:
         if self.prox_mu < 0:
             raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
         self._check_robustness_and_privacy()
+        self._check_compression_and_devices()
         if self.test_data is not None and self.data is None:
             raise ConfigError("test_data needs data (the built-in data set has its own test split)")
         for name in ("data", "test_data"):
@@ -207,6 +228,30 @@ class RunConfig:
             threshold = self.secagg_threshold
             if threshold is not None and not 2 <= threshold <= self.clients_per_round:
                 raise ConfigError(f"secagg_threshold must be in [2, clients_per_round], got {threshold}")
+
+    def _check_compression_and_devices(self) -> None:
+        if self.compress is not None:
+            _choice("compress", self.compress, ("int8", "int4"))
+            if self.method in ("bbt", "zo"):
+                raise ConfigError(f"method {self.method!r} already sends seeds/low-dimensional vectors: compress "
+                                  "applies to gradient methods")
+            conflicts = [name for name, on in (("dp", self.dp is not None), ("secagg", self.secagg),
+                                               ("attack", self.attack is not None),
+                                               ("algorithm = 'scaffold'", self.algorithm == "scaffold")) if on]
+            if conflicts:
+                raise ConfigError(f"compress cannot be combined with {', '.join(conflicts)} (they act on the "
+                                  "uncompressed update)")
+        elif self.error_feedback:
+            raise ConfigError("error_feedback needs compress = 'int8' or 'int4'")
+        if self.devices < 0:
+            raise ConfigError(f"devices must be >= 1, or 0 for all local devices; got {self.devices}")
+        _choice("parallel_backend", self.parallel_backend, ("shard_map", "pmap"))
+        for name in ("tpt_steps", "tpt_views", "tpt_test_clients"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("tpt_lr", "tpt_alpha"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`fedprompt.server.robust.make_aggregator` for ``aggregator``."""

@@ -104,11 +104,16 @@ def check_client_blocks(results, k, algorithm, scaffold_lr=None, hook_backend="s
     clients = 12
     parts = dirichlet_partition(encoded["labels"], clients, 0.5, seed=0)
     optimizer = optax.sgd(0.5) if scaffold_lr else optax.adam(0.05)
-    sim = FederatedSimulation(
-        tiny_backbone("bert"), PromptConfig(num_virtual_tokens=2, init="random", random_std=0.5),
-        SequenceClassification(3), algorithm, optimizer, build_client_data(encoded, parts, 3),
-        clients_per_round=k, local_steps=3, batch_size=4, seed=0, scaffold_lr=scaffold_lr,
-    )
+    backbone = tiny_backbone("bert")
+
+    def simulation(**kw):
+        return FederatedSimulation(
+            backbone, PromptConfig(num_virtual_tokens=2, init="random", random_std=0.5),
+            SequenceClassification(3), algorithm, optimizer, build_client_data(encoded, parts, 3),
+            clients_per_round=k, local_steps=3, batch_size=4, seed=0, scaffold_lr=scaffold_lr, **kw,
+        )
+
+    sim = simulation()
     state, controls = sim.init()
     if scaffold_lr:  # non-zero control variates, so the control path is exercised
         state = state._replace(control=jax.tree.map(lambda x: x + 0.01, state.control))
@@ -128,10 +133,17 @@ def check_client_blocks(results, k, algorithm, scaffold_lr=None, hook_backend="s
         assert jax.tree.leaves(direct)[0].shape[0] == k
         results[f"{label}/{backend}"] = max_diff(direct, reference)
         if backend == hook_backend:
-            # As the engine would use it: the block program replaced (blocks padded to 8 / 16).
-            sim._train_block = trainer.train_block
-            hooked = sim.train_clients(state, controls, chosen, round_index)
-            results[f"{label}/{backend}/engine-hook"] = max_diff(hooked, reference)
+            # The engine's own option: blocks of 8 / 16 clients spread over 8 (or 3) devices,
+            # then a whole round (encode, validate, aggregate, server step).
+            for devices in (None, 3):
+                parallel = simulation(parallel=backend, devices=devices)
+                hooked = parallel.train_clients(state, controls, chosen, round_index)
+                results[f"{label}/{backend}/engine-hook-{devices or 8}"] = max_diff(hooked, reference)
+            want_state, want_controls, _ = sim.run_round(state, controls, round_index)
+            got_state, got_controls, _ = parallel.run_round(state, controls, round_index)
+            results[f"{label}/{backend}/engine-round"] = max(
+                max_diff(got_state.params, want_state.params), max_diff(got_controls, want_controls)
+            )
         outs[backend] = direct
     results[f"{label}/backends"] = max_diff(outs["shard_map"], outs["pmap"])
 

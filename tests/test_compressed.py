@@ -87,3 +87,38 @@ def test_error_feedback_carries_the_residual(plain):
 def test_unknown_kind():
     with pytest.raises(ConfigError):
         compressed_program(lambda *a: None, "int2")
+
+
+def test_run_config_compression_keeps_each_clients_residual():
+    """RunConfig(compress=..., error_feedback=True) through the one config->simulation path:
+    the engine stores each reporting client's residual and hands it back next time."""
+    from fedprompt.config import RunConfig
+    from fedprompt.simulation import federation
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, (72, 8)).astype(np.int32)
+    encoded = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": (ids[:, 0] % LABELS).astype(np.int32)}
+    config = RunConfig(clients=6, clients_per_round=4, local_steps=3, batch_size=4, algorithm="fedavg",
+                       num_virtual_tokens=2, compress="int4", error_feedback=True)
+    bb = tiny_backbone("bert")
+    task = SequenceClassification(LABELS)
+    parts = federation.partition_clients(config, encoded["labels"])
+    sim = federation.make_simulation(config, bb, federation.make_prompt_config(config), task,
+                                     build_client_data(encoded, parts, LABELS))
+    assert sim.program.client_state
+    state, controls = sim.init()
+    ids0, _ = sim.sample(0)
+    sent = sim.train_clients(state, controls, ids0, 0)
+    new_state, new_controls, result = sim.run_round(state, controls, 0)
+    assert result.clients == 4
+    for leaf, want in zip(jax.tree.leaves(new_controls), jax.tree.leaves(sent.control)):
+        np.testing.assert_array_equal(np.asarray(leaf)[ids0], np.asarray(want))
+        others = np.setdiff1d(np.arange(6), ids0)
+        assert not np.asarray(leaf)[others].any()  # clients that did not train keep a zero residual
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(sent.control)) > 0
+    # Next round (4 of 6 clients again, so some return), the stored residuals reach the
+    # clients: the payloads differ from those of clients handed zero residuals.
+    ids1, _ = sim.sample(1)
+    again = sim.train_clients(new_state, new_controls, ids1, 1)
+    zero = sim.train_clients(new_state, jax.tree.map(jnp.zeros_like, new_controls), ids1, 1)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again.delta), jax.tree.leaves(zero.delta)))

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedprompt.errors import ConfigError, InputError
@@ -63,10 +64,12 @@ def test_backends_are_identical(eight_devices):
     assert all(v == 0.0 for v in backends.values()), backends
 
 
-def test_engine_hook_runs_for_both_backends(eight_devices):
-    hooks = {k: v for k, v in eight_devices.items() if k.endswith("/engine-hook")}
+def test_engine_parallel_option_equals_one_device(eight_devices):
+    # FederatedSimulation(parallel=backend, devices=None | 3): client blocks and whole rounds.
+    hooks = {k: v for k, v in eight_devices.items() if "/engine-" in k}
     assert {k.split("/")[2] for k in hooks} == {"shard_map", "pmap"}
-    assert all(v <= TOLERANCE for v in hooks.values())
+    assert {k.split("/")[3] for k in hooks} == {"engine-hook-8", "engine-hook-3", "engine-round"}
+    assert all(v <= TOLERANCE for v in hooks.values()), hooks
 
 
 def _free_port() -> int:
@@ -131,3 +134,29 @@ def test_pad_batch_masks_added_rows():
     np.testing.assert_array_equal(kept["example_mask"], [1, 1, 1, 0, 1])
     with pytest.raises(InputError):
         pad_batch({"a": np.zeros(3), "b": np.zeros(4)}, 2)
+
+
+def test_run_config_devices_reach_the_engine():
+    from fedprompt.config import RunConfig
+    from fedprompt.simulation.federation import device_options
+
+    assert device_options(RunConfig()) == {}
+    assert device_options(RunConfig(devices=0, parallel_backend="pmap")) == {"parallel": "pmap", "devices": None}
+    assert device_options(RunConfig(devices=4)) == {"parallel": "shard_map", "devices": 4}
+
+
+def test_engine_refuses_more_devices_than_it_has():
+    from conftest import tiny_backbone
+
+    from fedprompt import PromptConfig, SequenceClassification
+    from fedprompt.server import algorithms
+    from fedprompt.simulation.engine import FederatedSimulation, build_client_data
+
+    ids = np.arange(5, 53, dtype=np.int32).reshape(12, 4)
+    encoded = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": (ids[:, 0] % 2).astype(np.int32)}
+    data = build_client_data(encoded, [np.arange(6), np.arange(6, 12)], 2)
+    with pytest.raises(ConfigError, match="devices must be between 1 and the 1 local devices"):
+        FederatedSimulation(
+            tiny_backbone("bert"), PromptConfig(num_virtual_tokens=2), SequenceClassification(2), algorithms.fedavg(),
+            optax.adam(0.01), data, clients_per_round=2, local_steps=1, batch_size=2, parallel="shard_map", devices=2,
+        )

@@ -214,3 +214,39 @@ def test_progress_enabled_overrides_isatty():
     tty = FakeTTY()
     Progress(3, stream=tty, enabled=False).update(1)
     assert tty.getvalue() == ""
+
+
+def _write_run(folder, records):
+    folder.mkdir()
+    with MetricsWriter(folder / "metrics.jsonl") as writer:
+        for record in records:
+            writer.write(record)
+
+
+def test_compare_runs_table_plot_and_cli(tmp_path, capsys):
+    from fedprompt.cli import main
+    from fedprompt.simulation.report import compare_runs
+
+    grad = [{"round": r, "eval_accuracy": a, "bytes_up": 8 * 1000, "bytes_down": 8 * 2000, "clients": 8, "seconds": 2.0}
+            for r, a in ((1, 0.3), (2, 0.6), (3, 0.5))]
+    zo = [{"round": r, "eval_accuracy": 0.1 * r, "bytes_up": 7 * 250, "bytes_down": 8 * 2000, "clients": 7, "seconds": 1.0}
+          for r in (1, 2, 3)]
+    rows = compare_runs({"grad": grad, "zo": zo})
+    assert rows[0] == {"run": "grad", "rounds": 3, "final_accuracy": 0.5, "best_accuracy": 0.6, "bytes_up": 24_000,
+                       "bytes_down": 48_000, "bytes_up_per_client_round": 1000.0, "seconds": 6.0}
+    assert rows[1]["bytes_up_per_client_round"] == 250.0 and rows[1]["final_accuracy"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no rounds"):
+        compare_runs({"empty": []})
+
+    _write_run(tmp_path / "grad", grad)
+    _write_run(tmp_path / "zo", zo)
+    png = tmp_path / "compare.png"
+    assert main(["compare", str(tmp_path / "grad"), str(tmp_path / "zo"), "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "grad" in out and "1.00 KB" in out and "250 B" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["compare", str(tmp_path / "grad"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["bytes_up"] == 24_000
+    assert main(["compare", str(tmp_path / "grad"), "--labels", "a,b"]) == 2
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -36,6 +36,15 @@ def test_toml_then_flags_override(tmp_path):
         ({"data": "/no/such/file.jsonl"}, "does not exist"),
         ({"algorithm": "scaffold", "local_optimizer": "adam"}, "SGD"),
         ({"baselines": "yes"}, "baselines must be bool"),
+        ({"compress": "int2"}, "compress must be one of"),
+        ({"error_feedback": True}, "error_feedback needs compress"),
+        ({"compress": "int8", "method": "zo"}, "gradient methods"),
+        ({"compress": "int8", "dp": "central", "dp_noise_multiplier": 1.0}, "cannot be combined with dp"),
+        ({"compress": "int4", "algorithm": "scaffold", "local_optimizer": "sgd"}, "scaffold"),
+        ({"devices": -1}, "devices must be >= 1"),
+        ({"parallel_backend": "xmap"}, "parallel_backend"),
+        ({"tpt_views": 0}, "tpt_views"),
+        ({"tpt_alpha": 0.0}, "tpt_alpha"),
     ],
 )
 def test_bad_config_values_are_refused(values, match):
@@ -71,7 +80,7 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     out = tmp_path / "run"
     args = ["run", "--data", str(data), "--rounds", "2", "--clients", "4", "--clients-per-round", "2",
             "--local-steps", "2", "--batch-size", "8", "--max-length", "12", "--virtual-tokens", "4",
-            "--out", str(out), "--no-progress"]
+            "--out", str(out), "--no-progress", "--tpt", "--tpt-test-clients", "3"]
     cmd = [sys.executable, "-m", "fedprompt.cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -87,6 +96,10 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     assert summary["total_bytes_up"] == sum(m["bytes_up"] for m in lines)
     assert summary["config"]["data"] == str(data) and summary["test_examples"] == 12  # 20% of 60
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --tpt: test-time tuning of the trained prompt over 3 label-skewed test clients
+    tpt = summary["tpt"]
+    assert tpt["examples"] == 12 and tpt["test_clients"] == 3 and tpt["entropy_after"] < tpt["entropy_before"]
+    assert "test-time tuning on 3 label-shifted test clients" in done.stdout
     from fedprompt.wire.artifact import load_prompt
 
     artifact = load_prompt(out / "prompt.fpp")

@@ -142,3 +142,21 @@ def test_bad_settings_are_refused(trained):
         tpt.augment_views(jax.random.key(0), _batch(), 4, 1.0)
     with pytest.raises(ConfigError, match="steps"):
         tpt.make_tpt_adapt(backbone, config, task, steps=0)
+
+
+def test_evaluation_over_test_clients_batches_each_clients_rows(trained):
+    backbone, config, task, params = trained
+    data = _batch(n=20, t=10, seed=4)
+    kw = {"key": jax.random.key(1), "batch_size": 8, "steps": 1, "lr": 5e-2, "mask_token_id": MASK}
+    plain = tpt.tpt_evaluate(backbone, config, task, params, data, **kw)
+    # one client holding every row in order is the plain evaluation, adaptation included
+    one = tpt.tpt_evaluate(backbone, config, task, params, data, clients=[np.arange(20)], **kw)
+    assert one == plain
+    # three skewed clients (one empty): every row scored once; the unadapted scores do not
+    # depend on the grouping, the adapted ones do (other batches)
+    parts = [np.array([0, 3, 5, 19]), np.array([], np.int64), np.setdiff1d(np.arange(20), [0, 3, 5, 19])]
+    split = tpt.tpt_evaluate(backbone, config, task, params, data, clients=parts, **kw)
+    assert split["examples"] == 20
+    for name in ("accuracy_before", "loss_before", "entropy_before"):
+        assert abs(split[name] - plain[name]) < 1e-5
+    assert split["entropy_after"] < split["entropy_before"]

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 
 from fedprompt.client.federated import ClientResult
 from fedprompt.errors import ConfigError
-from fedprompt.kernels.quantize import COMPRESSION_KINDS, DEFAULT_BLOCK_SIZE, compress, decompress
+from fedprompt.kernels.quantize import (
+    COMPRESSION_KINDS,
+    DEFAULT_BLOCK_SIZE,
+    ErrorFeedbackState,
+    compress,
+    decompress,
+)
+from fedprompt.kernels.quantize import error_feedback as make_error_feedback
 
 Pytree = Any
 
@@ -64,20 +71,20 @@ def compressed_program(
         raise ConfigError(f"compress must be one of {sorted(COMPRESSION_KINDS)}, got {kind!r}")
     options = {"block_size": block_size, "implementation": implementation, "interpret": interpret}
     decode = {"implementation": implementation, "interpret": interpret}
+    feedback = make_error_feedback(kind, **options) if error_feedback else None
 
     def update(global_params, weights, data, num_examples, key, control=None, client_control=None):
-        result = client_update(global_params, weights, data, num_examples, key, control, client_control)
-        delta = jax.tree.map(lambda x: x.astype(jnp.float32), result.delta)
-        if error_feedback:
-            delta = jax.tree.map(jnp.add, delta, client_control)
+        # with error feedback, client_control is this program's residual, not the inner update's
+        inner_control = None if error_feedback else client_control
+        result = client_update(global_params, weights, data, num_examples, key, control, inner_control)
         rounding = jax.random.fold_in(key, _ROUNDING_STREAM) if stochastic else None
-        payload = compress(delta, kind, rounding, **options)
-        residual = None
-        if error_feedback:
-            residual = jax.tree.map(jnp.subtract, delta, decompress(payload, delta, kind, **decode))
-        return ClientResult(payload, None, residual, result.loss)
+        if feedback is None:
+            delta = jax.tree.map(lambda x: x.astype(jnp.float32), result.delta)
+            return ClientResult(compress(delta, kind, rounding, **options), None, None, result.loss)
+        payload, state = feedback.compress(result.delta, ErrorFeedbackState(client_control), rounding)
+        return ClientResult(payload, None, state.residual, result.loss)
 
     def to_delta(global_params, payload):
         return decompress(payload, global_params, kind, **decode)
 
-    return ClientProgram(update=update, to_delta=to_delta)
+    return ClientProgram(update=update, to_delta=to_delta, client_state=error_feedback)

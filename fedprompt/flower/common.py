@@ -88,7 +88,8 @@ class FlowerSettings:
 _FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name != "run"}
 
 # Settings of the simulation that the deployment does not implement yet, with the value it runs.
-_NOT_DEPLOYED = {"aggregator": "mean", "attack": None, "dp": None, "secagg": False}
+_NOT_DEPLOYED = {"aggregator": "mean", "attack": None, "dp": None, "secagg": False, "compress": None, "tpt": False,
+                 "devices": 1}
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
@@ -119,6 +120,8 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
                           "(set 0)")
     if run.baselines:
         raise ConfigError("baselines are computed by `fedprompt run`, not by a deployment (set false)")
+    if run.method in ("bbt", "zo"):
+        raise ConfigError(f"method = {run.method!r} is not supported by the Flower deployment yet (use 'prompt' or 'prefix')")
     for name, default in _NOT_DEPLOYED.items():
         if getattr(run, name, default) != default:
             raise ConfigError(

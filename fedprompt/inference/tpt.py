@@ -24,7 +24,7 @@ clients adapt the global prompt on their unlabeled data and the server averages 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -271,13 +271,16 @@ def tpt_evaluate(
     confidence_quantile: float = 0.1,
     drop_prob: float = 0.15,
     mask_token_id: int | None | str = "auto",
+    clients: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Accuracy on ``data`` without and with test-time adaptation of a fresh prompt copy per batch.
 
-    Batches are consecutive rows of ``data`` (so a test client's own data forms its batches);
-    labels are used only to score. Returns ``accuracy_before``/``accuracy_after``,
-    ``loss_before``/``loss_after`` (cross-entropy), ``entropy_before``/``entropy_after`` (mean
-    prediction entropy on the original inputs) and ``examples``.
+    Batches are consecutive rows of ``data``, or, with ``clients`` (row indices per test
+    client, e.g. a Dirichlet partition of the test set), consecutive rows of each client's
+    own data, so that every batch holds one client's label mix. Labels are used only to score.
+    Returns ``accuracy_before``/``accuracy_after``, ``loss_before``/``loss_after``
+    (cross-entropy), ``entropy_before``/``entropy_after`` (mean prediction entropy on the
+    original inputs) and ``examples``, over all rows (of all clients).
     """
     adapt = make_tpt_adapt(
         backbone, prompt_config, task, steps=steps, lr=lr, num_views=num_views,
@@ -287,7 +290,12 @@ def tpt_evaluate(
     names = ("accuracy_before", "accuracy_after", "loss_before", "loss_after", "entropy_before", "entropy_after")
     sums = dict.fromkeys(names, 0.0)
     total = 0.0
-    for index, batch in enumerate(iterate_batches(data, batch_size)):
+    if clients is None:
+        batches = iterate_batches(data, batch_size)
+    else:
+        batches = (batch for rows in clients if len(rows)
+                   for batch in iterate_batches({k: np.asarray(v)[rows] for k, v in data.items()}, batch_size))
+    for index, batch in enumerate(batches):
         labels = jnp.asarray(batch["labels"], jnp.int32)
         real = jnp.asarray(batch["example_mask"], jnp.float32)
         unlabeled = {k: v for k, v in batch.items() if k != "labels"}
@@ -322,7 +330,9 @@ def make_tpt_program(
     prompt change; the server averages the changes (use ``fedavg``). The head stays ``trained``'s.
 
     Global parameters are the usual ``{"prompt", "head"}``; ``init`` returns ``trained``.
-    Payload: ``{"prompt": prompt delta}``.
+    Payload: ``{"prompt": prompt delta}``. Memory: a client backpropagates through
+    ``num_views * batch_size`` sequences; in the simulation, bound how many clients run at once
+    with ``FederatedSimulation(..., client_block=...)``.
     """
     from fedprompt.simulation.engine import ClientProgram
 

@@ -44,6 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedprompt import kernels
+from fedprompt.kernels._common import check_implementation
 from fedprompt.errors import ConfigError
 from fedprompt.server.aggregators import Aggregator, weighted_mean
 
@@ -51,6 +53,8 @@ PyTree = Any
 
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
 """The names :func:`make_aggregator` knows."""
+
+_MEDIAN_XLA = kernels.make_median()
 
 __all__ = [
     "ROBUST_AGGREGATORS",
@@ -74,60 +78,32 @@ def _client_axis(v: jax.Array, x: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
-def _sorted_present(x: jax.Array, present: jax.Array) -> jax.Array:
-    """``x`` ``[K, ...]`` as float32, sorted along the client axis with absent clients last (+inf)."""
-    x = jnp.asarray(x).astype(jnp.float32)
-    return jnp.sort(jnp.where(_client_axis(present, x), x, jnp.inf), axis=0)
-
-
 def coordinate_median(stacked: PyTree, weights: jax.Array) -> PyTree:
     """The coordinate-wise median of the present clients' updates (unweighted).
 
     With an even number ``m`` of present clients, the mean of the two middle values (as
-    ``numpy.median``). Zeros when no client is present.
+    ``numpy.median``). Zeros when no client is present. The XLA path of
+    :func:`fedprompt.kernels.make_median`; :func:`make_aggregator` selects the Pallas kernel
+    with ``implementation="pallas"``.
     """
-    present = _present(weights)
-    m = jnp.sum(present, dtype=jnp.int32)
-    lo = jnp.maximum((m - 1) // 2, 0)
-    hi = jnp.maximum(m // 2, 0)
-
-    def leaf(x):
-        s = _sorted_present(x, present)
-        median = 0.5 * (s[lo] + s[hi])
-        return jnp.where(m > 0, median, 0.0)
-
-    return jax.tree.map(leaf, stacked)
+    return _MEDIAN_XLA(stacked, weights)
 
 
-def trimmed_mean(beta: float) -> Aggregator:
+def trimmed_mean(beta: float, *, implementation: str = "xla", interpret: bool = False) -> Aggregator:
     """The coordinate-wise ``beta``-trimmed mean: per coordinate, of the ``m`` present values, drop
     the ``k = floor(beta m)`` smallest and the ``k`` largest and average the ``m - 2k`` left.
 
     Args:
       beta: the fraction trimmed from *each* end, ``0 <= beta < 1/2`` (0: the plain unweighted
         mean).
+      implementation, interpret: :func:`fedprompt.kernels.make_trimmed_mean`'s kernel choice.
 
     Raises:
       ConfigError: ``beta`` out of range.
     """
     if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 0.5):
         raise ConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta!r}")
-    beta = float(beta)
-
-    def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
-        present = _present(weights)
-        m = jnp.sum(present, dtype=jnp.int32)
-        k = jnp.floor(beta * m.astype(jnp.float32)).astype(jnp.int32)
-        count = jnp.maximum(m - 2 * k, 1).astype(jnp.float32)
-
-        def leaf(x):
-            s = _sorted_present(x, present)
-            rank = jnp.arange(s.shape[0]).reshape((-1,) + (1,) * (s.ndim - 1))
-            keep = (rank >= k) & (rank < m - k)
-            return jnp.where(m > 0, jnp.sum(jnp.where(keep, s, 0.0), axis=0) / count, 0.0)
-
-        return jax.tree.map(leaf, stacked)
-
+    aggregate = kernels.make_trimmed_mean(float(beta), implementation=implementation, interpret=interpret)
     aggregate.__name__ = f"trimmed_mean_{beta:g}"
     return aggregate
 
@@ -241,7 +217,7 @@ _PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def make_aggregator(name: str, **params: Any) -> Aggregator:
+def make_aggregator(name: str, *, implementation: str = "xla", interpret: bool = False, **params: Any) -> Aggregator:
     """The aggregator called ``name`` (one of :data:`ROBUST_AGGREGATORS`) with its parameters.
 
     ``mean``: :func:`~fedprompt.server.aggregators.weighted_mean`; ``median``:
@@ -262,10 +238,13 @@ def make_aggregator(name: str, **params: Any) -> Aggregator:
     missing = [p for p in expected if p not in params]
     if missing:
         raise ConfigError(f"aggregator {name!r} needs {', '.join(missing)}")
+    check_implementation(implementation)
+    xla = implementation == "xla" and not interpret
+    kernel = {"implementation": implementation, "interpret": interpret}
     factories: dict[str, Callable[..., Aggregator]] = {
-        "mean": lambda: weighted_mean,
-        "median": lambda: coordinate_median,
-        "trimmed_mean": trimmed_mean,
+        "mean": lambda: weighted_mean if xla else kernels.make_clipped_mean(None, **kernel),
+        "median": lambda: coordinate_median if xla else kernels.make_median(**kernel),
+        "trimmed_mean": lambda beta: trimmed_mean(beta, **kernel),
         "krum": krum,
         "multi_krum": multi_krum,
         "norm_bound": norm_bounded_mean,

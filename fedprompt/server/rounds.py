@@ -170,9 +170,11 @@ def aggregate_round(
     weights = np.where(accepted, np.asarray(weights, np.float32), 0).astype(np.float32)
     if not accepted.any():
         return RoundOutcome(state._replace(round=state.round + 1), float("nan"), 0)
-    payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees])
+    # Stacked straight into the aggregation's bucket of rows (zero payloads of weight 0 pad it).
+    size = int(aggregate.bucket(len(weights)))
+    payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
     deltas = payloads if to_delta is None else to_delta(state.params, payloads)
-    mean_delta = aggregate(deltas, weights).aggregate
+    mean_delta = aggregate(deltas, np.pad(weights, (0, size - len(weights)))).aggregate
     mean_control = None
     if scaffold:
         uniform = accepted.astype(np.float32)

@@ -36,6 +36,7 @@ from fedprompt.backbones.backbone import Backbone
 from fedprompt.client.federated import ClientResult, make_client_update
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step, make_loss_fn
 from fedprompt.errors import ConfigError, SecureAggregationError
+from fedprompt.parallel import DeviceAxis, make_parallel_train_clients
 from fedprompt.prompts import PromptConfig
 from fedprompt.privacy import dp
 from fedprompt.server import aggregators, rounds
@@ -118,12 +119,50 @@ class ClientProgram(NamedTuple):
         global state that a payload stands for.
       init: ``(key) -> global params``; None uses :func:`~fedprompt.client.local.init_trainable`.
       to_trainable: ``(params) -> {"prompt", "head"}`` for evaluation; None: identity.
+      client_state: ``ClientResult.control`` is state the client keeps between rounds (such as
+        an error-feedback residual, shaped like the global params): the runtime stores it per
+        client and passes it back as ``client_control`` the next time that client trains.
     """
 
     update: Callable[..., ClientResult]
     to_delta: Callable[[Pytree, Pytree], Pytree]
     init: Callable[[jax.Array], Pytree] | None = None
     to_trainable: Callable[[Pytree], Pytree] | None = None
+    client_state: bool = False
+
+
+def _local_devices(count: int | None) -> list[jax.Device]:
+    """The first ``count`` of this process's devices (all when None)."""
+    available = jax.local_devices()
+    if count is None:
+        return available
+    if not 1 <= count <= len(available):
+        raise ConfigError(f"devices must be between 1 and the {len(available)} local devices, got {count}")
+    return available[:count]
+
+
+def gradient_program(
+    backbone: Backbone,
+    prompt_config: PromptConfig,
+    task: Task,
+    algorithm: Algorithm,
+    local_optimizer: optax.GradientTransformation,
+    *,
+    local_steps: int,
+    batch_size: int,
+    scaffold_lr: float | None = None,
+) -> ClientProgram:
+    """The gradient-based client of ``algorithm`` (FedProx's proximal term, SCAFFOLD's
+    correction) as a :class:`ClientProgram` whose payload is the update itself; what
+    :class:`FederatedSimulation` runs when it is given no program."""
+    if algorithm.scaffold and scaffold_lr is None:
+        raise ConfigError("SCAFFOLD needs scaffold_lr (the clients' SGD learning rate)")
+    update = make_client_update(
+        make_loss_fn(backbone, prompt_config, task.resolve(backbone)), local_optimizer,
+        local_steps=local_steps, batch_size=batch_size, prox_mu=algorithm.prox_mu,
+        scaffold_lr=scaffold_lr if algorithm.scaffold else None,
+    )
+    return ClientProgram(update=update, to_delta=lambda global_params, payload: payload)
 
 
 class FederatedSimulation:
@@ -149,6 +188,10 @@ class FederatedSimulation:
       secure_aggregation: aggregate with secure aggregation (only the sum is revealed).
       secagg_threshold: Shamir threshold (default about two thirds of the round's clients).
       secagg_range: per-coordinate clip range of quantized updates without DP.
+      parallel: spread each block of clients over the local devices: ``"shard_map"`` or
+        ``"pmap"`` (see :mod:`fedprompt.parallel`; same results as one device), or a
+        :class:`~fedprompt.parallel.DeviceAxis`. None: one device.
+      devices: how many local devices ``parallel`` uses (None: all).
     """
 
     def __init__(
@@ -175,6 +218,8 @@ class FederatedSimulation:
         secure_aggregation: bool = False,
         secagg_threshold: int | None = None,
         secagg_range: float = 1.0,
+        parallel: str | DeviceAxis | None = None,
+        devices: int | None = None,
     ):
         if clients_per_round > client_data.num_clients:
             raise ConfigError(f"clients_per_round {clients_per_round} exceeds the {client_data.num_clients} clients")
@@ -203,25 +248,31 @@ class FederatedSimulation:
         self.block = aggregators.bucket_size(client_block or clients_per_round)
         self._key = jax.random.key(seed)
         if program is None:
-            update = make_client_update(
-                make_loss_fn(backbone, prompt_config, self.task), local_optimizer,
-                local_steps=local_steps, batch_size=batch_size, prox_mu=algorithm.prox_mu,
-                scaffold_lr=scaffold_lr if algorithm.scaffold else None,
+            program = gradient_program(
+                backbone, prompt_config, self.task, algorithm, local_optimizer,
+                local_steps=local_steps, batch_size=batch_size, scaffold_lr=scaffold_lr,
             )
-            program = ClientProgram(update=update, to_delta=lambda global_params, payload: payload)
+        if program.client_state and algorithm.scaffold:
+            raise ConfigError("a client program that keeps per-client state cannot run SCAFFOLD (one state slot)")
         self.program = program
         update = program.update
         self._client_update = update
         self._to_delta = jax.jit(jax.vmap(program.to_delta, in_axes=(None, 0)))
         self._to_delta_single = jax.jit(program.to_delta)
+        self.parallel = None if parallel is None else (
+            parallel if isinstance(parallel, DeviceAxis) else DeviceAxis(parallel, _local_devices(devices))
+        )
+        if self.parallel is None:
 
-        def train_block(global_params, weights, columns, sizes, ids, keys, control, client_controls):
-            data = {name: column[ids] for name, column in columns.items()}
-            return jax.vmap(update, in_axes=(None, None, 0, 0, 0, None, 0))(
-                global_params, weights, data, sizes[ids], keys, control, client_controls
-            )
+            def train_block(global_params, weights, columns, sizes, ids, keys, control, client_controls):
+                data = {name: column[ids] for name, column in columns.items()}
+                return jax.vmap(update, in_axes=(None, None, 0, 0, 0, None, 0))(
+                    global_params, weights, data, sizes[ids], keys, control, client_controls
+                )
 
-        self._train_block = jax.jit(train_block)
+            self._train_block = jax.jit(train_block)
+        else:  # blocks of clients spread over the devices: pmap/shard_map x vmap
+            self._train_block = make_parallel_train_clients(update, axis=self.parallel).train_block
         self._aggregate = aggregators.Aggregation(aggregator)
         self._server_step = jax.jit(algorithm.apply)
         self._eval_step = make_eval_step(backbone, prompt_config, self.task)
@@ -352,7 +403,7 @@ class FederatedSimulation:
             )
             state, num, train_loss = outcome.state, outcome.num_aggregated, outcome.train_loss
             bytes_up, rejections = received.bytes_up, received.rejections
-            if self.algorithm.scaffold and received.accepted.any():
+            if (self.algorithm.scaffold or self.program.client_state) and received.accepted.any():
                 accepted = np.flatnonzero(received.accepted)
                 rows = jnp.asarray(ids[accepted], jnp.int32)
                 new = jax.tree.map(lambda x: jnp.asarray(x[accepted]), host.control)

@@ -122,11 +122,31 @@ def make_simulation(
         seed=config.seed,
         program=client_program(config, backbone, prompt_config, task),
         **protection_options(config),
+        **device_options(config),
     )
 
 
+def device_options(config: RunConfig) -> dict:
+    """``devices`` / ``parallel_backend`` as :class:`FederatedSimulation` keyword arguments."""
+    if config.devices == 1:
+        return {}
+    return {"parallel": config.parallel_backend, "devices": config.devices or None}
+
+
 def client_program(config: RunConfig, backbone: Backbone, prompt_config: PromptConfig, task: SequenceClassification):
-    """The gradient-free :class:`~fedprompt.simulation.engine.ClientProgram` of ``bbt``/``zo``; None otherwise."""
+    """The :class:`~fedprompt.simulation.engine.ClientProgram` of a run: the gradient-free
+    ``bbt``/``zo`` clients, the gradient client wrapped by ``compress``; None (the engine's
+    gradient client) otherwise."""
+    if config.compress is not None:
+        from fedprompt.client.compressed import compressed_program
+        from fedprompt.simulation.engine import gradient_program
+        from fedprompt.simulation.run import make_algorithm, make_local_optimizer  # run.py imports this module
+
+        inner = gradient_program(
+            backbone, prompt_config, task, make_algorithm(config), make_local_optimizer(config),
+            local_steps=config.local_steps, batch_size=config.batch_size,
+        )
+        return compressed_program(inner.update, config.compress, error_feedback=config.error_feedback)
     if config.method == "bbt":
         from fedprompt.client.bbt import make_bbt_program
 

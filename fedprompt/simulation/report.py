@@ -6,6 +6,8 @@
 * :func:`plot_curves`: ``curves.png``, accuracy and loss against rounds and against the bytes
   sent (matplotlib's Agg backend; matplotlib is imported only when plotting).
 * :class:`Progress`: a one-line progress bar, shown only on a terminal.
+* :func:`compare_runs`, :func:`plot_comparison`: several runs side by side (``fedprompt
+  compare``): a table of accuracy and bytes, and accuracy against rounds and upload.
 
 A round's record uses these keys (all optional except ``round``; a missing or ``null`` value
 is left out of the plots): ``round``, ``eval_accuracy``, ``eval_loss``, ``train_loss``,
@@ -35,8 +37,10 @@ __all__ = [
     "METRICS_FILE",
     "MetricsWriter",
     "Progress",
+    "compare_runs",
     "format_bytes",
     "format_duration",
+    "plot_comparison",
     "plot_curves",
     "read_metrics",
     "to_json_value",
@@ -246,24 +250,82 @@ def plot_curves(
     loss_round.set_title("loss by round")
     acc_bytes.set_title("accuracy by communication")
     loss_bytes.set_title("train loss by communication")
-    for axes in (acc_round, loss_round, acc_bytes, loss_bytes):
+    return _finish(figure, (acc_round, loss_round, acc_bytes, loss_bytes), title, path)
+
+
+def _finish(figure: Any, panels: Iterable[Any], title: str | None, path: str | os.PathLike[str]) -> Path:
+    """Grids and legends on every panel, the title, then the PNG written atomically."""
+    for axes in panels:
         axes.grid(True, alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(loc="best", fontsize="small")
     if title:
         figure.suptitle(title)
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return write_atomic(path, buffer.getvalue())
 
 
-def _cumulative_megabytes(records: list[Mapping[str, Any]]) -> list[float]:
+def compare_runs(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per run: rounds, final and best eval accuracy, total bytes up and down, seconds.
+
+    ``runs`` maps a label to a run's per-round records (as :func:`read_metrics` returns them).
+    The bytes are sums over the rounds; ``bytes_up_per_client_round`` divides the upload by the
+    clients that reported (``clients``) in each round.
+    """
+    rows = []
+    for label, metrics in runs.items():
+        records = list(metrics)
+        if not records:
+            raise ValueError(f"run {label!r} has no rounds")
+        accuracies = [a for a in (_finite_or_none(r.get("eval_accuracy")) for r in records) if a is not None]
+        up = sum(int(r.get("bytes_up") or 0) for r in records)
+        reports = sum(int(r.get("clients") or 0) for r in records)
+        rows.append({
+            "run": label,
+            "rounds": int(records[-1].get("round", len(records))),
+            "final_accuracy": accuracies[-1] if accuracies else None,
+            "best_accuracy": max(accuracies) if accuracies else None,
+            "bytes_up": up,
+            "bytes_down": sum(int(r.get("bytes_down") or 0) for r in records),
+            "bytes_up_per_client_round": up / reports if reports else None,
+            "seconds": sum(float(r.get("seconds") or 0.0) for r in records),
+        })
+    return rows
+
+
+def plot_comparison(runs: Mapping[str, Iterable[Mapping[str, Any]]], path: str | os.PathLike[str], *,
+                    title: str | None = None) -> Path:
+    """Draws several runs' eval accuracy against the round and against the cumulative bytes
+    sent by the clients (MB, log scale) into one PNG file; ``runs`` maps labels to records."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    figure = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    by_round, by_bytes = figure.subplots(1, 2)
+    for label, metrics in runs.items():
+        records = list(metrics)
+        uploaded = _cumulative_megabytes(records, keys=("bytes_up",))
+        _plot_series(by_round, [r.get("round") for r in records], records, "eval_accuracy", label, marker="o")
+        _plot_series(by_bytes, uploaded, records, "eval_accuracy", label, marker="o")
+    by_round.set_xlabel("round")
+    by_bytes.set_xlabel("cumulative bytes sent by the clients (MB)")
+    by_bytes.set_xscale("log")
+    by_bytes.xaxis.set_major_formatter(FuncFormatter(_plain_number))
+    for axes, name in ((by_round, "accuracy by round"), (by_bytes, "accuracy by upload")):
+        axes.set_ylabel("eval accuracy")
+        axes.set_title(name)
+    return _finish(figure, (by_round, by_bytes), title, path)
+
+
+def _cumulative_megabytes(records: list[Mapping[str, Any]], keys: tuple[str, ...] = ("bytes_up", "bytes_down")) -> list[float]:
     total = 0
     cumulative = []
     for record in records:
-        total += _finite_or_none(record.get("bytes_up")) or 0
-        total += _finite_or_none(record.get("bytes_down")) or 0
+        for key in keys:
+            total += _finite_or_none(record.get(key)) or 0
         cumulative.append(total / 1e6)
     return cumulative
 

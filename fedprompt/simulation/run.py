@@ -24,9 +24,10 @@ from fedprompt.client.federated import make_client_update
 from fedprompt.client.local import make_loss_fn, make_train_step
 from fedprompt.config import RunConfig
 from fedprompt.prompts import PromptConfig
+from fedprompt.tasks import SequenceClassification
 from fedprompt.server import algorithms
 from fedprompt.server.algorithms import ServerState
-from fedprompt.simulation import checkpoint, datasets, federation, report
+from fedprompt.simulation import checkpoint, datasets, federation, partition, report
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
 from fedprompt.wire import artifact
 
@@ -179,10 +180,13 @@ def simulate(
         summary["privacy"] = {**simulation.ledger.summary(), "clip": config.dp_clip, "adaptive": config.dp_adaptive}
     if config.baselines:
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test)
-    summary["wall_seconds"] = time.perf_counter() - started
     to_trainable = simulation.program.to_trainable
+    trainable = to_trainable(state.params) if to_trainable is not None else state.params
+    if config.tpt:
+        summary["tpt"] = evaluate_tpt(config, backbone, prompt_config, task, trainable, encoded_test)
+    summary["wall_seconds"] = time.perf_counter() - started
     return SimulationResult(
-        trainable=to_trainable(state.params) if to_trainable is not None else state.params,
+        trainable=trainable,
         state=state, metrics=metrics, summary=summary, prompt_config=prompt_config, backbone=backbone,
         label_names=train.label_names, label_histograms=client_data.label_histograms,
     )
@@ -241,6 +245,35 @@ def compute_baselines(
         "centralized_batch_size": batch,
         "local_only_steps": local_steps,
     }
+
+
+def evaluate_tpt(
+    config: RunConfig,
+    backbone: Backbone,
+    prompt_config: PromptConfig,
+    task: SequenceClassification,
+    trainable: Any,
+    encoded_test: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Test-time prompt tuning of the trained prompt on a label-shifted split of the test set.
+
+    The test rows are split over ``tpt_test_clients`` test clients with a Dirichlet(``tpt_alpha``)
+    label skew (seeded by ``seed``); each client's unlabeled batches adapt a fresh copy of the
+    prompt (:func:`fedprompt.inference.tpt_evaluate`). Returns accuracy, loss and entropy
+    before and after adaptation, plus the settings.
+    """
+    from fedprompt.inference.tpt import tpt_evaluate
+
+    labels = np.asarray(encoded_test["labels"])
+    clients = partition.dirichlet_partition(labels, min(config.tpt_test_clients, len(labels)), config.tpt_alpha,
+                                            seed=config.seed + 2, min_size=0)
+    result = tpt_evaluate(
+        backbone, prompt_config, task, trainable, encoded_test, key=jax.random.key(config.seed + 3),
+        batch_size=config.batch_size, steps=config.tpt_steps, lr=config.tpt_lr, num_views=config.tpt_views,
+        clients=clients,
+    )
+    return {**result, "test_clients": len(clients), "alpha": config.tpt_alpha, "steps": config.tpt_steps,
+            "lr": config.tpt_lr, "views": config.tpt_views}
 
 
 def run(config: RunConfig, *, stream=None, progress: bool | None = None) -> SimulationResult:

@@ -1,0 +1,36 @@
+"""Compiled memory of gradient-free client steps against inference and a gradient step."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_backbone
+
+from fedprompt.cli import main
+from fedprompt.client.memory import format_memory_report, gradient_free_memory_report
+
+
+@pytest.fixture(scope="module")
+def report():
+    return gradient_free_memory_report(tiny_backbone("bert"), batch_size=8, max_length=32, num_labels=3,
+                                       bbt_dim=16, bbt_popsize=4)
+
+
+def test_gradient_free_steps_stay_near_inference_memory(report):
+    inference = report["inference"]["temporaries"]
+    for name in ("zo_step", "bbt_fitness", "bbt_generation"):
+        # forwards one after another: no stored activations, only prompt-sized buffers on top
+        assert report[name]["temporaries"] <= 1.5 * inference, (name, report)
+    # backpropagation keeps every layer's activations
+    assert report["gradient_step"]["temporaries"] > 2 * max(report[n]["temporaries"] for n in report if n != "gradient_step")
+    for row in report.values():
+        assert row["peak"] >= row["arguments"] + row["temporaries"] > 0
+
+
+def test_memory_table_lists_every_step(report):
+    text = format_memory_report(report)
+    assert all(name in text for name in report) and "MiB" in text
+
+
+def test_bench_memory_rejects_an_unknown_backbone(capsys):
+    assert main(["bench", "memory", "--backbone", "/no/such/model"]) == 2
+    assert "error" in capsys.readouterr().err

@@ -85,10 +85,12 @@ def simulate_round(
     examples_per_client: int = 64,
     repeats: int = 3,
     seed: int = 0,
+    client_block: int | None = 32,
 ) -> dict[str, Any]:
     """One round's local training three ways, side by side, on the same clients and data.
 
-    * ``vmapped``: the engine's program, all clients of the round in one vmapped XLA program;
+    * ``vmapped``: the engine's program, the round's clients in vmapped blocks of at most
+      ``client_block`` (None: all in one block; a block's activations grow with its clients);
     * ``per_client``: a Python loop over clients, each running the same jitted client update;
     * ``per_step``: a Python loop over clients and local steps of the jitted local train step.
 
@@ -111,6 +113,7 @@ def simulate_round(
     sim = FederatedSimulation(
         backbone, config, task, algorithms.fedavg(), optimizer, build_client_data(encoded, parts, 4),
         clients_per_round=clients_per_round, local_steps=local_steps, batch_size=batch_size, seed=seed,
+        client_block=client_block,
     )
     state, controls = sim.init()
     ids = np.arange(clients_per_round)
@@ -153,6 +156,7 @@ def simulate_round(
         timings[name] = float(np.median(times))
     return {
         "clients_per_round": clients_per_round,
+        "client_block": sim.block,
         "local_steps": local_steps,
         "batch_size": batch_size,
         "tokens": tokens,

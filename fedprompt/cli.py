@@ -217,11 +217,13 @@ def cmd_bench_simulate(args: argparse.Namespace) -> int:
     from fedprompt.backbones.loading import load_backbone
 
     backbone = load_backbone(args.backbone)
-    rows = [bench.simulate_round(backbone, clients_per_round=k, local_steps=args.local_steps, repeats=args.repeats)
+    rows = [bench.simulate_round(backbone, clients_per_round=k, local_steps=args.local_steps, repeats=args.repeats,
+                                 client_block=args.client_block or None)
             for k in args.clients]
     device = jax.devices()[0]
     print(f"one round of local training, {backbone.name}, {args.local_steps} local steps x batch 16 x 32 tokens, "
-          f"20 virtual tokens, on {device.platform}:{device.device_kind}")
+          f"20 virtual tokens, vmapped in blocks of at most {args.client_block or 'all'} clients, "
+          f"on {device.platform}:{device.device_kind}")
     print(f"{'clients':>7} {'vmapped':>10} {'per client':>11} {'per-client loop':>16} {'per-step loop':>14} {'speed-up':>18}")
     for r in rows:
         t = r["seconds"]
@@ -607,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--memory-clients", type=_int_list, default=[8, 32, 128, 512],
                      help="block sizes for the compiled memory analysis (compiled, not run); empty to skip")
     sim.add_argument("--local-steps", type=int, default=4)
+    sim.add_argument("--client-block", type=int, default=32,
+                     help="clients per vmapped program (bounds the activations held at once); 0: all")
     sim.add_argument("--repeats", type=int, default=3)
     sim.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     sim.set_defaults(func=cmd_bench_simulate)

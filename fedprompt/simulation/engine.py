@@ -17,7 +17,9 @@ One round:
 6. evaluate the global state on the test set.
 
 Memory grows with prompt size x clients, never backbone size x clients. For a given seed
-the run is deterministic.
+the run is deterministic. With ``parallel=`` a block of clients is spread over the local
+devices (:mod:`fedprompt.parallel`: ``shard_map`` or ``pmap`` over devices, ``vmap`` within
+each), with the same results as one device.
 """
 
 from __future__ import annotations
@@ -245,7 +247,8 @@ class FederatedSimulation:
         self._init_privacy(dp_config or dp.DPConfig(), total_rounds)
         self.dropout = dropout
         self.seed = seed
-        self.block = aggregators.bucket_size(client_block or clients_per_round)
+        # a block larger than the round would only train padding clients
+        self.block = aggregators.bucket_size(min(client_block or clients_per_round, clients_per_round))
         self._key = jax.random.key(seed)
         if program is None:
             program = gradient_program(

@@ -155,7 +155,10 @@ def aggregate_round(
         accepted count 0 whatever is given.
       server_step: ``(state, mean_delta, mean_control_delta, participation) -> state``, the
         (usually jitted) :meth:`~fedprompt.server.algorithms.Algorithm.apply`.
-      aggregate: the compiled aggregation (:class:`~fedprompt.server.aggregators.Aggregation`).
+      aggregate: the compiled aggregation (:class:`~fedprompt.server.aggregators.Aggregation`),
+        or any ``(stacked, weights) -> result with .aggregate``; the updates are stacked into
+        ``aggregate.bucket(K)`` rows (:func:`~fedprompt.server.aggregators.bucket_size` when it
+        has no ``bucket``).
       num_clients: all clients of the federation (SCAFFOLD's participation ``|S| / N``).
       to_delta: ``(global_params, stacked payloads) -> stacked deltas`` for client programs whose
         payload is not the delta itself; ``None``: the payload is the delta.
@@ -171,7 +174,7 @@ def aggregate_round(
     if not accepted.any():
         return RoundOutcome(state._replace(round=state.round + 1), float("nan"), 0)
     # Stacked straight into the aggregation's bucket of rows (zero payloads of weight 0 pad it).
-    size = int(aggregate.bucket(len(weights)))
+    size = int(getattr(aggregate, "bucket", aggregators.bucket_size)(len(weights)))
     payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
     deltas = payloads if to_delta is None else to_delta(state.params, payloads)
     mean_delta = aggregate(deltas, np.pad(weights, (0, size - len(weights)))).aggregate

@@ -44,8 +44,8 @@ def main() -> None:
             seed=config.seed, head="frozen" if args.frozen_head else "gradient",
         )
     else:
-        program = make_zo_program(
-            backbone, prompt_config, task, batch_size=config.batch_size, seed=config.seed,
+        program = make_zo_program(  # local_steps ZO steps per round: that many (seed, scalar) pairs sent
+            backbone, prompt_config, task, local_steps=config.local_steps, batch_size=config.batch_size, seed=config.seed,
             head="frozen" if args.frozen_head else "zo",
         )
     simulation = FederatedSimulation(

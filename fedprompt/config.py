@@ -55,7 +55,8 @@ class RunConfig:
       batch_size: examples per local step.
       local_optimizer: adam or sgd; unset: adam, but sgd for SCAFFOLD (its control variates
         assume plain SGD steps, so SCAFFOLD with adam is refused).
-      local_lr: local learning rate; unset: 0.01 for adam, 0.5 for sgd.
+      local_lr: local learning rate; unset: 0.01 for adam, 0.5 for sgd. For ``zo`` the ZO-SGD
+        learning rate (unset: 0.01), for ``bbt`` the Adam learning rate of the head (unset: 0.01).
       max_length: tokens per example (truncated/padded), not counting virtual tokens.
       train_examples: use at most this many training examples (None: all).
       eval_examples: evaluate on at most this many test examples (None: all).

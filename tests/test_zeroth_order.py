@@ -189,3 +189,23 @@ def test_apply_payloads_is_the_weighted_mean_of_replays():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         zo.make_zo_program(tiny_backbone("bert"), PromptConfig(num_virtual_tokens=2), SequenceClassification(LABELS), **kwargs)
+
+
+def test_run_config_local_lr_sets_the_zo_learning_rate():
+    """``fedprompt run --method zo --local-lr X``: the replayed step is lr x the same scalars."""
+    from fedprompt.config import RunConfig
+    from fedprompt.simulation import federation
+
+    bb = tiny_backbone("bert")
+    prompt_config = PromptConfig(num_virtual_tokens=2)
+    task = SequenceClassification(3)
+    programs = {lr: federation.client_program(RunConfig(method="zo", local_steps=3, local_lr=lr), bb, prompt_config, task)
+                for lr in (None, 0.05)}
+    from fedprompt.client.local import init_trainable
+
+    params = init_trainable(bb, prompt_config, task.resolve(bb), jax.random.key(0))
+    payload = {"indices": jnp.array([3, 7, 11], jnp.int32), "scalars": jnp.array([0.5, -1.0, 2.0], jnp.float32)}
+    steps = {lr: program.to_delta(params, payload) for lr, program in programs.items()}
+    for default, fast in zip(jax.tree.leaves(steps[None]), jax.tree.leaves(steps[0.05])):
+        np.testing.assert_allclose(fast, 5 * default, rtol=1e-5, atol=1e-7)  # default lr 0.01
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(steps[0.05])) > 0

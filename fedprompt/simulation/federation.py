@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import optax
 
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.config import RunConfig
@@ -150,13 +151,15 @@ def client_program(config: RunConfig, backbone: Backbone, prompt_config: PromptC
     if config.method == "bbt":
         from fedprompt.client.bbt import make_bbt_program
 
+        head_optimizer = None if config.local_lr is None else optax.adam(config.local_lr)
         return make_bbt_program(backbone, prompt_config, task, local_steps=config.local_steps,
-                                batch_size=config.batch_size, seed=config.seed)
+                                batch_size=config.batch_size, seed=config.seed, head_optimizer=head_optimizer)
     if config.method == "zo":
         from fedprompt.client.zeroth_order import make_zo_program
 
+        lr = {} if config.local_lr is None else {"lr": config.local_lr}
         return make_zo_program(backbone, prompt_config, task, local_steps=config.local_steps,
-                               batch_size=config.batch_size, seed=config.seed)
+                               batch_size=config.batch_size, seed=config.seed, **lr)
     return None
 
 

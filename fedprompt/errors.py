@@ -59,3 +59,7 @@ class SecureAggregationError(FedPromptError):
 
 class ArtifactError(WireError):
     """A prompt artifact (``.fpp``) or adapter folder is corrupted, malformed or of an unsupported schema."""
+
+
+class OutOfMemoryError(FedPromptError, MemoryError):
+    """A compiled program did not fit the device's memory; the message says what to lower."""

@@ -11,6 +11,7 @@ from conftest import tiny_backbone
 
 from fedprompt import PromptConfig, SequenceClassification
 from fedprompt.client.federated import make_client_update
+from fedprompt.errors import OutOfMemoryError
 from fedprompt.server import algorithms
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
 from fedprompt.simulation.partition import dirichlet_partition
@@ -178,3 +179,23 @@ def test_scaffold_runs_in_the_engine():
     assert all(np.isfinite(m["train_loss"]) for m in history)
     assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(state.control))
     assert sum(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(controls)) > 0
+
+
+def test_a_block_that_does_not_fit_says_to_lower_client_block():
+    sim, _ = _simulation(algorithms.fedavg())
+    state, controls = sim.init()
+
+    def out_of_memory(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 28488728704 bytes.")
+
+    sim._train_block = out_of_memory
+    ids, _ = sim.sample(0)
+    with pytest.raises(OutOfMemoryError, match="client_block"):
+        sim.train_clients(state, controls, ids, 0)
+
+    def other_failure(*args):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    sim._train_block = other_failure
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        sim.train_clients(state, controls, ids, 0)

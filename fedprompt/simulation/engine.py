@@ -37,7 +37,7 @@ import optax
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.client.federated import ClientResult, make_client_update
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step, make_loss_fn
-from fedprompt.errors import ConfigError, SecureAggregationError
+from fedprompt.errors import ConfigError, OutOfMemoryError, SecureAggregationError
 from fedprompt.parallel import DeviceAxis, make_parallel_train_clients
 from fedprompt.prompts import PromptConfig
 from fedprompt.privacy import dp
@@ -354,10 +354,18 @@ class FederatedSimulation:
             padded = np.concatenate([block_ids, np.full(self.block - len(block_ids), block_ids[0])])
             padded = jnp.asarray(padded, jnp.int32)
             controls = jax.tree.map(lambda c: c[padded], client_controls)
-            out = self._train_block(
-                state.params, self.backbone.weights, self.client_data.columns, self._sizes,
-                padded, keys[padded], state.control, controls,
-            )
+            try:
+                out = self._train_block(
+                    state.params, self.backbone.weights, self.client_data.columns, self._sizes,
+                    padded, keys[padded], state.control, controls,
+                )
+            except jax.errors.JaxRuntimeError as err:
+                if "RESOURCE_EXHAUSTED" not in str(err):
+                    raise
+                raise OutOfMemoryError(
+                    f"training {self.block} clients in one program ran out of device memory ({err}); "
+                    f"train fewer at once with client_block (`--client-block`), below {self.block}"
+                ) from err
             results.append(jax.tree.map(lambda x: x[: len(block_ids)], out))
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *results)
 

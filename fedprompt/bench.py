@@ -19,6 +19,15 @@ from fedprompt.prompts import PromptConfig
 from fedprompt.tasks import SequenceClassification
 
 
+
+def _random_batch(backbone: Backbone, rng: np.random.Generator, n: int, tokens: int) -> dict[str, np.ndarray]:
+    """``n`` rows of ``tokens`` random ids (all real tokens) with labels in [0, 4): benchmark input."""
+    return {
+        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (n, tokens)).astype(np.int32),
+        "attention_mask": np.ones((n, tokens), np.int32),
+        "labels": rng.integers(0, 4, n).astype(np.int32),
+    }
+
 def train_step(
     backbone: Backbone,
     *,
@@ -36,11 +45,7 @@ def train_step(
     frozen weights' bytes.
     """
     rng = np.random.default_rng(seed)
-    batch = {
-        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (batch_size, tokens)).astype(np.int32),
-        "attention_mask": np.ones((batch_size, tokens), np.int32),
-        "labels": rng.integers(0, 4, batch_size).astype(np.int32),
-    }
+    batch = _random_batch(backbone, rng, batch_size, tokens)
     task = SequenceClassification(num_labels=4)
     optimizer = optax.adam(1e-3)
     rows = []
@@ -101,11 +106,7 @@ def simulate_round(
 
     rng = np.random.default_rng(seed)
     n = clients_per_round * examples_per_client
-    encoded = {
-        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (n, tokens)).astype(np.int32),
-        "attention_mask": np.ones((n, tokens), np.int32),
-        "labels": rng.integers(0, 4, n).astype(np.int32),
-    }
+    encoded = _random_batch(backbone, rng, n, tokens)
     parts = [np.arange(i * examples_per_client, (i + 1) * examples_per_client) for i in range(clients_per_round)]
     config = PromptConfig(num_virtual_tokens=virtual_tokens)
     task = SequenceClassification(num_labels=4)
@@ -394,11 +395,7 @@ def train_efficiency(
     prompt tuning is timed too.
     """
     rng = np.random.default_rng(seed)
-    batch = {
-        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (batch_size, tokens)).astype(np.int32),
-        "attention_mask": np.ones((batch_size, tokens), np.int32),
-        "labels": rng.integers(0, 4, batch_size).astype(np.int32),
-    }
+    batch = _random_batch(backbone, rng, batch_size, tokens)
     task = SequenceClassification(num_labels=4)
     optimizer = optax.adam(1e-3)
     config = PromptConfig(method=method, num_virtual_tokens=virtual_tokens, init="random", random_std=0.02)
@@ -462,11 +459,7 @@ def block_memory(
     rng = np.random.default_rng(seed)
     total = max(clients)
     n = total * examples_per_client
-    encoded = {
-        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (n, tokens)).astype(np.int32),
-        "attention_mask": np.ones((n, tokens), np.int32),
-        "labels": rng.integers(0, 4, n).astype(np.int32),
-    }
+    encoded = _random_batch(backbone, rng, n, tokens)
     parts = [np.arange(i * examples_per_client, (i + 1) * examples_per_client) for i in range(total)]
     sim = FederatedSimulation(
         backbone, PromptConfig(num_virtual_tokens=virtual_tokens), SequenceClassification(num_labels=4), algorithms.fedavg(),

@@ -5,7 +5,7 @@
 
 The default federation of ``fedprompt run`` (MiniLM, WordNet supersenses, 16 clients with
 Dirichlet(0.5) label skew, 8 per round), with the clients' gradient steps replaced by a
-gradient-free :class:`~fedprompt.simulation.engine.ClientProgram` and FedAvg on the server
+gradient-free :class:`~fedprompt.client.program.ClientProgram` and FedAvg on the server
 (FedBPT and FedKSeed both average). Prints accuracy and the real encoded bytes per round.
 """
 
@@ -16,9 +16,10 @@ import argparse
 import fedprompt
 from fedprompt.client.bbt import make_bbt_program
 from fedprompt.client.zeroth_order import make_zo_program
+from fedprompt.federation.plan import make_algorithm, make_local_optimizer, make_prompt_config, make_task
 from fedprompt.simulation import federation
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
-from fedprompt.simulation.run import load_data, make_algorithm, make_local_optimizer
+from fedprompt.simulation.run import load_data
 
 
 def main() -> None:
@@ -31,8 +32,8 @@ def main() -> None:
     config = fedprompt.RunConfig(rounds=args.rounds, algorithm="fedavg")
     backbone = fedprompt.load_backbone(config.backbone)
     train, test = federation.select_examples(config, *load_data(config))
-    prompt_config = federation.make_prompt_config(config)
-    task = federation.make_task(train.num_labels)
+    prompt_config = make_prompt_config(config)
+    task = make_task(train.num_labels)
     parts = federation.partition_clients(config, train.labels)
     client_data = build_client_data(
         encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens), parts, train.num_labels
@@ -48,7 +49,7 @@ def main() -> None:
             backbone, prompt_config, task, local_steps=config.local_steps, batch_size=config.batch_size, seed=config.seed,
             head="frozen" if args.frozen_head else "zo",
         )
-    simulation = FederatedSimulation(
+    simulation = FederatedSimulation.build(
         backbone, prompt_config, task, make_algorithm(config), make_local_optimizer(config), client_data,
         clients_per_round=config.clients_per_round, local_steps=config.local_steps, batch_size=config.batch_size,
         seed=config.seed, program=program,

@@ -70,7 +70,7 @@ def main() -> None:
             program = make_tpt_program(
                 backbone, config, task, trainable, batch_size=args.batch_size, lr=args.lr, num_views=args.views
             )
-            simulation = FederatedSimulation(
+            simulation = FederatedSimulation.build(
                 backbone, config, task, algorithms.fedavg(), optax.sgd(0.0), build_client_data(encoded, parts, test.num_labels),
                 clients_per_round=len(parts), local_steps=1, batch_size=1, program=program, seed=args.seed,
                 client_block=1,  # one client's views x batch through forward and backward at a time

@@ -3,7 +3,6 @@
 Frozen backbones stay put; only soft prompts or per-layer prefixes are trained and moved.
 """
 
-from fedprompt import aggregators, algorithms
 from fedprompt.backbones.backbone import Backbone, BackboneOutput
 from fedprompt.backbones.loading import load_backbone
 from fedprompt.client.local import (
@@ -16,9 +15,17 @@ from fedprompt.client.local import (
     make_loss_fn,
     make_train_step,
 )
+from fedprompt.client.federated import ClientResult, make_client_update
+from fedprompt.client.program import ClientProgram, gradient_program
 from fedprompt.config import RunConfig
 from fedprompt.errors import FedPromptError
+from fedprompt.federation.keys import KeySchedule
+from fedprompt.federation.plan import FederationPlan, build_plan, make_plan
+from fedprompt.federation.records import RoundRecord
 from fedprompt.prompts import Prefix, PromptConfig, SoftPrompt, fold_prompt, init_prompt, materialize
+from fedprompt.server.aggregators import Aggregation, weighted_mean
+from fedprompt.server.algorithms import Algorithm, ServerState
+from fedprompt.server.rounds import AggregateStage, RoundState, ServerRound, mean_stage, receive_updates
 from fedprompt.simulation.run import SimulationResult, run, simulate
 from fedprompt.tasks import CausalLM, SequenceClassification
 from fedprompt.wire.artifact import PromptArtifact, load_prompt, save_prompt
@@ -26,11 +33,27 @@ from fedprompt.wire.artifact import PromptArtifact, load_prompt, save_prompt
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregateStage",
+    "Aggregation",
+    "Algorithm",
     "Backbone",
+    "ClientProgram",
+    "ClientResult",
+    "FederationPlan",
+    "KeySchedule",
+    "RoundRecord",
+    "RoundState",
     "RunConfig",
+    "ServerRound",
+    "ServerState",
     "SimulationResult",
-    "aggregators",
-    "algorithms",
+    "build_plan",
+    "gradient_program",
+    "make_client_update",
+    "make_plan",
+    "mean_stage",
+    "receive_updates",
+    "weighted_mean",
     "run",
     "simulate",
     "BackboneOutput",

@@ -111,7 +111,7 @@ def simulate_round(
     config = PromptConfig(num_virtual_tokens=virtual_tokens)
     task = SequenceClassification(num_labels=4)
     optimizer = optax.adam(1e-2)
-    sim = FederatedSimulation(
+    sim = FederatedSimulation.build(
         backbone, config, task, algorithms.fedavg(), optimizer, build_client_data(encoded, parts, 4),
         clients_per_round=clients_per_round, local_steps=local_steps, batch_size=batch_size, seed=seed,
         client_block=client_block,
@@ -119,7 +119,7 @@ def simulate_round(
     state, controls = sim.init()
     ids = np.arange(clients_per_round)
     keys = sim.client_keys(0)
-    single = jax.jit(sim._client_update)
+    single = jax.jit(sim.plan.program.update)
     step = make_train_step(backbone, config, task, optimizer)
 
     def vmapped():
@@ -461,7 +461,7 @@ def block_memory(
     n = total * examples_per_client
     encoded = _random_batch(backbone, rng, n, tokens)
     parts = [np.arange(i * examples_per_client, (i + 1) * examples_per_client) for i in range(total)]
-    sim = FederatedSimulation(
+    sim = FederatedSimulation.build(
         backbone, PromptConfig(num_virtual_tokens=virtual_tokens), SequenceClassification(num_labels=4), algorithms.fedavg(),
         optax.adam(1e-2), build_client_data(encoded, parts, 4), clients_per_round=total, local_steps=local_steps,
         batch_size=batch_size, seed=seed,

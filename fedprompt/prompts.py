@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedprompt.backbones.prompt_inputs import Prefix, SoftPrompt
 from fedprompt.errors import ConfigError, PromptMismatchError
 
 if TYPE_CHECKING:
@@ -34,19 +35,6 @@ Method = Literal["prompt", "prefix"]
 Init = Literal["random", "sample_vocab", "text"]
 METHODS = ("prompt", "prefix")
 INITS = ("random", "sample_vocab", "text")
-
-
-class SoftPrompt(NamedTuple):
-    """Virtual-token embeddings ``[P, D]`` (shared by a batch) or ``[B, P, D]``."""
-
-    embeddings: jax.Array
-
-
-class Prefix(NamedTuple):
-    """Per-layer attention prefixes, ``[L, P, H_kv, head_dim]`` each (or ``[L, B, P, H_kv, hd]``)."""
-
-    keys: jax.Array
-    values: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

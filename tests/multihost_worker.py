@@ -64,16 +64,16 @@ def main() -> None:
     ids = rng.integers(5, 100, (n, 8)).astype(np.int32)
     encoded = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": (ids[:, 0] % 3).astype(np.int32)}
     parts = np.array_split(np.arange(n), 6)
-    sim = FederatedSimulation(
+    sim = FederatedSimulation.build(
         bb, PromptConfig(num_virtual_tokens=2, init="random", random_std=0.5), task, algorithms.fedavg(), optimizer,
         build_client_data(encoded, parts, 3), clients_per_round=5, local_steps=2, batch_size=4, seed=0,
     )
     state, controls = sim.init()
     chosen, _ = sim.sample(1)
     expected = sim.train_clients(state, controls, chosen, 1)
-    trainer = make_parallel_train_clients(sim._client_update, axis=axis)
+    trainer = make_parallel_train_clients(sim.plan.program.update, axis=axis)
     out = trainer.train_block(
-        state.params, bb.weights, sim.client_data.columns, sim._sizes, chosen, sim.client_keys(1)[chosen],
+        state.params, bb.weights, sim.client_data.columns, jnp.asarray(sim.client_data.sizes), chosen, sim.client_keys(1)[chosen],
         state.control, jax.tree.map(lambda c: c[chosen], controls),
     )
     results["clients"] = max_diff(multihost_utils.process_allgather(out.delta, tiled=True), expected.delta)

@@ -107,7 +107,7 @@ def check_client_blocks(results, k, algorithm, scaffold_lr=None, hook_backend="s
     backbone = tiny_backbone("bert")
 
     def simulation(**kw):
-        return FederatedSimulation(
+        return FederatedSimulation.build(
             backbone, PromptConfig(num_virtual_tokens=2, init="random", random_std=0.5),
             SequenceClassification(3), algorithm, optimizer, build_client_data(encoded, parts, 3),
             clients_per_round=k, local_steps=3, batch_size=4, seed=0, scaffold_lr=scaffold_lr, **kw,
@@ -116,7 +116,7 @@ def check_client_blocks(results, k, algorithm, scaffold_lr=None, hook_backend="s
     sim = simulation()
     state, controls = sim.init()
     if scaffold_lr:  # non-zero control variates, so the control path is exercised
-        state = state._replace(control=jax.tree.map(lambda x: x + 0.01, state.control))
+        state = state._replace(server=state.server._replace(control=jax.tree.map(lambda x: x + 0.01, state.control)))
         controls = jax.tree.map(lambda c: c - 0.02 * np.arange(clients).reshape(-1, *[1] * (c.ndim - 1)), controls)
     round_index = 2
     chosen, _ = sim.sample(round_index)
@@ -125,9 +125,9 @@ def check_client_blocks(results, k, algorithm, scaffold_lr=None, hook_backend="s
     label = f"clients/K{k}-{algorithm.name}"
     outs = {}
     for backend in BACKENDS:
-        trainer = make_parallel_train_clients(sim._client_update, axis=DeviceAxis(backend))
+        trainer = make_parallel_train_clients(sim.plan.program.update, axis=DeviceAxis(backend))
         direct = trainer.train_block(
-            state.params, sim.backbone.weights, sim.client_data.columns, sim._sizes,
+            state.params, sim.backbone.weights, sim.client_data.columns, jnp.asarray(sim.client_data.sizes),
             chosen, keys[chosen], state.control, jax.tree.map(lambda c: c[chosen], controls),
         )
         assert jax.tree.leaves(direct)[0].shape[0] == k

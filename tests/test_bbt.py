@@ -43,7 +43,7 @@ def federation():
         program = bbt.make_bbt_program(
             backbone, config, task, dim=DIM, popsize=POP, local_steps=GENERATIONS, batch_size=8, sigma=1.0, seed=3, head=head
         )
-        cache[head] = FederatedSimulation(
+        cache[head] = FederatedSimulation.build(
             backbone, config, task, algorithms.fedavg(), optax.sgd(0.1), build_client_data(data, parts, LABELS),
             clients_per_round=4, local_steps=1, batch_size=1, program=program, seed=1,
         )
@@ -97,7 +97,7 @@ def test_payload_is_z_sigma_and_head_and_counted_exactly(federation):
     counted = bbt.payload_bytes(state.params, "gradient", 0, sim.backbone.fingerprint)
     assert result.bytes_up == result.clients * one == result.clients * counted
     # A frozen head is not sent: z and sigma only.
-    frozen = bbt.make_bbt_program(sim.backbone, sim.prompt_config, sim.task, dim=DIM, popsize=POP, local_steps=1, head="frozen")
+    frozen = bbt.make_bbt_program(sim.backbone, sim.plan.prompt_config, sim.plan.task, dim=DIM, popsize=POP, local_steps=1, head="frozen")
     shapes = jax.eval_shape(frozen.update, state.params, sim.backbone.weights, data, 64, jax.random.key(0)).delta
     assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == {"z": ((DIM,), jnp.float32), "sigma": ((), jnp.float32)}
     delta = jax.jit(frozen.to_delta)(state.params, {"z": jnp.ones(DIM), "sigma": jnp.float32(0.1)})
@@ -129,7 +129,7 @@ def test_black_box_federation_lowers_the_loss(federation):
     sim = simulation("gradient")
     state, controls = sim.init()
     before = sim.evaluate(state.params, data)["eval_loss"]
-    _, _, history = run_rounds(sim, 5, data, eval_every=5, state=state, client_controls=controls)
+    _, _, history = run_rounds(sim, 5, data, eval_every=5, state=state, client_states=controls)
     assert history[-1]["eval_loss"] < before - 0.03, (before, history[-1]["eval_loss"])
 
 

@@ -35,7 +35,7 @@ def _simulation(program_kind=None, **kw):
     if program_kind is not None:
         update = make_client_update(make_loss_fn(bb, config, task.resolve(bb)), optimizer, local_steps=3, batch_size=4)
         program = compressed_program(update, program_kind, **kw)
-    return FederatedSimulation(
+    return FederatedSimulation.build(
         bb, config, task, algorithms.fedavg(), optimizer, build_client_data(encoded, parts, LABELS),
         clients_per_round=4, local_steps=3, batch_size=4, seed=0, program=program,
     )
@@ -79,7 +79,7 @@ def test_error_feedback_carries_the_residual(plain):
     payload = jax.tree.map(lambda x: x[0], out.delta)
     residual = jax.tree.map(lambda x: x[0], out.control)
     true = jax.tree.map(lambda x: x[0], deltas)
-    sent = sim.program.to_delta(state.params, payload)
+    sent = sim.plan.program.to_delta(state.params, payload)
     # what was sent + what is kept = the true update
     jax.tree.map(lambda s, r, t: np.testing.assert_allclose(s + r, t, atol=1e-6), sent, residual, true)
 
@@ -93,6 +93,7 @@ def test_run_config_compression_keeps_each_clients_residual():
     """RunConfig(compress=..., error_feedback=True) through the one config->simulation path:
     the engine stores each reporting client's residual and hands it back next time."""
     from fedprompt.config import RunConfig
+    from fedprompt.federation.plan import make_plan
     from fedprompt.simulation import federation
 
     rng = np.random.default_rng(0)
@@ -103,9 +104,9 @@ def test_run_config_compression_keeps_each_clients_residual():
     bb = tiny_backbone("bert")
     task = SequenceClassification(LABELS)
     parts = federation.partition_clients(config, encoded["labels"])
-    sim = federation.make_simulation(config, bb, federation.make_prompt_config(config), task,
-                                     build_client_data(encoded, parts, LABELS))
-    assert sim.program.client_state
+    plan = make_plan(config, bb, LABELS)
+    sim = federation.make_simulation(config, plan, build_client_data(encoded, parts, LABELS))
+    assert sim.plan.program.client_state
     state, controls = sim.init()
     ids0, _ = sim.sample(0)
     sent = sim.train_clients(state, controls, ids0, 0)

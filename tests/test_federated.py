@@ -27,14 +27,15 @@ def _encoded(n=72, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": (ids[:, 0] % LABELS).astype(np.int32)}
 
 
-def _simulation(algorithm, *, clients=6, per_round=4, dropout=0.0, seed=0, block=None, optimizer=None, scaffold_lr=None):
+def _simulation(algorithm, *, clients=6, per_round=4, dropout=0.0, seed=0, block=None, optimizer=None, scaffold_lr=None,
+                program=None):
     encoded = _encoded()
     parts = dirichlet_partition(encoded["labels"], clients, 0.5, seed=0)
-    return FederatedSimulation(
+    return FederatedSimulation.build(
         tiny_backbone("bert"), PromptConfig(num_virtual_tokens=2, init="random", random_std=0.5),
         SequenceClassification(LABELS), algorithm, optimizer or optax.adam(0.05),
         build_client_data(encoded, parts, LABELS), clients_per_round=per_round, local_steps=3, batch_size=4,
-        dropout=dropout, client_block=block, seed=seed, scaffold_lr=scaffold_lr,
+        dropout=dropout, client_block=block, seed=seed, scaffold_lr=scaffold_lr, program=program,
     ), encoded
 
 
@@ -51,7 +52,7 @@ def test_fedavg_round_is_the_example_weighted_mean_of_client_deltas():
     expected = jax.tree.map(lambda p, d: p + np.tensordot(sizes, d, axes=1) / sizes.sum(), _np(state.params), results.delta)
     new_state, _, result = sim.run_round(state, controls, 0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6), new_state.params, expected)
-    assert result.clients == len(ids) and result.rejected == 0 and int(new_state.round) == 1
+    assert result.clients == len(ids) and result.rejected == 0 and int(new_state.server.round) == 1
 
 
 @pytest.mark.parametrize("block", [1, 2])
@@ -61,7 +62,7 @@ def test_vmapped_engine_equals_per_client_loop(block):
     ids, _ = sim.sample(3)
     batched = sim.train_clients(state, controls, ids, 3)
     keys = sim.client_keys(3)
-    single = jax.jit(sim._client_update)
+    single = jax.jit(sim.plan.program.update)
     for slot, client in enumerate(ids):
         data = {k: v[client] for k, v in sim.client_data.columns.items()}
         one = single(state.params, sim.backbone.weights, data, int(sim.client_data.sizes[client]), keys[client])
@@ -122,7 +123,18 @@ def test_same_seed_gives_identical_metrics_and_no_recompiles():
     assert first == second
     assert metrics(1)[0] != first
     assert len({m["clients"] for m in first}) > 1, "dropouts should vary the number of clients"
-    assert sim._aggregate.num_compilations <= 2  # varying K within one bucket: no new programs
+    # Varying numbers of clients within one bucket compile no new programs after round 1.
+    compiles = []
+    listener = lambda event, seconds, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        sim, encoded = _simulation(algorithms.fedadam(0.05), dropout=0.3, seed=5)
+        state, controls, _ = run_rounds(sim, 1, encoded)
+        before = len(compiles)
+        run_rounds(sim, 5, encoded, state=state, client_states=controls, start_round=1)
+        assert len(compiles) == before, compiles[before:]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_fedadam_server_step_is_reddi_algorithm_2():
@@ -181,21 +193,27 @@ def test_scaffold_runs_in_the_engine():
     assert sum(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(controls)) > 0
 
 
+def _failing_program(message):
+    """A client program whose compiled update fails on the device with ``message``."""
+
+    def fail(loss):
+        raise RuntimeError(message)
+
+    def update(*args):
+        result = inner.update(*args)
+        loss = jax.pure_callback(fail, jax.ShapeDtypeStruct(result.loss.shape, result.loss.dtype), result.loss,
+                                 vmap_method="sequential")
+        return result._replace(loss=loss)
+
+    inner = _simulation(algorithms.fedavg())[0].plan.program
+    return inner._replace(update=update)
+
+
 def test_a_block_that_does_not_fit_says_to_lower_client_block():
-    sim, _ = _simulation(algorithms.fedavg())
-    state, controls = sim.init()
-
-    def out_of_memory(*args):
-        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 28488728704 bytes.")
-
-    sim._train_block = out_of_memory
-    ids, _ = sim.sample(0)
-    with pytest.raises(OutOfMemoryError, match="client_block"):
-        sim.train_clients(state, controls, ids, 0)
-
-    def other_failure(*args):
-        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
-
-    sim._train_block = other_failure
-    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        sim.train_clients(state, controls, ids, 0)
+    for message, error in (("RESOURCE_EXHAUSTED: Out of memory allocating 28488728704 bytes.", OutOfMemoryError),
+                           ("INTERNAL: something else", jax.errors.JaxRuntimeError)):
+        sim, _ = _simulation(algorithms.fedavg(), program=_failing_program(message))
+        state, controls = sim.init()
+        ids, _ = sim.sample(0)
+        with pytest.raises(error, match="client_block" if error is OutOfMemoryError else "something else"):
+            sim.train_clients(state, controls, ids, 0)

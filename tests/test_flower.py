@@ -34,7 +34,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt.errors import ConfigError
 from fedprompt.flower import client_app, common, server_app
-from fedprompt.server import aggregators, rounds
+from fedprompt.federation.records import client_message
+from fedprompt.server import rounds
 from fedprompt.simulation import federation
 from fedprompt.simulation.engine import build_client_data, run_rounds
 from fedprompt.wire import artifact, codec
@@ -252,7 +253,7 @@ def _reference(settings: common.FlowerSettings):
     """The in-process simulation of the same run: all clients' rows, vmapped training."""
     fed = common.build_federation(settings, common.load_run_backbone(settings))
     client_data = build_client_data(fed.training_set(), fed.parts, len(fed.label_names))
-    sim = federation.make_simulation(settings.run, fed.backbone, fed.prompt_config, fed.task, client_data)
+    sim = federation.make_simulation(settings.run, fed.plan, client_data)
     return fed, sim
 
 
@@ -283,9 +284,11 @@ def test_run_config_is_read_like_fedprompt_run_and_refuses_what_a_deployment_can
         common.settings_from_run_config({"dropout": 0.5})
     with pytest.raises(ConfigError, match="round-timeout must be float"):
         common.settings_from_run_config({"round-timeout": "soon"})
-    for unsupported in ({"method": "zo"}, {"compress": "int8"}, {"tpt": True}, {"devices": 2}):
+    for unsupported in ({"secagg": True}, {"devices": 2}):
         with pytest.raises(ConfigError, match="not supported by the Flower deployment"):
             common.settings_from_run_config(unsupported)
+    with pytest.raises(ConfigError, match="malicious clients"):
+        common.settings_from_run_config({"attack": "sign_flip"})
     with pytest.raises(ConfigError, match="min-nodes"):
         common.settings_from_run_config({"clients": 2, "clients-per-round": 2, "min-nodes": 3})
     with pytest.raises(ConfigError, match="partition-id"):
@@ -297,6 +300,7 @@ def test_run_config_is_read_like_fedprompt_run_and_refuses_what_a_deployment_can
 def test_a_node_holds_exactly_its_simulation_rows(tmp_path):
     _, settings = _settings(tmp_path, partition="dirichlet", alpha=0.3)
     fed, sim = _reference(settings)
+    node = common.build_federation(settings, common.load_run_backbone(settings))  # what a node builds
     sizes = sim.client_data.sizes
     assert len(set(sizes.tolist())) > 1  # unequal clients: the padding matters
     for client in range(settings.run.clients):
@@ -305,10 +309,10 @@ def test_a_node_holds_exactly_its_simulation_rows(tmp_path):
         for name, column in sim.client_data.columns.items():
             np.testing.assert_array_equal(rows[name], np.asarray(column[client]))
         keys = sim.client_keys(5)
-        np.testing.assert_array_equal(jax.random.key_data(fed.simulation.client_keys(5)[client]),
+        np.testing.assert_array_equal(jax.random.key_data(node.plan.client_keys(5)[client]),
                                       jax.random.key_data(keys[client]))
     for r in range(4):
-        np.testing.assert_array_equal(fed.simulation.sample(r)[0], sim.sample(r)[0])
+        np.testing.assert_array_equal(node.plan.sample(r)[0], sim.sample(r)[0])
 
 
 class InProcessGrid(Grid):
@@ -374,23 +378,24 @@ def flower_task(monkeypatch):
 
 
 def _replay(fed, sim, metrics, settings):
-    """The in-process simulation's rounds with exactly the clients the deployment aggregated."""
+    """The in-process simulation's rounds with exactly the clients the deployment aggregated,
+    through the plan's public round functions."""
+    plan = sim.plan
     state, controls = sim.init()
-    aggregate, server_step = aggregators.Aggregation(), jax.jit(sim.algorithm.apply)
-    template = {"delta": jax.device_get(state.params)}
+    template = plan.update_template(fed.test_set())
     for r, m in enumerate(metrics):
         ids, _ = sim.sample(r)
         host = jax.device_get(sim.train_clients(state, controls, ids, r))
-        deltas = [jax.tree.map(lambda x, s=slot: x[s], host.delta) for slot in range(len(ids))]
         messages = [
-            codec.encode({"delta": delta}, kind=rounds.UPDATE_KIND, round=r, fingerprint=fed.backbone.fingerprint)
+            codec.encode(client_message(jax.tree.map(lambda x, s=slot: x[s], host), plan.scaffold),
+                         kind=rounds.UPDATE_KIND, round=r, fingerprint=fed.backbone.fingerprint)
             if int(client) in m["participants"] else None
-            for delta, client in zip(deltas, ids)
+            for slot, client in enumerate(ids)
         ]
         received = rounds.receive_updates(messages, round_index=r, fingerprint=fed.backbone.fingerprint,
                                           template=template)
-        state = rounds.aggregate_round(state, received, sim.client_data.sizes[ids], server_step=server_step,
-                                       aggregate=aggregate, num_clients=settings.run.clients).state
+        state, _ = plan.server.apply(state, received, sim.client_data.sizes[ids], key=plan.keys.round_noise(r),
+                                     participants=ids)
     return state
 
 

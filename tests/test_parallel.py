@@ -65,7 +65,7 @@ def test_backends_are_identical(eight_devices):
 
 
 def test_engine_parallel_option_equals_one_device(eight_devices):
-    # FederatedSimulation(parallel=backend, devices=None | 3): client blocks and whole rounds.
+    # FederatedSimulation.build(parallel=backend, devices=None | 3): client blocks and whole rounds.
     hooks = {k: v for k, v in eight_devices.items() if "/engine-" in k}
     assert {k.split("/")[2] for k in hooks} == {"shard_map", "pmap"}
     assert {k.split("/")[3] for k in hooks} == {"engine-hook-8", "engine-hook-3", "engine-round"}
@@ -156,7 +156,7 @@ def test_engine_refuses_more_devices_than_it_has():
     encoded = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": (ids[:, 0] % 2).astype(np.int32)}
     data = build_client_data(encoded, [np.arange(6), np.arange(6, 12)], 2)
     with pytest.raises(ConfigError, match="devices must be between 1 and the 1 local devices"):
-        FederatedSimulation(
+        FederatedSimulation.build(
             tiny_backbone("bert"), PromptConfig(num_virtual_tokens=2), SequenceClassification(2), algorithms.fedavg(),
             optax.adam(0.01), data, clients_per_round=2, local_steps=1, batch_size=2, parallel="shard_map", devices=2,
         )

@@ -98,34 +98,37 @@ def test_target_epsilon_calibration(target, kwargs):
 def test_ledger_reports_epsilon_of_rounds_so_far():
     kwargs = dict(sampling="fixed", population=20, cohort=5)
     ledger = accounting.PrivacyLedger(noise_multiplier=1.5, delta=1e-5, **kwargs)
-    got = [ledger.record_round() for _ in range(3)]
+    spent, got = ledger.init_spent(), []
+    for _ in range(3):
+        spent, eps = ledger.spend(spent)
+        got.append(eps)
     expected = [accounting.epsilon(1.5, None, r, 1e-5, **kwargs) for r in (1, 2, 3)]
     assert got == expected
     assert got[0] < got[1] < got[2]
-    summary = ledger.summary()
+    summary = ledger.summary(spent)
     assert summary["epsilon"] == expected[-1] and summary["dp_rounds"] == 3 and summary["sample_rate"] == 0.25
     json.dumps(summary)
-    restored = accounting.PrivacyLedger(noise_multiplier=1.5, delta=1e-5, **kwargs)
-    restored.restore(3)
-    assert restored.epsilon == expected[-1]
+    fresh = accounting.PrivacyLedger(noise_multiplier=1.5, delta=1e-5, **kwargs)  # a resumed run's ledger
+    assert fresh.epsilon(accounting.PrivacySpent(np.asarray(3), np.zeros(0, np.int64))) == expected[-1]
 
 
 def test_ledger_local_mode_tracks_the_most_exposed_client():
     ledger = accounting.PrivacyLedger(noise_multiplier=3.0, delta=1e-5, mode="local", population=4)
-    ledger.record_round([0, 1])
-    eps = ledger.record_round([1, 2])
-    assert ledger.participations.tolist() == [1, 2, 1, 0]
+    spent, _ = ledger.spend(ledger.init_spent(), [0, 1])
+    spent, eps = ledger.spend(spent, [1, 2])
+    assert spent.participations.tolist() == [1, 2, 1, 0]
     assert eps == accounting.local_epsilon(3.0, 2, 1e-5)
     with pytest.raises(ConfigError):
-        ledger.record_round()
+        ledger.spend(spent)
     with pytest.raises(ConfigError):
-        ledger.record_round([4])
+        ledger.spend(spent, [4])
 
 
 def test_ledger_without_noise_is_json_safe():
     ledger = accounting.PrivacyLedger(noise_multiplier=0.0, delta=1e-5, sampling="poisson", sample_rate=0.5)
-    assert ledger.record_round() == math.inf
-    assert ledger.summary()["epsilon"] is None
+    spent, eps = ledger.spend(ledger.init_spent())
+    assert eps == math.inf
+    assert ledger.summary(spent)["epsilon"] is None
 
 
 # ---------------------------------------------------------------- clipping

@@ -8,6 +8,7 @@ import optax
 from conftest import tiny_backbone
 
 from fedprompt import PromptConfig, SequenceClassification
+from fedprompt.federation.plan import SecureAggregationSettings
 from fedprompt.privacy import accounting
 from fedprompt.privacy.dp import DPConfig
 from fedprompt.server import algorithms
@@ -25,7 +26,7 @@ def _simulation(**kwargs):
     encoded = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": (ids[:, 0] % LABELS).astype(np.int32)}
     parts = iid_partition(60, 6, seed=0)
     options = {"clients_per_round": 6, "local_steps": 2, "batch_size": 4, "seed": 0, **kwargs}
-    return FederatedSimulation(
+    return FederatedSimulation.build(
         tiny_backbone("bert"), PromptConfig(num_virtual_tokens=2, init="random", random_std=0.5),
         SequenceClassification(LABELS), algorithms.fedavg(), optax.adam(0.05), build_client_data(encoded, parts, LABELS),
         **options,
@@ -54,7 +55,7 @@ def test_target_epsilon_is_met_by_the_run():
 
 
 def test_secure_aggregation_equals_the_plain_uniform_mean():
-    sim, _ = _simulation(secure_aggregation=True, secagg_range=1.0)
+    sim, _ = _simulation(secagg=SecureAggregationSettings(clip_range=1.0))
     state, controls = sim.init()
     ids, _ = sim.sample(0)
     deltas = sim.train_clients(state, controls, ids, 0).delta
@@ -66,7 +67,7 @@ def test_secure_aggregation_equals_the_plain_uniform_mean():
 
 
 def test_secure_aggregation_with_too_few_survivors_publishes_nothing():
-    sim, _ = _simulation(secure_aggregation=True, secagg_threshold=6, dropout=0.5)
+    sim, _ = _simulation(secagg=SecureAggregationSettings(threshold=6), dropout=0.5)
     state, controls = sim.init()
     r = next(r for r in range(50) if sim.sample(r)[1].any())
     new_state, _, result = sim.run_round(state, controls, r)

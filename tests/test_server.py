@@ -19,11 +19,11 @@ from fedprompt.server.aggregators import (
 )
 from fedprompt.server.optimizers import (
     ScaleByFedOptState,
-    fedadagrad,
-    fedadam,
-    fedavg,
-    fedavgm,
-    fedyogi,
+    fedadagrad_optimizer,
+    fedadam_optimizer,
+    fedavg_optimizer,
+    fedavgm_optimizer,
+    fedyogi_optimizer,
     make_server_optimizer,
     scale_by_fedopt,
     server_update,
@@ -216,14 +216,14 @@ def algorithm2_by_hand(kind, x0, deltas, *, lr, b1=0.9, b2=0.99, tau=1e-3, momen
 
 
 CASES = {
-    "fedavg": (lambda: fedavg(0.7), dict(lr=0.7)),
-    "fedavgm": (lambda: fedavgm(0.5, momentum=0.8), dict(lr=0.5, momentum=0.8)),
-    "fedadagrad": (lambda: fedadagrad(0.1), dict(lr=0.1, b1=0.0, tau=1e-3)),
-    "fedadagrad_momentum": (lambda: fedadagrad(0.1, b1=0.5, tau=1e-2), dict(lr=0.1, b1=0.5, tau=1e-2)),
-    "fedadam": (lambda: fedadam(0.03), dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)),
-    "fedadam_v0": (lambda: fedadam(0.03, b1=0.5, b2=0.9, tau=1e-2, initial_accumulator=0.3), dict(lr=0.03, b1=0.5, b2=0.9, tau=1e-2, v0=0.3)),
-    "fedyogi": (lambda: fedyogi(0.03), dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)),
-    "fedyogi_v0": (lambda: fedyogi(0.05, tau=1e-2, initial_accumulator=0.02), dict(lr=0.05, tau=1e-2, v0=0.02)),
+    "fedavg": (lambda: fedavg_optimizer(0.7), dict(lr=0.7)),
+    "fedavgm": (lambda: fedavgm_optimizer(0.5, momentum=0.8), dict(lr=0.5, momentum=0.8)),
+    "fedadagrad": (lambda: fedadagrad_optimizer(0.1), dict(lr=0.1, b1=0.0, tau=1e-3)),
+    "fedadagrad_momentum": (lambda: fedadagrad_optimizer(0.1, b1=0.5, tau=1e-2), dict(lr=0.1, b1=0.5, tau=1e-2)),
+    "fedadam": (lambda: fedadam_optimizer(0.03), dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)),
+    "fedadam_v0": (lambda: fedadam_optimizer(0.03, b1=0.5, b2=0.9, tau=1e-2, initial_accumulator=0.3), dict(lr=0.03, b1=0.5, b2=0.9, tau=1e-2, v0=0.3)),
+    "fedyogi": (lambda: fedyogi_optimizer(0.03), dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)),
+    "fedyogi_v0": (lambda: fedyogi_optimizer(0.05, tau=1e-2, initial_accumulator=0.02), dict(lr=0.05, tau=1e-2, v0=0.02)),
 }
 
 
@@ -261,7 +261,7 @@ def test_server_optimizer_is_algorithm_2(name):
 def test_fedadam_first_round_has_no_bias_correction():
     params = {"w": jnp.zeros(3)}
     delta = {"w": jnp.array([0.1, -0.2, 0.3])}
-    p_adam, _ = server_update(params, fedadam(1.0).init(params), delta, fedadam(1.0))
+    p_adam, _ = server_update(params, fedadam_optimizer(1.0).init(params), delta, fedadam_optimizer(1.0))
     # First round, no bias correction: m = 0.1 Δ, v = 0.99 τ² + 0.01 Δ², x = m / (sqrt(v) + τ).
     d = np.array([0.1, -0.2, 0.3])
     np.testing.assert_allclose(p_adam["w"], 0.1 * d / (np.sqrt(0.99e-6 + 0.01 * d**2) + 1e-3), rtol=1e-6)
@@ -277,14 +277,14 @@ def test_any_optax_transformation_works_through_server_update():
     np.testing.assert_allclose(new["prompt"], 2.0)
     np.testing.assert_allclose(new["head"], [0.5, -2.0])
     # A schedule as server_lr behaves like the constant.
-    a, _ = server_update(params, fedyogi(0.1).init(params), delta, fedyogi(0.1))
-    b, _ = server_update(params, fedyogi(optax.constant_schedule(0.1)).init(params), delta, fedyogi(optax.constant_schedule(0.1)))
+    a, _ = server_update(params, fedyogi_optimizer(0.1).init(params), delta, fedyogi_optimizer(0.1))
+    b, _ = server_update(params, fedyogi_optimizer(optax.constant_schedule(0.1)).init(params), delta, fedyogi_optimizer(optax.constant_schedule(0.1)))
     assert_tree_close(a, jax.tree.map(np.asarray, b), rtol=1e-7, atol=0)
 
 
 def test_server_update_keeps_param_dtypes():
     params = {"w": jnp.ones(4, jnp.bfloat16)}
-    opt = fedadam(0.1)
+    opt = fedadam_optimizer(0.1)
     new, state = server_update(params, opt.init(params), {"w": jnp.full(4, 0.5)}, opt)
     assert new["w"].dtype == jnp.bfloat16
     assert state[0].nu["w"].dtype == jnp.float32
@@ -293,21 +293,21 @@ def test_server_update_keeps_param_dtypes():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: fedavg(0.0),
-        lambda: fedavg(-1.0),
-        lambda: fedavgm(1.0, momentum=1.0),
-        lambda: fedavgm(1.0, momentum=-0.1),
-        lambda: fedadagrad(0.0),
-        lambda: fedadagrad(0.1, b1=1.0),
-        lambda: fedadagrad(0.1, tau=0.0),
-        lambda: fedadam(-0.1),
-        lambda: fedadam(float("nan")),
-        lambda: fedadam(0.1, b1=-0.5),
-        lambda: fedadam(0.1, b2=1.0),
-        lambda: fedadam(0.1, tau=-1e-3),
-        lambda: fedyogi(0.1, b2=1.5),
-        lambda: fedyogi(0.1, initial_accumulator=-1.0),
-        lambda: fedyogi("fast"),
+        lambda: fedavg_optimizer(0.0),
+        lambda: fedavg_optimizer(-1.0),
+        lambda: fedavgm_optimizer(1.0, momentum=1.0),
+        lambda: fedavgm_optimizer(1.0, momentum=-0.1),
+        lambda: fedadagrad_optimizer(0.0),
+        lambda: fedadagrad_optimizer(0.1, b1=1.0),
+        lambda: fedadagrad_optimizer(0.1, tau=0.0),
+        lambda: fedadam_optimizer(-0.1),
+        lambda: fedadam_optimizer(float("nan")),
+        lambda: fedadam_optimizer(0.1, b1=-0.5),
+        lambda: fedadam_optimizer(0.1, b2=1.0),
+        lambda: fedadam_optimizer(0.1, tau=-1e-3),
+        lambda: fedyogi_optimizer(0.1, b2=1.5),
+        lambda: fedyogi_optimizer(0.1, initial_accumulator=-1.0),
+        lambda: fedyogi_optimizer("fast"),
         lambda: scale_by_fedopt("sgd", b1=0.9),
         lambda: make_server_optimizer("fedsgd"),
         lambda: make_server_optimizer("fedadam", lr=0.1),
@@ -322,7 +322,7 @@ def test_bad_hyperparameters_raise_config_error(make):
 def test_make_server_optimizer_by_name():
     params = {"w": jnp.zeros(2)}
     delta = {"w": jnp.array([0.3, -0.1])}
-    a, _ = server_update(params, fedyogi(0.2, b1=0.5).init(params), delta, fedyogi(0.2, b1=0.5))
+    a, _ = server_update(params, fedyogi_optimizer(0.2, b1=0.5).init(params), delta, fedyogi_optimizer(0.2, b1=0.5))
     opt = make_server_optimizer("fedyogi", server_lr=0.2, b1=0.5)
     b, _ = server_update(params, opt.init(params), delta, opt)
     np.testing.assert_array_equal(a["w"], b["w"])

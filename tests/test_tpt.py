@@ -117,7 +117,7 @@ def test_federated_adaptation_averages_prompt_changes_from_unlabeled_data(traine
     program = tpt.make_tpt_program(
         backbone, config, task, params, local_steps=2, batch_size=4, num_views=4, lr=5e-2, mask_token_id=MASK
     )
-    sim = FederatedSimulation(
+    sim = FederatedSimulation.build(
         backbone, config, task, algorithms.fedavg(), optax.sgd(0.1), build_client_data(data, parts, LABELS),
         clients_per_round=2, local_steps=1, batch_size=1, program=program,
     )
@@ -129,7 +129,7 @@ def test_federated_adaptation_averages_prompt_changes_from_unlabeled_data(traine
     object.__setattr__(sim.client_data, "columns", scrambled)  # other labels: the same updates
     b = sim.train_clients(state, controls, ids, 0)
     jax.tree.map(np.testing.assert_array_equal, a.delta, b.delta)
-    final, _, history = run_rounds(sim, 2, data, state=state, client_controls=controls)
+    final, _, history = run_rounds(sim, 2, data, state=state, client_states=controls)
     jax.tree.map(np.testing.assert_array_equal, final.params["head"], params["head"])
     assert history[-1]["bytes_up"] > 0
 

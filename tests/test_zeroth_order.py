@@ -84,7 +84,7 @@ def federation():
     data = {"input_ids": ids, "attention_mask": mask, "labels": (ids[:, 0] % LABELS).astype(np.int32)}
     program = zo.make_zo_program(backbone, config, task, local_steps=STEPS, batch_size=8, lr=LR, eps=EPS, seed=SEED)
     parts = dirichlet_partition(data["labels"], 4, 1.0, seed=0)
-    sim = FederatedSimulation(
+    sim = FederatedSimulation.build(
         backbone, config, task, algorithms.fedavg(), optax.sgd(0.1), build_client_data(data, parts, LABELS),
         clients_per_round=3, local_steps=1, batch_size=1, program=program, seed=1,
     )
@@ -129,7 +129,7 @@ def test_engine_replays_every_client_bitwise_inside_its_vmapped_programs(federat
         np.testing.assert_allclose(np.asarray(payloads["scalars"][slot]), np.asarray(own[-1].scalars), rtol=1e-3, atol=5e-3)
     # The server's vmapped replay of the pairs each client sent gives that client's own bits.
     sent = {"indices": jnp.stack([o.indices for o in own]), "scalars": jnp.stack([o.scalars for o in own])}
-    server_deltas = sim._to_delta(state.params, sent)
+    server_deltas = jax.jit(jax.vmap(sim.plan.program.to_delta, in_axes=(None, 0)))(state.params, sent)
     for slot, result in enumerate(own):
         own_delta = jax.tree.map(lambda a, b: a - b, result.params, state.params)
         server_delta = jax.tree.map(lambda s, i=slot: np.asarray(s)[i], server_deltas)
@@ -138,7 +138,7 @@ def test_engine_replays_every_client_bitwise_inside_its_vmapped_programs(federat
 
 def test_default_payload_is_under_one_kilobyte_and_counted_exactly(federation):
     sim, _, data = federation
-    program = zo.make_zo_program(sim.backbone, sim.prompt_config, sim.task)  # the defaults: 64 steps
+    program = zo.make_zo_program(sim.backbone, sim.plan.prompt_config, sim.plan.task)  # the defaults: 64 steps
     state, _ = sim.init()
     shapes = jax.eval_shape(program.update, state.params, sim.backbone.weights, data, 48, jax.random.key(0)).delta
     assert (shapes["indices"].shape, shapes["indices"].dtype) == ((64,), jnp.int32)
@@ -154,7 +154,7 @@ def test_federated_zo_learns_and_counts_the_real_bytes(federation):
     sim, _, data = federation
     state, controls = sim.init()
     before = sim.evaluate(state.params, data)["eval_loss"]
-    state, _, history = run_rounds(sim, 6, data, eval_every=6, state=state, client_controls=controls)
+    state, _, history = run_rounds(sim, 6, data, eval_every=6, state=state, client_states=controls)
     assert history[-1]["eval_loss"] < before - 0.05, (before, history[-1]["eval_loss"])
     fingerprint = sim.backbone.fingerprint
     assert all(h["bytes_up"] == h["clients"] * zo.payload_bytes(STEPS, h["round"] - 1, fingerprint) for h in history)
@@ -162,7 +162,7 @@ def test_federated_zo_learns_and_counts_the_real_bytes(federation):
 
 def test_frozen_head_moves_only_the_prompt(federation):
     sim, _, _ = federation
-    program = zo.make_zo_program(sim.backbone, sim.prompt_config, sim.task, head="frozen", lr=LR, seed=SEED)
+    program = zo.make_zo_program(sim.backbone, sim.plan.prompt_config, sim.plan.task, head="frozen", lr=LR, seed=SEED)
     state, _ = sim.init()
     payload = {"indices": jnp.array([3, 17, 3], jnp.int32), "scalars": jnp.array([0.5, -2.0, 1.0], jnp.float32)}
     delta = jax.jit(program.to_delta)(state.params, payload)
@@ -194,12 +194,12 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_run_config_local_lr_sets_the_zo_learning_rate():
     """``fedprompt run --method zo --local-lr X``: the replayed step is lr x the same scalars."""
     from fedprompt.config import RunConfig
-    from fedprompt.simulation import federation
+    from fedprompt.federation.plan import make_program
 
     bb = tiny_backbone("bert")
     prompt_config = PromptConfig(num_virtual_tokens=2)
     task = SequenceClassification(3)
-    programs = {lr: federation.client_program(RunConfig(method="zo", local_steps=3, local_lr=lr), bb, prompt_config, task)
+    programs = {lr: make_program(RunConfig(method="zo", local_steps=3, local_lr=lr), bb, prompt_config, task)
                 for lr in (None, 0.05)}
     from fedprompt.client.local import init_trainable
 

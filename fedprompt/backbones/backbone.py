@@ -18,7 +18,7 @@ from flax import nnx
 
 from fedprompt.backbones.base import ArchConfig, FrozenWeight
 from fedprompt.errors import EmptyBatchError, InputError, PromptMismatchError, SequenceTooLongError
-from fedprompt.prompts import Prefix, SoftPrompt
+from fedprompt.backbones.prompt_inputs import Prefix, SoftPrompt
 
 
 class BackboneOutput(NamedTuple):
@@ -186,7 +186,7 @@ class Backbone:
         Args:
           input_ids: ``[batch, tokens]`` integer token ids.
           attention_mask: ``[batch, tokens]`` 1 for real tokens, 0 for padding (default all 1).
-          prompt: a :class:`~fedprompt.prompts.SoftPrompt`, a :class:`~fedprompt.prompts.Prefix`
+          prompt: a :class:`~fedprompt.backbones.prompt_inputs.SoftPrompt`, a :class:`~fedprompt.backbones.prompt_inputs.Prefix`
             or None.
           token_type_ids: optional segment ids (BERT family).
           with_logits: decoders only; skip the vocabulary projection when False.

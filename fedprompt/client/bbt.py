@@ -52,6 +52,7 @@ from jax.flatten_util import ravel_pytree
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.client import cmaes
 from fedprompt.client.federated import ClientResult, local_batch, random_order
+from fedprompt.client.program import ClientProgram
 from fedprompt.errors import ConfigError
 from fedprompt.prompts import PromptConfig, init_prompt, materialize
 from fedprompt.tasks import Task
@@ -200,10 +201,8 @@ def make_bbt_program(
         are those of one forward of ``batch_size`` examples).
 
     Returns:
-      a :class:`fedprompt.simulation.engine.ClientProgram`.
+      a :class:`fedprompt.client.program.ClientProgram`.
     """
-    from fedprompt.simulation.engine import ClientProgram
-
     sizes = {"dim": dim, "popsize": popsize, "local_steps": local_steps, "batch_size": batch_size, "eval_chunk": eval_chunk}
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

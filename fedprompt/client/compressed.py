@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fedprompt.client.federated import ClientResult
+from fedprompt.client.program import ClientProgram
 from fedprompt.errors import ConfigError
 from fedprompt.kernels.quantize import (
     COMPRESSION_KINDS,
@@ -62,11 +63,9 @@ def compressed_program(
       implementation, interpret: the quantization kernel (:func:`fedprompt.kernels.quantize`).
 
     Returns:
-      a :class:`fedprompt.simulation.engine.ClientProgram`; ``to_delta(global_params,
+      a :class:`fedprompt.client.program.ClientProgram`; ``to_delta(global_params,
       payload)`` dequantizes on the server.
     """
-    from fedprompt.simulation.engine import ClientProgram
-
     if kind not in COMPRESSION_KINDS:
         raise ConfigError(f"compress must be one of {sorted(COMPRESSION_KINDS)}, got {kind!r}")
     options = {"block_size": block_size, "implementation": implementation, "interpret": interpret}

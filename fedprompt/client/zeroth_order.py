@@ -48,6 +48,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.client.federated import ClientResult, local_batch, random_order
+from fedprompt.client.program import ClientProgram
 from fedprompt.client.local import make_loss_fn
 from fedprompt.errors import ConfigError
 from fedprompt.prompts import PromptConfig
@@ -215,10 +216,8 @@ def make_zo_program(
       seed: the shared seed pool (every party must use the same).
 
     Returns:
-      a :class:`fedprompt.simulation.engine.ClientProgram`.
+      a :class:`fedprompt.client.program.ClientProgram`.
     """
-    from fedprompt.simulation.engine import ClientProgram
-
     _check_positive(local_steps=local_steps, batch_size=batch_size, num_seeds=num_seeds)
     for name, value in (("lr", lr), ("eps", eps)):
         if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):

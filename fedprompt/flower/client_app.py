@@ -8,14 +8,17 @@ On a ``train`` message the client
    set, padded as in the simulation;
 2. decodes the server's message with the wire codec, as hostile input, and checks its kind,
    round, backbone fingerprint and tree (shapes, dtypes, finite values);
-3. runs the simulation's client update (``FederatedSimulation.program.update``, i.e.
-   :func:`~fedprompt.client.federated.make_client_update`) with the key the simulation gives
-   this client in this round (``FederatedSimulation.client_keys``);
-4. replies with its update encoded by the wire codec, and its loss and number of examples.
+3. runs the plan's client program (``FederationPlan.program.update``: the gradient client,
+   compressed or not, or the gradient-free BBT / ZO clients) with the key the simulation gives
+   this client in this round (``FederationPlan.client_keys``), then its encode stage
+   (``FederationPlan.encode``: local DP clips and noises the payload, with noise drawn from
+   this machine's entropy, never from the run's seed);
+4. replies with its payload encoded by the wire codec, and its loss and number of examples.
 
-SCAFFOLD's client control variate stays on the node, in the run's ``context.state`` (itself
-codec bytes), and is replaced when the client replies (the simulation replaces it when the
-server accepts the update: the two differ only for an update that is lost or refused).
+A program's client state (SCAFFOLD's control variate, compression's error-feedback residual)
+stays on the node, in the run's ``context.state`` (itself codec bytes), and is replaced when
+the client replies (the simulation replaces it when the server accepts the update: the two
+differ only for an update that is lost or refused).
 
 Flower's deployment starts a fresh ClientApp process for every message; within a process the
 built federation, the compiled update and the client's rows are cached (Flower's simulation
@@ -36,11 +39,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedprompt.errors import WireError
+from fedprompt.federation.keys import fresh_key
+from fedprompt.federation.records import client_message
 from fedprompt.flower import common
 from fedprompt.server.rounds import GLOBAL_KIND, UPDATE_KIND
 from fedprompt.wire import codec
 
-CONTROL_KIND = "control"
+CLIENT_STATE_KIND = "client-state"
+"""The wire ``kind`` of a program's client state kept in the node's context."""
 
 app = ClientApp()
 
@@ -55,7 +61,7 @@ class _Client(NamedTuple):
 @functools.lru_cache(maxsize=2)
 def _federation(settings: common.FlowerSettings, backbone: str | None) -> tuple[common.Federation, Callable[..., Any]]:
     fed = common.build_federation(settings, common.load_run_backbone(settings, common.NodeSettings(0, None, backbone)))
-    return fed, jax.jit(fed.simulation.program.update)
+    return fed, jax.jit(fed.plan.program.update)
 
 
 @functools.lru_cache(maxsize=64)
@@ -102,25 +108,27 @@ def train(message: Message, context: Context) -> Message:
         )
 
     fed = client.federation
+    plan = fed.plan
     fingerprint = fed.backbone.fingerprint
     received = codec.check_message(
         codec.decode(fields["global"]), kind=GLOBAL_KIND, round=round_index, fingerprint=fingerprint
     )
-    broadcast = codec.check_template(received.tree, fed.broadcast_template())
+    broadcast = codec.check_template(received.tree, plan.broadcast_template())
 
     params = broadcast["params"]
-    control = broadcast.get("control", jax.tree.map(np.zeros_like, params))
-    client_control = _load_control(context, jax.tree.map(np.zeros_like, params), fingerprint)
-    key = fed.simulation.client_keys(round_index)[client_id]
-    result = jax.device_get(client.update(
-        params, fed.backbone.weights, client.rows, np.int32(client.size), key, control, client_control
-    ))
-
-    update = {"delta": result.delta}
-    if fed.scaffold:
-        update["control_delta"] = result.control_delta
-        _store_control(context, result.control, round_index, fingerprint)
-    payload = codec.encode(update, kind=UPDATE_KIND, round=round_index, fingerprint=fingerprint)
+    zeros = jax.tree.map(np.zeros_like, params)
+    control = broadcast.get("control", zeros)
+    client_state = _load_client_state(context, zeros, fingerprint) if plan.program.client_state else zeros
+    key = plan.client_keys(round_index)[client_id]
+    result = client.update(params, fed.backbone.weights, client.rows, np.int32(client.size), key, control,
+                           client_state)
+    if plan.encode is not None:  # local DP: noise only this node knows
+        result = result._replace(delta=plan.encode(result.delta, fresh_key()))
+    result = jax.device_get(result)
+    if plan.program.client_state:
+        _store_client_state(context, result.control, round_index, fingerprint)
+    payload = codec.encode(client_message(result, plan.scaffold), kind=UPDATE_KIND, round=round_index,
+                           fingerprint=fingerprint)
     content = RecordDict({
         common.RECORD: ConfigRecord({"update": payload}),
         common.METRICS: MetricRecord({
@@ -147,15 +155,16 @@ def _fields(message: Message) -> dict[str, Any]:
     return fields
 
 
-def _load_control(context: Context, zeros: Any, fingerprint: str) -> Any:
-    """SCAFFOLD's client control variate kept in the run's node state (zeros at first)."""
+def _load_client_state(context: Context, zeros: Any, fingerprint: str) -> Any:
+    """The program's client state kept in the run's node state (zeros at first)."""
     record = context.state.config_records.get(common.RECORD)
-    if record is None or "control" not in record:
+    if record is None or "client-state" not in record:
         return zeros
-    message = codec.check_message(codec.decode(record["control"]), kind=CONTROL_KIND, fingerprint=fingerprint)
+    message = codec.check_message(codec.decode(record["client-state"]), kind=CLIENT_STATE_KIND,
+                                  fingerprint=fingerprint)
     return codec.check_template(message.tree, zeros)
 
 
-def _store_control(context: Context, control: Any, round_index: int, fingerprint: str) -> None:
-    data = codec.encode(control, kind=CONTROL_KIND, round=round_index, fingerprint=fingerprint)
-    context.state[common.RECORD] = ConfigRecord({"control": data})
+def _store_client_state(context: Context, state: Any, round_index: int, fingerprint: str) -> None:
+    data = codec.encode(state, kind=CLIENT_STATE_KIND, round=round_index, fingerprint=fingerprint)
+    context.state[common.RECORD] = ConfigRecord({"client-state": data})

@@ -8,10 +8,12 @@ Each SuperNode's node config (``flower-supernode --node-config``) says which cli
 ``partition-id`` (required), ``num-partitions`` (checked against ``clients``) and optionally
 ``backbone``, this node's path to the checkpoint.
 
-Both apps build the same :class:`Federation` from the settings (through
-:mod:`fedprompt.simulation.federation`, as :func:`fedprompt.simulate` does), so a client's
-rows, its PRNG key in a round, the sampled clients and the initial prompt are those of the
-in-process simulation with the same settings.
+Both apps build the same :class:`Federation` from the settings: the run's
+:class:`~fedprompt.federation.plan.FederationPlan` (:func:`~fedprompt.federation.plan.make_plan`,
+as :func:`fedprompt.simulate` builds it) and the demo partition of the data, so a client's rows,
+its PRNG key in a round, the sampled clients, the initial prompt, the client program, its
+encode stage and the server's round are those of the in-process simulation with the same
+settings.
 
 Messages (all payloads are :mod:`fedprompt.wire.codec` bytes, the simulation's wire format):
 
@@ -36,10 +38,10 @@ from fedprompt.backbones.backbone import Backbone
 from fedprompt.backbones.loading import load_backbone
 from fedprompt.config import RunConfig
 from fedprompt.errors import ConfigError, FedPromptError
-from fedprompt.prompts import PromptConfig
+from fedprompt.federation.keys import KeySchedule
+from fedprompt.federation.plan import FederationPlan, make_plan
 from fedprompt.simulation import datasets, federation
-from fedprompt.simulation.engine import FederatedSimulation, encode_dataset
-from fedprompt.tasks import SequenceClassification
+from fedprompt.simulation.engine import encode_dataset
 
 RECORD = "fedprompt"
 """The name of the ConfigRecord that carries fedprompt's fields in every message."""
@@ -88,8 +90,7 @@ class FlowerSettings:
 _FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name != "run"}
 
 # Settings of the simulation that the deployment does not implement yet, with the value it runs.
-_NOT_DEPLOYED = {"aggregator": "mean", "attack": None, "dp": None, "secagg": False, "compress": None, "tpt": False,
-                 "devices": 1}
+_NOT_DEPLOYED = {"secagg": False, "devices": 1}
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
@@ -120,8 +121,8 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
                           "(set 0)")
     if run.baselines:
         raise ConfigError("baselines are computed by `fedprompt run`, not by a deployment (set false)")
-    if run.method in ("bbt", "zo"):
-        raise ConfigError(f"method = {run.method!r} is not supported by the Flower deployment yet (use 'prompt' or 'prefix')")
+    if run.attack is not None:
+        raise ConfigError("attack simulates malicious clients; a deployment's clients are what they are (unset it)")
     for name, default in _NOT_DEPLOYED.items():
         if getattr(run, name, default) != default:
             raise ConfigError(
@@ -195,81 +196,66 @@ class Federation:
 
     Attributes:
       settings: the run's settings.
-      backbone: the frozen backbone (loaded where the app runs; it is never sent).
-      prompt_config: the prompt's shape.
-      task: the task (its head and loss).
-      simulation: the :class:`FederatedSimulation` of the run, without rows (its ``sample``,
-        ``client_keys``, ``init``, ``program.update`` and ``evaluate`` are what both runtimes call).
-      parts: every client's training rows.
+      plan: the run's :class:`~fedprompt.federation.plan.FederationPlan` (backbone, client
+        program, encode stage, server round, key schedule).
+      parts: every client's training rows (the demo partition).
       label_names: the task's class names.
     """
 
     settings: FlowerSettings
-    backbone: Backbone
-    prompt_config: PromptConfig
-    task: SequenceClassification
-    simulation: FederatedSimulation
+    plan: FederationPlan
     parts: list[np.ndarray]
     label_names: tuple[str, ...]
     _train: Any
     _test: Any
 
     @property
+    def backbone(self) -> Backbone:
+        return self.plan.backbone
+
+    @property
     def capacity(self) -> int:
         """The largest client's size: every client's rows are padded to it."""
         return max(len(p) for p in self.parts)
 
+    @property
+    def client_sizes(self) -> np.ndarray:
+        """Every client's number of training examples."""
+        return np.array([len(p) for p in self.parts], np.int32)
+
+    def _encode(self, data: Any) -> dict[str, np.ndarray]:
+        if isinstance(data, datasets.TextDataset):
+            cfg = self.settings.run
+            return encode_dataset(self.backbone, data, cfg.max_length, cfg.num_virtual_tokens)
+        return dict(data)
+
     def client_rows(self, client_id: int) -> tuple[dict[str, np.ndarray], int]:
         """A client's encoded rows, padded to :attr:`capacity`, and its number of real rows."""
         part = self.parts[client_id]
-        cfg = self.settings.run
         if isinstance(self._train, datasets.TextDataset):
-            rows = encode_dataset(self.backbone, self._train.subset(part), cfg.max_length, cfg.num_virtual_tokens)
+            rows = self._encode(self._train.subset(part))
         else:
             rows = {name: column[part] for name, column in self._train.items()}
         return federation.client_shard(rows, self.capacity), len(part)
 
     def training_set(self) -> dict[str, np.ndarray]:
         """Every client's rows, encoded (what the in-process simulation holds; a node needs only its own)."""
-        if isinstance(self._train, datasets.TextDataset):
-            cfg = self.settings.run
-            return encode_dataset(self.backbone, self._train, cfg.max_length, cfg.num_virtual_tokens)
-        return dict(self._train)
+        return self._encode(self._train)
 
     def test_set(self) -> dict[str, np.ndarray]:
         """The encoded test set the server evaluates the global prompt on."""
-        if isinstance(self._test, datasets.TextDataset):
-            cfg = self.settings.run
-            return encode_dataset(self.backbone, self._test, cfg.max_length, cfg.num_virtual_tokens)
-        return dict(self._test)
-
-    def state_template(self) -> Any:
-        """Shapes and dtypes of the server state (``jax.ShapeDtypeStruct`` leaves)."""
-        return jax.eval_shape(lambda: self.simulation.init()[0])
-
-    def broadcast_template(self) -> dict[str, Any]:
-        """The tree a client expects from the server: ``params`` (and SCAFFOLD's ``control``)."""
-        state = self.state_template()
-        return {"params": state.params, **({"control": state.control} if self.scaffold else {})}
-
-    def update_template(self) -> dict[str, Any]:
-        """The tree the server expects from a client: ``delta`` (and SCAFFOLD's ``control_delta``)."""
-        params = self.state_template().params
-        return {"delta": params, **({"control_delta": params} if self.scaffold else {})}
-
-    @property
-    def scaffold(self) -> bool:
-        return self.simulation.algorithm.scaffold
+        return self._encode(self._test)
 
 
 def build_federation(settings: FlowerSettings, backbone: Backbone) -> Federation:
-    """The run's data, partition, prompt, task and simulation, exactly as :func:`fedprompt.simulate`."""
+    """The run's plan and its demo data partition, exactly as :func:`fedprompt.simulate` builds them."""
     cfg = settings.run
     if settings.synthetic_examples:
         shape = dict(max_length=cfg.max_length, vocab_size=backbone.config.vocab_size,
                      num_labels=settings.synthetic_labels)
-        train: Any = federation.synthetic_token_data(settings.synthetic_examples, seed=cfg.seed, **shape)
-        test: Any = federation.synthetic_token_data(cfg.eval_examples or 1024, seed=cfg.seed + 1, **shape)
+        keys = KeySchedule(cfg.seed)
+        train: Any = federation.synthetic_token_data(settings.synthetic_examples, seed=keys.train_subset, **shape)
+        test: Any = federation.synthetic_token_data(cfg.eval_examples or 1024, seed=keys.test_subset, **shape)
         labels = train["labels"]
         label_names = tuple(f"label_{i}" for i in range(settings.synthetic_labels))
     else:
@@ -279,11 +265,10 @@ def build_federation(settings: FlowerSettings, backbone: Backbone) -> Federation
         labels = train.labels
         label_names = train.label_names
     parts = federation.partition_clients(cfg, labels)
-    prompt_config = federation.make_prompt_config(cfg)
-    task: SequenceClassification = federation.make_task(len(label_names))
-    client_data = federation.client_sizes(parts, labels, len(label_names))
-    simulation = federation.make_simulation(cfg, backbone, prompt_config, task, client_data)
-    return Federation(settings, backbone, prompt_config, task, simulation, parts, label_names, train, test)
+    if min(len(p) for p in parts) < 1:
+        raise ConfigError("every client needs at least one example")
+    plan = make_plan(cfg, backbone, len(label_names))
+    return Federation(settings, plan, parts, label_names, train, test)
 
 
 def flower_message_bytes(message: Any) -> int | None:

@@ -5,12 +5,14 @@ simulation does, then
 
 1. waits for the SuperNodes and asks each (a ``query`` message) which client it is and which
    backbone it holds; a node whose backbone fingerprint differs is left out;
-2. every round, samples clients exactly as the simulation (``FederatedSimulation.sample``),
+2. every round, samples clients exactly as the simulation (``FederationPlan.sample``),
    sends each sampled client that has a node the global state encoded by the wire codec, and
    waits up to ``round-timeout`` seconds for the replies (``grid.send_and_receive``);
-3. decodes and validates the replies and aggregates them with the server round shared with the
-   simulation (:mod:`fedprompt.server.rounds`): a client that died, timed out, answered with an
-   error or sent a bad update is left out and the other clients' weights renormalize;
+3. decodes and validates the replies and ends the round with the plan's server round, the one
+   the simulation calls (:class:`~fedprompt.server.rounds.ServerRound`: the robust rule or
+   central DP, the optax step, the privacy ledger, whose epsilon goes into the metrics): a
+   client that died, timed out, answered with an error or sent a bad update is left out and the
+   other clients' weights renormalize;
 4. evaluates the global prompt on the test set, and appends the round's metrics to
    ``<out>/metrics.jsonl``: the simulation's fields (``bytes_up``/``bytes_down`` are the
    lengths of the codec payloads that crossed) plus ``wire_bytes_up``/``wire_bytes_down``
@@ -38,9 +40,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedprompt.federation.evaluation import evaluate_tpt
+from fedprompt.federation.keys import fresh_key
+from fedprompt.federation.records import RoundRecord, build_summary, evaluate_now, save_run_prompt
 from fedprompt.flower import common
-from fedprompt.server import aggregators, rounds
-from fedprompt.server.algorithms import ServerState
+from fedprompt.server import rounds
+from fedprompt.server.rounds import RoundState
 from fedprompt.simulation import report
 from fedprompt.wire import artifact, codec
 
@@ -65,7 +70,7 @@ def _log(text: str) -> None:
 class FlowerRunResult:
     """What :func:`run_federation` returns (and writes to ``out``)."""
 
-    state: ServerState
+    state: RoundState
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
     out: Path
@@ -154,7 +159,7 @@ def run_federation(
     started = time.perf_counter()
     cfg = settings.run
     fed = common.build_federation(settings, common.load_run_backbone(settings))
-    sim = fed.simulation
+    plan = fed.plan
     fingerprint = fed.backbone.fingerprint
     test = fed.test_set()
     out = Path(cfg.out)
@@ -166,54 +171,36 @@ def run_federation(
     nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log)
     nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
 
-    state, _ = sim.init()
-    aggregate = aggregators.Aggregation()
-    server_step = jax.jit(sim.algorithm.apply)
-    template = fed.update_template()
+    state = plan.init()
+    template = plan.update_template({name: column[:1] for name, column in test.items()})
     metrics: list[dict[str, Any]] = []
     with report.MetricsWriter(out / report.METRICS_FILE) as writer:
         for r in range(cfg.rounds):
-            state, record = _round(grid, settings, fed, nodes, state, r, aggregate, server_step, template)
-            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-                record.update(sim.evaluate(state.params, test))
-            else:
-                record.update({"eval_loss": None, "eval_accuracy": None})
-            record["seconds"] = time.perf_counter() - record.pop("_start")
-            metrics.append(record)
-            writer.write(record)
-            log(f"round {record['round']}: {record['clients']}/{record['sampled']} clients, "
-                f"train loss {record['train_loss']:.4f}, eval accuracy {record['eval_accuracy']}, "
-                f"up {record['bytes_up']} B, down {record['bytes_down']} B, {record['seconds']:.1f} s")
+            start = time.perf_counter()
+            state, record = _round(grid, settings, fed, nodes, state, r, template)
+            evaluation = plan.evaluate(state.server.params, test) if evaluate_now(r, cfg.eval_every, cfg.rounds) else None
+            line = record.to_dict(evaluation, seconds=time.perf_counter() - start)
+            metrics.append(line)
+            writer.write(line)
+            log(f"round {line['round']}: {line['clients']}/{line['sampled']} clients, "
+                f"train loss {line['train_loss']:.4f}, eval accuracy {line['eval_accuracy']}, "
+                f"up {line['bytes_up']} B, down {line['bytes_down']} B, {line['seconds']:.1f} s")
 
-    params = jax.device_get(state.params)
     artifact.write_atomic(out / FINAL_STATE_FILE, codec.encode(
-        {"params": params, **({"control": jax.device_get(state.control)} if fed.scaffold else {})},
-        kind=rounds.GLOBAL_KIND, round=cfg.rounds, fingerprint=fingerprint,
+        jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=cfg.rounds, fingerprint=fingerprint,
     ))
-    artifact.save_prompt(
-        out / "prompt.fpp", params, method=cfg.method, config=dataclasses.asdict(fed.prompt_config),
-        backbone_name=fed.backbone.name, fingerprint=fingerprint,
-        metadata={"label_names": list(fed.label_names), "algorithm": cfg.algorithm, "rounds": cfg.rounds,
-                  "clients": cfg.clients, "final_accuracy": metrics[-1]["eval_accuracy"], "runtime": "flower"},
-    )
-    summary = {
-        "runtime": "flower",
-        "final_accuracy": metrics[-1]["eval_accuracy"],
-        "final_eval_loss": metrics[-1]["eval_loss"],
-        "rounds": cfg.rounds,
-        "total_bytes_up": int(sum(m["bytes_up"] for m in metrics)),
-        "total_bytes_down": int(sum(m["bytes_down"] for m in metrics)),
+    summary = build_summary(metrics, runtime="flower", config=cfg, plan=plan, state=state,
+                            label_names=fed.label_names, client_sizes=fed.client_sizes)
+    summary.update({
         "total_wire_bytes_up": _total(metrics, "wire_bytes_up"),
         "total_wire_bytes_down": _total(metrics, "wire_bytes_down"),
-        "backbone": {"name": fed.backbone.name, "fingerprint": fingerprint,
-                     "weight_bytes": fed.backbone.weight_bytes()},
-        "client_sizes": [int(len(p)) for p in fed.parts],
         "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
-        "label_names": list(fed.label_names),
-        "config": cfg.to_dict(),
         "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
-        "wall_seconds": time.perf_counter() - started,
-    }
+    })
+    if cfg.tpt:
+        summary["tpt"] = evaluate_tpt(cfg, plan, plan.trainable(state.server.params), test)
+    summary["wall_seconds"] = time.perf_counter() - started
+    save_run_prompt(out / "prompt.fpp", plan, state, config=cfg, label_names=fed.label_names, summary=summary)
     report.write_summary(out / "summary.json", summary)
     log(f"done: final accuracy {summary['final_accuracy']}, prompt in {(out / 'prompt.fpp').resolve()}")
     return FlowerRunResult(state, metrics, summary, out)
@@ -224,16 +211,14 @@ def _total(metrics: list[dict[str, Any]], key: str) -> int | None:
     return None if any(v is None for v in values) else int(sum(values))
 
 
-def _round(grid, settings, fed, nodes, state, r, aggregate, server_step, template):
-    """One round over Flower; returns the new state and the round's metrics."""
-    start = time.perf_counter()
-    sim = fed.simulation
-    cfg = settings.run
+def _round(grid, settings, fed, nodes, state, r, template):
+    """One round over Flower: the plan's sampling, the codec's messages, the plan's server round."""
+    plan = fed.plan
     fingerprint = fed.backbone.fingerprint
     nodes.refresh(timeout=min(settings.round_timeout, settings.node_wait_timeout))
-    ids, _ = sim.sample(r)
-    broadcast = {"params": state.params, **({"control": state.control} if fed.scaffold else {})}
-    payload = codec.encode(jax.device_get(broadcast), kind=rounds.GLOBAL_KIND, round=r, fingerprint=fingerprint)
+    ids, _ = plan.sample(r)
+    payload = codec.encode(jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=r,
+                           fingerprint=fingerprint)
 
     slot_of_message: list[int] = []
     messages = []
@@ -251,6 +236,7 @@ def _round(grid, settings, fed, nodes, state, r, aggregate, server_step, templat
     # for a node that went offline comes from the SuperLink, not from that node).
     slot_of = {m.metadata.message_id: slot for m, slot in zip(messages, slot_of_message)}
 
+    sizes = fed.client_sizes[ids]
     updates: list[bytes | None] = [None] * len(ids)
     answered = np.zeros(len(ids), bool)
     losses = np.full(len(ids), np.nan)
@@ -264,7 +250,7 @@ def _round(grid, settings, fed, nodes, state, r, aggregate, server_step, templat
         if reply.has_error():
             errors += 1
             continue
-        update, loss, reason = _reply_fields(reply, int(sim.client_data.sizes[ids[slot]]))
+        update, loss, reason = _reply_fields(reply, int(sizes[slot]))
         if update is not None:
             bytes_up += len(update)
         if reason is not None:
@@ -273,32 +259,25 @@ def _round(grid, settings, fed, nodes, state, r, aggregate, server_step, templat
         updates[slot], losses[slot] = update, loss
 
     received = rounds.receive_updates(updates, round_index=r, fingerprint=fingerprint, template=template)
-    outcome = rounds.aggregate_round(
-        state, received, sim.client_data.sizes[ids], server_step=server_step, aggregate=aggregate,
-        num_clients=cfg.clients, scaffold=fed.scaffold, losses=losses,
-    )
+    # Central DP's noise comes from this machine's entropy: nobody who knows the seed can remove it.
+    state, outcome = plan.server.apply(state, received, sizes, key=fresh_key(), losses=losses, participants=ids)
     rejections = dict(received.rejections)
     for reason, count in extra_rejections.items():
         rejections[reason] = rejections.get(reason, 0) + count
-    record: dict[str, Any] = {
-        "round": r + 1,
-        "train_loss": outcome.train_loss,
-        "clients": outcome.num_aggregated,
-        "sampled": len(ids),
-        "dropped": int(len(ids) - answered.sum()) + errors,
-        "rejected": sum(rejections.values()),
-        "rejections": rejections,
-        "bytes_up": bytes_up,
-        "bytes_down": len(payload) * len(messages),
-        "participants": [int(ids[slot]) for slot in np.flatnonzero(received.accepted)],
-        "unreachable": len(ids) - len(messages),
-        "errors": errors,
-        "timeouts": int(len(messages) - answered.sum()),
-        "wire_bytes_up": None if None in wire_up else int(sum(wire_up)),
-        "wire_bytes_down": None if None in wire_down else int(sum(wire_down)),
-        "_start": start,
-    }
-    return outcome.state, record
+    record = RoundRecord(
+        round=r + 1, train_loss=outcome.train_loss, clients=outcome.num_aggregated, sampled=len(ids),
+        dropped=int(len(ids) - answered.sum()) + errors, rejections=rejections, bytes_up=bytes_up,
+        bytes_down=len(payload) * len(messages), participants=[int(ids[slot]) for slot in np.flatnonzero(received.accepted)],
+        extra={
+            **outcome.metrics,
+            "unreachable": len(ids) - len(messages),
+            "errors": errors,
+            "timeouts": int(len(messages) - answered.sum()),
+            "wire_bytes_up": None if None in wire_up else int(sum(wire_up)),
+            "wire_bytes_down": None if None in wire_down else int(sum(wire_down)),
+        },
+    )
+    return state, record
 
 
 def _reply_fields(reply: Message, expected_examples: int) -> tuple[bytes | None, float, str | None]:

@@ -35,7 +35,7 @@ from flax import nnx
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.backbones.base import KVCache
 from fedprompt.errors import ConfigError, InputError, SequenceTooLongError
-from fedprompt.prompts import Prefix, SoftPrompt
+from fedprompt.backbones.prompt_inputs import Prefix, SoftPrompt
 
 __all__ = ["generate"]
 

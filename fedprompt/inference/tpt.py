@@ -332,9 +332,9 @@ def make_tpt_program(
     Global parameters are the usual ``{"prompt", "head"}``; ``init`` returns ``trained``.
     Payload: ``{"prompt": prompt delta}``. Memory: a client backpropagates through
     ``num_views * batch_size`` sequences; in the simulation, bound how many clients run at once
-    with ``FederatedSimulation(..., client_block=...)``.
+    with ``FederatedSimulation.build(..., client_block=...)``.
     """
-    from fedprompt.simulation.engine import ClientProgram
+    from fedprompt.client.program import ClientProgram
 
     objective = make_tpt_objective(
         backbone, prompt_config, task, num_views=num_views, confidence_quantile=confidence_quantile,

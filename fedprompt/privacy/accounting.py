@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import dp_accounting
 import numpy as np
@@ -258,14 +258,29 @@ def noise_multiplier_for_epsilon(
     ))
 
 
-class PrivacyLedger:
-    """The privacy spent so far by a run, one round at a time.
+class PrivacySpent(NamedTuple):
+    """The privacy budget a run has spent: the :class:`PrivacyLedger`'s state, kept with the
+    server state (and in checkpoints).
 
-    The engine calls :meth:`record_round` once per round (after the DP release) and writes the
-    returned epsilon into that round's metrics. Central DP: epsilon of the rounds so far,
-    exactly :func:`epsilon` with ``rounds`` = rounds recorded (one ``dp_accounting`` call, about
-    0.1 s with RDP and 0.5-1.5 s with PLD; cached per round count). Local DP: the largest
-    epsilon of any client, i.e. :func:`local_epsilon` of the most participations.
+    Attributes:
+      rounds: int64 scalar, the rounds released so far.
+      participations: int64 ``[population]`` releases per client (local DP), ``[0]`` otherwise.
+    """
+
+    rounds: np.ndarray
+    participations: np.ndarray
+
+
+class PrivacyLedger:
+    """The privacy spent by a run, one round at a time, as an ``(init, apply)`` pair.
+
+    The ledger holds only the accounting's settings; what has been spent is a
+    :class:`PrivacySpent` the server round keeps in its state: :meth:`init_spent` starts it,
+    :meth:`spend` records one round and returns the new state and the epsilon after it.
+    Central DP: epsilon of the rounds so far, exactly :func:`epsilon` with ``rounds`` = rounds
+    recorded (one ``dp_accounting`` call, about 0.1 s with RDP and 0.5-1.5 s with PLD; cached
+    per round count). Local DP: the largest epsilon of any client, i.e. :func:`local_epsilon`
+    of the most participations.
 
     Args:
       noise_multiplier: ``z`` (the total one, with adaptive clipping).
@@ -276,8 +291,8 @@ class PrivacyLedger:
 
     Example:
       >>> ledger = PrivacyLedger(noise_multiplier=1.0, delta=1e-5, sampling="fixed", population=100, cohort=10)
-      >>> eps = ledger.record_round()
-      >>> ledger.rounds, eps == epsilon(1.0, None, 1, 1e-5, sampling="fixed", population=100, cohort=10)
+      >>> spent, eps = ledger.spend(ledger.init_spent())
+      >>> int(spent.rounds), eps == epsilon(1.0, None, 1, 1e-5, sampling="fixed", population=100, cohort=10)
       (1, True)
     """
 
@@ -306,8 +321,6 @@ class PrivacyLedger:
         self.sampling = sampling
         self.population = population
         self.cohort = cohort
-        self.rounds = 0
-        self.participations = np.zeros(population, np.int64) if mode == "local" else None
         self._cache: dict[int, float] = {0: 0.0}
 
     def _epsilon_after(self, count: int) -> float:
@@ -318,47 +331,44 @@ class PrivacyLedger:
             )
         return self._cache[count]
 
-    @property
-    def epsilon(self) -> float:
-        """Epsilon spent so far (``inf`` without noise)."""
-        if self.mode == "local":
-            return self._epsilon_after(int(self.participations.max(initial=0)))
-        return self._epsilon_after(self.rounds)
+    def init_spent(self) -> PrivacySpent:
+        """Nothing spent yet."""
+        counts = np.zeros(self.population if self.mode == "local" else 0, np.int64)
+        return PrivacySpent(np.zeros((), np.int64), counts)
 
-    def record_round(self, participants: Iterable[int] | None = None) -> float:
-        """Records one round and returns the epsilon spent after it.
+    def epsilon(self, spent: PrivacySpent) -> float:
+        """Epsilon spent (``inf`` without noise)."""
+        if self.mode == "local":
+            return self._epsilon_after(int(np.max(spent.participations, initial=0)))
+        return self._epsilon_after(int(spent.rounds))
+
+    def spend(self, spent: PrivacySpent, participants: Iterable[int] | None = None) -> tuple[PrivacySpent, float]:
+        """Records one round; returns the new spent budget and the epsilon after it.
 
         Args:
+          spent: what was spent before this round.
           participants: the client ids whose (noised) update was released this round; required
             for local DP, not used for central DP (every round counts, whoever took part).
         """
-        self.rounds += 1
+        counts = np.array(spent.participations, np.int64)
         if self.mode == "local":
             if participants is None:
                 raise ConfigError("local DP accounting needs the ids of the clients that took part")
+            if counts.shape != (self.population,):
+                raise ConfigError(f"participations must have shape ({self.population},), got {counts.shape}")
             ids = np.unique(np.asarray(list(participants), np.int64))
             if ids.size and (ids.min() < 0 or ids.max() >= self.population):
                 raise ConfigError(f"client ids must be in [0, {self.population}), got {ids.tolist()}")
-            self.participations[ids] += 1
-        return self.epsilon
+            counts[ids] += 1
+        new = PrivacySpent(np.asarray(int(spent.rounds) + 1, np.int64), counts)
+        return new, self.epsilon(new)
 
-    def restore(self, rounds: int, participations: Any = None) -> None:
-        """Sets the ledger to the state after ``rounds`` rounds (to resume a run)."""
-        self.rounds = int(rounds)
-        if self.mode == "local":
-            if participations is None:
-                raise ConfigError("restoring a local DP ledger needs the per-client participation counts")
-            counts = np.asarray(participations, np.int64)
-            if counts.shape != (self.population,):
-                raise ConfigError(f"participations must have shape ({self.population},), got {counts.shape}")
-            self.participations = counts.copy()
-
-    def summary(self) -> dict[str, Any]:
+    def summary(self, spent: PrivacySpent) -> dict[str, Any]:
         """Plain, JSON-safe data for metrics and the prompt artifact's metadata.
 
         ``epsilon`` is None when it is infinite (no noise), since JSON has no infinity.
         """
-        eps = self.epsilon
+        eps = self.epsilon(spent)
         return {
             "epsilon": eps if math.isfinite(eps) else None,
             "delta": self.delta,
@@ -367,5 +377,5 @@ class PrivacyLedger:
             "accountant": self.accountant,
             "sampling": self.sampling,
             "sample_rate": self.sample_rate,
-            "dp_rounds": self.rounds,
+            "dp_rounds": int(spent.rounds),
         }

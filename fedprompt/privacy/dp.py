@@ -54,6 +54,7 @@ import numpy as np
 
 from fedprompt.errors import ConfigError, InputError
 from fedprompt.server.aggregators import bucket_size, finite_clients, pad_clients, stack_clients
+from fedprompt.server.rounds import AggregateStage
 
 PyTree = Any
 
@@ -614,3 +615,30 @@ class CentralDP:
             jnp.float32(self.target_quantile), jnp.float32(self.clip_lr), jnp.float32(self.count_stddev),
         )
         return CentralDPResult(mean, num, present[:k], clip, noise_std, b_bar), new_state
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def central_dp_stage(central: CentralDP) -> AggregateStage:
+    """Central DP-FedAvg as the server round's aggregation stage
+    (:class:`~fedprompt.server.rounds.AggregateStage`): its state is the adaptive clipping
+    norm, its metrics the round's clip and noise."""
+    def apply(state, stacked, weights, key):
+        result, state = central(state, stacked, weights, key, stacked=True)
+        metrics = {"dp_clip": float(result.clip), "dp_noise_std": float(result.noise_std)}
+        if central.adaptive:
+            metrics["dp_unclipped_fraction"] = float(result.unclipped_fraction)
+        return result.aggregate, state, metrics
+
+    return AggregateStage(init=central.init, apply=apply, bucket=central.bucket, noisy=True)
+
+
+def local_dp_stage(clip: float, noise_multiplier: float) -> Callable[[PyTree, jax.Array], PyTree]:
+    """Local DP as a client's encode stage: ``(payload, key) -> clip(payload) + noise``
+    (:func:`local_privatize`), jitted; the simulation ``vmap``s the same function over clients."""
+
+    def encode(payload: PyTree, key: jax.Array) -> PyTree:
+        return local_privatize(key, payload, clip, noise_multiplier)
+
+    return encode

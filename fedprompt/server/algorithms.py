@@ -93,39 +93,39 @@ class Algorithm:
 
 def fedavg(server_lr: float = 1.0) -> Algorithm:
     """FedAvg: the global state moves by the example-weighted mean client delta (times ``server_lr``)."""
-    return Algorithm("fedavg", optimizers.fedavg(server_lr))
+    return Algorithm("fedavg", optimizers.fedavg_optimizer(server_lr))
 
 
 def fedavgm(server_lr: float = 1.0, momentum: float = 0.9) -> Algorithm:
     """FedAvg with server momentum (Hsu et al. 2019)."""
-    return Algorithm("fedavgm", optimizers.fedavgm(server_lr, momentum))
+    return Algorithm("fedavgm", optimizers.fedavgm_optimizer(server_lr, momentum))
 
 
 def fedprox(mu: float = 0.01, server_lr: float = 1.0) -> Algorithm:
     """FedProx: FedAvg's server with a proximal term ``mu / 2 ||w - w_global||^2`` on clients."""
     if not mu >= 0:
         raise ConfigError(f"FedProx mu must be >= 0, got {mu}")
-    return Algorithm("fedprox", optimizers.fedavg(server_lr), prox_mu=float(mu))
+    return Algorithm("fedprox", optimizers.fedavg_optimizer(server_lr), prox_mu=float(mu))
 
 
 def fedadagrad(server_lr: float = 0.1, tau: float = 1e-3, b1: float = 0.0) -> Algorithm:
     """FedAdagrad, Reddi et al. 2021, Algorithm 2."""
-    return Algorithm("fedadagrad", optimizers.fedadagrad(server_lr, b1=b1, tau=tau))
+    return Algorithm("fedadagrad", optimizers.fedadagrad_optimizer(server_lr, b1=b1, tau=tau))
 
 
 def fedadam(server_lr: float = 0.03, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> Algorithm:
     """FedAdam, Reddi et al. 2021, Algorithm 2 (``server_lr`` 0.03: best of 0.01/0.03 on the default task)."""
-    return Algorithm("fedadam", optimizers.fedadam(server_lr, b1=b1, b2=b2, tau=tau))
+    return Algorithm("fedadam", optimizers.fedadam_optimizer(server_lr, b1=b1, b2=b2, tau=tau))
 
 
 def fedyogi(server_lr: float = 0.03, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> Algorithm:
     """FedYogi, Reddi et al. 2021, Algorithm 2."""
-    return Algorithm("fedyogi", optimizers.fedyogi(server_lr, b1=b1, b2=b2, tau=tau))
+    return Algorithm("fedyogi", optimizers.fedyogi_optimizer(server_lr, b1=b1, b2=b2, tau=tau))
 
 
 def scaffold(server_lr: float = 1.0) -> Algorithm:
     """SCAFFOLD with stateful clients; pair it with a plain SGD local optimizer."""
-    return Algorithm("scaffold", optimizers.fedavg(server_lr), scaffold=True)
+    return Algorithm("scaffold", optimizers.fedavg_optimizer(server_lr), scaffold=True)
 
 
 ALGORITHMS = {

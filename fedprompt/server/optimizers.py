@@ -157,7 +157,7 @@ def scale_by_fedopt(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def fedavg(server_lr: ScalarOrSchedule = 1.0) -> optax.GradientTransformation:
+def fedavg_optimizer(server_lr: ScalarOrSchedule = 1.0) -> optax.GradientTransformation:
     """FedAvg's server step, ``x_{t+1} = x_t + η Δ_t`` (McMahan et al. 2017 is ``η = 1``).
 
     It is ``optax.sgd(η)`` on the pseudo-gradient ``-Δ``.
@@ -165,7 +165,7 @@ def fedavg(server_lr: ScalarOrSchedule = 1.0) -> optax.GradientTransformation:
     return optax.sgd(_check_learning_rate(server_lr))
 
 
-def fedavgm(server_lr: ScalarOrSchedule = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
+def fedavgm_optimizer(server_lr: ScalarOrSchedule = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
     """FedAvg with server momentum (Hsu et al. 2019, "Measuring the Effects of Non-Identical
     Data Distribution for Federated Visual Classification"): ``b_t = β b_{t-1} + Δ_t``,
     ``x_{t+1} = x_t + η b_t``.
@@ -177,7 +177,7 @@ def fedavgm(server_lr: ScalarOrSchedule = 1.0, momentum: float = 0.9) -> optax.G
     return optax.sgd(_check_learning_rate(server_lr), momentum=_check_decay("momentum", momentum))
 
 
-def fedadagrad(
+def fedadagrad_optimizer(
     server_lr: ScalarOrSchedule, b1: float = 0.0, tau: float = 1e-3, initial_accumulator: float | None = None
 ) -> optax.GradientTransformation:
     """FedAdagrad (Reddi et al. 2021, Algorithm 2): ``v_t = v_{t-1} + Δ_t²``.
@@ -193,7 +193,7 @@ def fedadagrad(
     )
 
 
-def fedadam(
+def fedadam_optimizer(
     server_lr: ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
@@ -212,7 +212,7 @@ def fedadam(
     )
 
 
-def fedyogi(
+def fedyogi_optimizer(
     server_lr: ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
@@ -221,7 +221,7 @@ def fedyogi(
 ) -> optax.GradientTransformation:
     """FedYogi (Reddi et al. 2021, Algorithm 2): ``v_t = v_{t-1} - (1-β2) Δ_t² sign(v_{t-1} - Δ_t²)``.
 
-    Defaults as for :func:`fedadam`. See :func:`scale_by_fedopt`.
+    Defaults as for :func:`fedadam_optimizer`. See :func:`scale_by_fedopt`.
     """
     return optax.chain(
         scale_by_fedopt("yogi", b1=b1, b2=b2, tau=tau, initial_accumulator=initial_accumulator),
@@ -230,11 +230,11 @@ def fedyogi(
 
 
 SERVER_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "fedavg": fedavg,
-    "fedavgm": fedavgm,
-    "fedadagrad": fedadagrad,
-    "fedadam": fedadam,
-    "fedyogi": fedyogi,
+    "fedavg": fedavg_optimizer,
+    "fedavgm": fedavgm_optimizer,
+    "fedadagrad": fedadagrad_optimizer,
+    "fedadam": fedadam_optimizer,
+    "fedyogi": fedyogi_optimizer,
 }
 
 

@@ -1,35 +1,35 @@
 """The server's half of a round, from the clients' encoded updates, written once for every runtime.
 
 The in-process simulation (:class:`~fedprompt.simulation.engine.FederatedSimulation`) and the
-Flower ServerApp (:mod:`fedprompt.flower.server_app`) end a round the same way. Every sampled
-client holds one *slot*; a slot either brought back the bytes of an encoded update or nothing
-(the client dropped out, died, or answered with an error). Then:
+Flower ServerApp (:mod:`fedprompt.flower.server_app`) end a round with the same two calls.
+Every sampled client holds one *slot*; a slot either brought back the bytes of an encoded
+update or nothing (the client dropped out, died, or answered with an error). Then:
 
 1. :func:`receive_updates` treats every message as hostile input: it is decoded with the wire
    codec, its kind, round and backbone fingerprint are checked, and its tree is checked against
    the template (structure, shapes, dtypes, finite values). A bad message is rejected, with its
    reason counted; it and the missing slots keep their place with zeros.
-2. :func:`aggregate_round` takes the example-weighted mean of the accepted updates (FedAvg,
-   McMahan et al. 2017) with the compiled :class:`~fedprompt.server.aggregators.Aggregation`
-   (rejected and missing slots weigh 0, so the remaining weights renormalize and the program
-   sees ``clients_per_round`` rows every round and compiles once), SCAFFOLD's uniform mean of
-   the control deltas (Karimireddy et al. 2020), and applies the algorithm's server step
-   (:meth:`~fedprompt.server.algorithms.Algorithm.apply`).
+2. :meth:`ServerRound.apply` turns payloads into deltas, aggregates them with an
+   :class:`AggregateStage` (the example-weighted mean of FedAvg, McMahan et al. 2017, a robust
+   rule, or central DP-FedAvg; rejected and missing slots weigh 0, so the remaining weights
+   renormalize and the compiled program sees the same bucket of rows every round), takes
+   SCAFFOLD's uniform mean of the control deltas (Karimireddy et al. 2020), applies the
+   algorithm's optax server step and records the privacy spent. Its state is a
+   :class:`RoundState`: the algorithm's state and every protection's.
 
 Example:
-  >>> import numpy as np, jax
-  >>> from fedprompt.server import algorithms, aggregators
+  >>> import numpy as np
+  >>> from fedprompt.server import algorithms
   >>> from fedprompt.wire import codec
-  >>> algo = algorithms.fedavg()
-  >>> state = algo.init({"w": np.zeros(2, np.float32)})
+  >>> server = ServerRound(algorithms.fedavg(), num_clients=3)
+  >>> state = server.init({"w": np.zeros(2, np.float32)})
   >>> template = {"delta": {"w": np.zeros(2, np.float32)}}
   >>> good = codec.encode({"delta": {"w": np.ones(2, np.float32)}}, kind="update", round=0, fingerprint="fp")
   >>> received = receive_updates([good, b"junk", None], round_index=0, fingerprint="fp", template=template)
   >>> received.accepted.tolist(), sum(received.rejections.values())
   ([True, False, False], 1)
-  >>> out = aggregate_round(state, received, [3, 3, 3], server_step=jax.jit(algo.apply),
-  ...                       aggregate=aggregators.Aggregation(), num_clients=3)
-  >>> out.state.params["w"].tolist(), out.num_aggregated
+  >>> state, outcome = server.apply(state, received, [3, 3, 3])
+  >>> state.server.params["w"].tolist(), outcome.num_aggregated
   ([1.0, 1.0], 1)
 """
 
@@ -134,57 +134,201 @@ def receive_updates(
     return ReceivedUpdates(trees, accepted, rejections, bytes_up)
 
 
-def aggregate_round(
-    state: ServerState,
-    received: ReceivedUpdates,
-    weights: Sequence[float] | np.ndarray,
-    *,
-    server_step: Callable[..., ServerState],
-    aggregate: aggregators.Aggregation,
-    num_clients: int,
-    to_delta: Callable[[Pytree, Pytree], Pytree] | None = None,
-    scaffold: bool = False,
-    losses: Sequence[float] | np.ndarray | None = None,
-) -> RoundOutcome:
-    """Aggregates the accepted updates of a round and applies the server step.
+
+# ----------------------------------------------------------------------------- aggregation stages
+
+
+class AggregateStage(NamedTuple):
+    """How a round's stacked client deltas become one mean delta: an ``(init, apply)`` pair.
+
+    Attributes:
+      init: ``() -> state`` of the first round (kept in :attr:`RoundState.aggregate`).
+      apply: ``(state, stacked, weights, key) -> (mean, new_state, metrics)``: ``stacked`` has a
+        leading client axis of ``bucket(K)`` rows, ``weights`` is ``[bucket(K)]`` (0 for
+        rejected, missing and padding rows), ``key`` is the round's noise key (None when the
+        stage draws no noise), ``metrics`` is a dict of plain numbers for the round record.
+      bucket: the padded number of rows for ``K`` slots (one compiled program per bucket).
+      noisy: whether ``apply`` needs a key.
+    """
+
+    init: Callable[[], Any]
+    apply: Callable[[Any, Pytree, np.ndarray, Any], tuple[Pytree, Any, dict[str, Any]]]
+    bucket: Callable[[int], int] = aggregators.bucket_size
+    noisy: bool = False
+
+
+def mean_stage(aggregator: aggregators.Aggregator = aggregators.weighted_mean) -> AggregateStage:
+    """The plain (robust) rule: ``aggregator(stacked, weights)`` compiled once per bucket, with
+    non-finite rows dropped (:class:`~fedprompt.server.aggregators.Aggregation`). Stateless."""
+    aggregation = aggregators.Aggregation(aggregator)
+
+    def apply(state, stacked, weights, key):
+        del key
+        return aggregation(stacked, weights, stacked=True).aggregate, state, {}
+
+    return AggregateStage(init=lambda: (), apply=apply, bucket=aggregation.bucket)
+
+
+# ----------------------------------------------------------------------------- the server round
+
+
+class RoundState(NamedTuple):
+    """The whole server-side state of a federation between rounds (what a checkpoint holds).
+
+    Attributes:
+      server: the algorithm's :class:`~fedprompt.server.algorithms.ServerState`.
+      aggregate: the aggregation stage's state (central DP's adaptive clipping norm), ``()``
+        for a stateless stage.
+      privacy: the privacy accountant's spent budget
+        (:class:`~fedprompt.privacy.accounting.PrivacySpent`), ``()`` without DP.
+    """
+
+    server: ServerState
+    aggregate: Any = ()
+    privacy: Any = ()
+
+    @property
+    def params(self) -> Pytree:
+        """The global parameters (``server.params``)."""
+        return self.server.params
+
+    @property
+    def control(self) -> Pytree:
+        """SCAFFOLD's server control variate (``server.control``)."""
+        return self.server.control
+
+
+class RoundOutcome(NamedTuple):
+    """A round's numbers (plain Python values).
+
+    Attributes:
+      train_loss: the example-weighted mean of the aggregated clients' losses (NaN without any).
+      num_aggregated: how many updates the mean was taken over.
+      metrics: what the protections report (``dp_clip``, ``epsilon`` ...), for the round record.
+    """
+
+    train_loss: float
+    num_aggregated: int
+    metrics: dict[str, Any]
+
+
+class ServerRound:
+    """The server's half of a round, the same calls in every runtime: an ``(init, apply)`` pair.
+
+    ``apply`` takes what :func:`receive_updates` validated, maps payloads to deltas
+    (``to_delta``), stacks them into the aggregation stage's bucket, aggregates (the robust rule
+    or central DP), averages SCAFFOLD's control deltas uniformly, applies the algorithm's optax
+    server step and records the privacy spent.
 
     Args:
-      state: the server state the round started from.
-      received: :func:`receive_updates`' result.
-      weights: per slot, the client's weight (its number of examples); slots that were not
-        accepted count 0 whatever is given.
-      server_step: ``(state, mean_delta, mean_control_delta, participation) -> state``, the
-        (usually jitted) :meth:`~fedprompt.server.algorithms.Algorithm.apply`.
-      aggregate: the compiled aggregation (:class:`~fedprompt.server.aggregators.Aggregation`),
-        or any ``(stacked, weights) -> result with .aggregate``; the updates are stacked into
-        ``aggregate.bucket(K)`` rows (:func:`~fedprompt.server.aggregators.bucket_size` when it
-        has no ``bucket``).
+      algorithm: the federated algorithm (its ``init`` and ``apply``).
       num_clients: all clients of the federation (SCAFFOLD's participation ``|S| / N``).
-      to_delta: ``(global_params, stacked payloads) -> stacked deltas`` for client programs whose
-        payload is not the delta itself; ``None``: the payload is the delta.
-      scaffold: also average ``control_delta`` uniformly over the accepted clients.
-      losses: per slot, the client's training loss (for ``train_loss``).
-
-    Returns:
-      :class:`RoundOutcome`. Without any accepted update the global state stays and only its
-      round counter moves.
+      aggregate: the aggregation stage; default :func:`mean_stage` (the weighted mean).
+      to_delta: ``(global_params, payload) -> delta`` of the client program (one client's);
+        None: the payload is the delta.
+      ledger: a :class:`~fedprompt.privacy.accounting.PrivacyLedger` when DP is on.
     """
-    accepted = np.asarray(received.accepted, bool)
-    weights = np.where(accepted, np.asarray(weights, np.float32), 0).astype(np.float32)
-    if not accepted.any():
-        return RoundOutcome(state._replace(round=state.round + 1), float("nan"), 0)
-    # Stacked straight into the aggregation's bucket of rows (zero payloads of weight 0 pad it).
-    size = int(getattr(aggregate, "bucket", aggregators.bucket_size)(len(weights)))
-    payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
-    deltas = payloads if to_delta is None else to_delta(state.params, payloads)
-    mean_delta = aggregate(deltas, np.pad(weights, (0, size - len(weights)))).aggregate
-    mean_control = None
-    if scaffold:
-        uniform = accepted.astype(np.float32)
-        mean_control = aggregate([tree["control_delta"] for tree in received.trees], uniform).aggregate
-    count = int(accepted.sum())
-    state = server_step(state, mean_delta, mean_control, count / num_clients)
-    train_loss = float("nan")
-    if losses is not None:
-        train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
-    return RoundOutcome(state, train_loss, count)
+
+    def __init__(
+        self,
+        algorithm: Any,
+        *,
+        num_clients: int,
+        aggregate: AggregateStage | None = None,
+        to_delta: Callable[[Pytree, Pytree], Pytree] | None = None,
+        ledger: Any = None,
+    ):
+        self.algorithm = algorithm
+        self.num_clients = int(num_clients)
+        self.stage = aggregate or mean_stage()
+        self.ledger = ledger
+        self._to_delta = None if to_delta is None else jax.jit(jax.vmap(to_delta, in_axes=(None, 0)))
+        self._to_delta_one = None if to_delta is None else jax.jit(to_delta)
+        self._server_step = jax.jit(algorithm.apply)
+        self._controls = aggregators.Aggregation()
+
+    def init(self, params: Pytree) -> RoundState:
+        """The state before the first round, for initial global ``params``."""
+        privacy = self.ledger.init_spent() if self.ledger is not None else ()
+        return RoundState(self.algorithm.init(params), self.stage.init(), privacy)
+
+    def apply(
+        self,
+        state: RoundState,
+        received: ReceivedUpdates,
+        weights: Sequence[float] | np.ndarray,
+        *,
+        key: Any = None,
+        losses: Sequence[float] | np.ndarray | None = None,
+        participants: Sequence[int] | np.ndarray | None = None,
+    ) -> tuple[RoundState, RoundOutcome]:
+        """One round from the validated updates.
+
+        Args:
+          state: the state the round started from.
+          received: :func:`receive_updates`' result (slot by slot).
+          weights: per slot, the client's weight (its number of examples); slots that were not
+            accepted count 0 whatever is given.
+          key: the round's noise key (needed when the stage is noisy).
+          losses: per slot, the client's training loss (for ``train_loss``).
+          participants: per slot, the client id (local DP accounting counts participations).
+
+        Returns:
+          ``(new_state, outcome)``. Without any accepted update the global state stays and only
+          its round counter moves (the privacy ledger still records the round).
+        """
+        accepted = np.asarray(received.accepted, bool)
+        weights = np.where(accepted, np.asarray(weights, np.float32), 0).astype(np.float32)
+        if not accepted.any():
+            server = state.server._replace(round=state.server.round + 1)
+            return self._account(state._replace(server=server), participants, accepted, float("nan"), 0, {})
+        if self.stage.noisy and key is None:
+            raise ValueError("this aggregation stage adds noise: pass the round's key")
+        # Stacked straight into the stage's bucket of rows (zero payloads of weight 0 pad it).
+        size = int(self.stage.bucket(len(weights)))
+        payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
+        params = state.server.params
+        deltas = payloads if self._to_delta is None else self._to_delta(params, payloads)
+        mean_delta, stage_state, metrics = self.stage.apply(
+            state.aggregate, deltas, np.pad(weights, (0, size - len(weights))), key)
+        mean_control = None
+        if self.algorithm.scaffold:
+            uniform = accepted.astype(np.float32)
+            mean_control = self._controls([tree["control_delta"] for tree in received.trees], uniform).aggregate
+        count = int(accepted.sum())
+        server = self._server_step(state.server, mean_delta, mean_control, count / self.num_clients)
+        train_loss = float("nan")
+        if losses is not None:
+            train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
+        return self._account(RoundState(server, stage_state, state.privacy), participants, accepted, train_loss,
+                             count, metrics)
+
+    def apply_mean(
+        self,
+        state: RoundState,
+        mean_payload: Pytree,
+        *,
+        count: int,
+        train_loss: float,
+        participants: Sequence[int] | np.ndarray | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> tuple[RoundState, RoundOutcome]:
+        """A round whose mean payload was computed elsewhere (secure aggregation's unmasked sum)."""
+        mean = mean_payload if self._to_delta_one is None else self._to_delta_one(state.server.params, mean_payload)
+        server = self._server_step(state.server, mean, None, count / self.num_clients)
+        accepted = np.ones(len(participants), bool) if participants is not None else np.zeros(0, bool)
+        return self._account(state._replace(server=server), participants, accepted, train_loss, count,
+                             dict(metrics or {}))
+
+    def skip(self, state: RoundState, metrics: dict[str, Any] | None = None) -> tuple[RoundState, RoundOutcome]:
+        """A round that published nothing (secure aggregation below its threshold)."""
+        server = state.server._replace(round=state.server.round + 1)
+        return RoundState(server, state.aggregate, state.privacy), RoundOutcome(float("nan"), 0, dict(metrics or {}))
+
+    def _account(self, state, participants, accepted, train_loss, count, metrics):
+        if self.ledger is not None:
+            released = None if participants is None else np.asarray(participants)[accepted]
+            spent, epsilon = self.ledger.spend(state.privacy, released)
+            state = state._replace(privacy=spent)
+            metrics = {**metrics, "epsilon": epsilon if np.isfinite(epsilon) else None, "delta": self.ledger.delta}
+        return state, RoundOutcome(train_loss, count, metrics)

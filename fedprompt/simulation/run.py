@@ -16,18 +16,19 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.backbones.loading import load_backbone
 from fedprompt.client.federated import make_client_update
 from fedprompt.client.local import make_loss_fn, make_train_step
 from fedprompt.config import RunConfig
+from fedprompt.federation.evaluation import evaluate_tpt
+from fedprompt.federation.plan import FederationPlan, make_local_optimizer, make_plan
+from fedprompt.federation.records import build_summary
 from fedprompt.prompts import PromptConfig
-from fedprompt.tasks import SequenceClassification
-from fedprompt.server import algorithms
 from fedprompt.server.algorithms import ServerState
-from fedprompt.simulation import checkpoint, datasets, federation, partition, report
+from fedprompt.server.rounds import RoundState
+from fedprompt.simulation import checkpoint, datasets, federation, report
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
 from fedprompt.wire import artifact
 
@@ -46,6 +47,8 @@ class SimulationResult:
       label_histograms: ``[clients, labels]`` training label counts per client.
       trainable: the trained ``{"prompt", "head"}`` (for gradient-free methods, the prompt their
         low-dimensional parameters stand for).
+      plan: the run's federation plan.
+      round_state: the final server state with its protections' (privacy spent ...).
     """
 
     state: ServerState
@@ -56,6 +59,8 @@ class SimulationResult:
     label_names: tuple[str, ...]
     label_histograms: np.ndarray
     trainable: Any = None
+    plan: FederationPlan | None = None
+    round_state: RoundState | None = None
 
 
 def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
@@ -69,29 +74,6 @@ def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDat
         config.test_data, text_key=config.text_key, label_key=config.label_key, label_names=full.label_names
     )
     return full, test
-
-
-def make_algorithm(config: RunConfig) -> algorithms.Algorithm:
-    """The algorithm named by the config with its hyperparameters."""
-    kwargs: dict[str, Any] = {}
-    if config.server_lr is not None:
-        kwargs["server_lr"] = config.server_lr
-    if config.algorithm == "fedavgm":
-        kwargs["momentum"] = config.server_momentum
-    if config.algorithm == "fedprox":
-        kwargs["mu"] = config.prox_mu
-    if config.algorithm in ("fedadagrad", "fedadam", "fedyogi"):
-        kwargs["tau"] = config.tau
-        kwargs["b1"] = config.b1 if config.algorithm != "fedadagrad" else 0.0
-        if config.algorithm != "fedadagrad":
-            kwargs["b2"] = config.b2
-    return algorithms.from_name(config.algorithm, **kwargs)
-
-
-def make_local_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    if config.resolved_local_optimizer == "sgd":
-        return optax.sgd(config.resolved_local_lr)
-    return optax.adam(config.resolved_local_lr)
 
 
 def simulate(
@@ -125,70 +107,43 @@ def simulate(
     if train is None or test is None:
         train, test = load_data(config)
     train, test = federation.select_examples(config, train, test)
-    prompt_config = federation.make_prompt_config(config)
-    task = federation.make_task(train.num_labels)
+    plan = make_plan(config, backbone, train.num_labels)
     parts = federation.partition_clients(config, train.labels)
     encoded_train = encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens)
     encoded_test = encode_dataset(backbone, test, config.max_length, config.num_virtual_tokens)
     client_data = build_client_data(encoded_train, parts, train.num_labels)
-    simulation = federation.make_simulation(config, backbone, prompt_config, task, client_data)
-    state, client_controls = simulation.init()
-    ledger = simulation.ledger
-    local_dp = ledger is not None and ledger.mode == "local"
-
-    def participations() -> np.ndarray:
-        return np.asarray(ledger.participations) if local_dp else np.zeros(0, np.int64)
-
+    simulation = federation.make_simulation(config, plan, client_data)
+    state, client_states = simulation.init()
     completed = 0
     if resume:
-        completed, (state, client_controls, simulation.dp_state, counts) = checkpoint.load_checkpoint(
-            checkpoint_dir, template=(state, client_controls, simulation.dp_state, participations()),
-            config=config.to_dict(),
+        completed, (state, client_states) = checkpoint.load_checkpoint(
+            checkpoint_dir, template=(state, client_states), config=config.to_dict(),
         )
-        if ledger is not None:
-            ledger.restore(completed, counts if local_dp else None)
     on_state = None
     if checkpoint_dir is not None:
-        def on_state(done: int, new_state: ServerState, controls: Any) -> None:
-            checkpoint.save_checkpoint(
-                checkpoint_dir, completed_rounds=done, config=config.to_dict(),
-                state=(new_state, controls, simulation.dp_state, participations()),
-            )
+        def on_state(done: int, new_state: RoundState, states: Any) -> None:
+            checkpoint.save_checkpoint(checkpoint_dir, completed_rounds=done, config=config.to_dict(),
+                                       state=(new_state, states))
 
     state, _, metrics = run_rounds(
         simulation, config.rounds - completed, encoded_test, eval_every=config.eval_every, state=state,
-        client_controls=client_controls, start_round=completed, callback=callback, on_state=on_state,
+        client_states=client_states, start_round=completed, callback=callback, on_state=on_state,
     )
     metrics = list(previous_metrics or [])[:completed] + metrics
-    final = metrics[-1]
-    summary: dict[str, Any] = {
-        "final_accuracy": final["eval_accuracy"],
-        "final_eval_loss": final["eval_loss"],
-        "rounds": config.rounds,
-        "total_bytes_up": int(sum(m["bytes_up"] for m in metrics)),
-        "total_bytes_down": int(sum(m["bytes_down"] for m in metrics)),
-        "wall_seconds": None,
-        "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint},
-        "train_examples": len(train),
-        "test_examples": len(test),
-        "client_sizes": [int(s) for s in client_data.sizes],
-        "label_names": list(train.label_names),
-        "client_label_histograms": client_data.label_histograms.tolist(),
-        "config": config.to_dict(),
-    }
-    if simulation.ledger is not None:
-        summary["privacy"] = {**simulation.ledger.summary(), "clip": config.dp_clip, "adaptive": config.dp_adaptive}
+    summary = build_summary(metrics, runtime="simulation", config=config, plan=plan, state=state,
+                            label_names=train.label_names, client_sizes=client_data.sizes)
+    summary.update({"train_examples": len(train), "test_examples": len(test),
+                    "client_label_histograms": client_data.label_histograms.tolist()})
     if config.baselines:
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test)
-    to_trainable = simulation.program.to_trainable
-    trainable = to_trainable(state.params) if to_trainable is not None else state.params
+    trainable = plan.trainable(state.server.params)
     if config.tpt:
-        summary["tpt"] = evaluate_tpt(config, backbone, prompt_config, task, trainable, encoded_test)
+        summary["tpt"] = evaluate_tpt(config, plan, trainable, encoded_test)
     summary["wall_seconds"] = time.perf_counter() - started
     return SimulationResult(
-        trainable=trainable,
-        state=state, metrics=metrics, summary=summary, prompt_config=prompt_config, backbone=backbone,
-        label_names=train.label_names, label_histograms=client_data.label_histograms,
+        trainable=trainable, state=state.server, metrics=metrics, summary=summary, prompt_config=plan.prompt_config,
+        backbone=backbone, label_names=train.label_names, label_histograms=client_data.label_histograms,
+        plan=plan, round_state=state,
     )
 
 
@@ -207,10 +162,10 @@ def compute_baselines(
       as an average client runs in the federation, each evaluated on the shared test set; the
       accuracies are averaged over clients.
     """
-    backbone, prompt_config, task = simulation.backbone, simulation.prompt_config, simulation.task
+    plan = simulation.plan
+    backbone, prompt_config, task = plan.backbone, plan.prompt_config, plan.task
     optimizer = make_local_optimizer(config)
-    init_state, _ = simulation.init()
-    init_params = init_state.params
+    init_params = plan.init_params()
 
     # Centralized.
     steps = config.rounds * config.local_steps
@@ -218,7 +173,7 @@ def compute_baselines(
     step_fn = make_train_step(backbone, prompt_config, task, optimizer)
     params = jax.tree.map(np.array, init_params)
     opt_state = optimizer.init(params)
-    rng = np.random.default_rng([config.seed, 7])
+    rng = plan.keys.baseline_central()
     n = len(encoded_train["labels"])
     for _ in range(steps):
         idx = rng.choice(n, batch, replace=n < batch)
@@ -233,7 +188,7 @@ def compute_baselines(
     accuracies = []
     for client in range(data.num_clients):
         columns = {k: v[client] for k, v in data.columns.items()}
-        key = jax.random.fold_in(jax.random.key(config.seed), 10_000 + client)
+        key = plan.keys.baseline_local(client)
         result = update(init_params, backbone.weights, columns, int(data.sizes[client]), key)
         trained = jax.tree.map(lambda p, d: p + d, init_params, result.delta)
         accuracies.append(simulation.evaluate(trained, encoded_test)["eval_accuracy"])
@@ -247,105 +202,118 @@ def compute_baselines(
     }
 
 
-def evaluate_tpt(
-    config: RunConfig,
-    backbone: Backbone,
-    prompt_config: PromptConfig,
-    task: SequenceClassification,
-    trainable: Any,
-    encoded_test: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    """Test-time prompt tuning of the trained prompt on a label-shifted split of the test set.
-
-    The test rows are split over ``tpt_test_clients`` test clients with a Dirichlet(``tpt_alpha``)
-    label skew (seeded by ``seed``); each client's unlabeled batches adapt a fresh copy of the
-    prompt (:func:`fedprompt.inference.tpt_evaluate`). Returns accuracy, loss and entropy
-    before and after adaptation, plus the settings.
-    """
-    from fedprompt.inference.tpt import tpt_evaluate
-
-    labels = np.asarray(encoded_test["labels"])
-    clients = partition.dirichlet_partition(labels, min(config.tpt_test_clients, len(labels)), config.tpt_alpha,
-                                            seed=config.seed + 2, min_size=0)
-    result = tpt_evaluate(
-        backbone, prompt_config, task, trainable, encoded_test, key=jax.random.key(config.seed + 3),
-        batch_size=config.batch_size, steps=config.tpt_steps, lr=config.tpt_lr, num_views=config.tpt_views,
-        clients=clients,
-    )
-    return {**result, "test_clients": len(clients), "alpha": config.tpt_alpha, "steps": config.tpt_steps,
-            "lr": config.tpt_lr, "views": config.tpt_views}
-
-
-def run(config: RunConfig, *, stream=None, progress: bool | None = None) -> SimulationResult:
+def run(config: RunConfig, *, stream=None, progress: bool | None = None, overwrite: bool = False) -> SimulationResult:
     """The main job: :func:`simulate` plus the run folder ``config.out``.
 
-    ``metrics.jsonl`` grows by one line per round while the run goes and a checkpoint is
-    written after every round, so a killed run keeps its history and continues with
-    :func:`resume`. ``progress`` (default: only on a terminal) shows a progress bar.
+    Everything that can be checked is checked before the folder is touched: the folder itself
+    (a file, not writable, in use by another run, or holding another run without
+    ``overwrite``), the data files and the backbone. The folder is then locked for the run
+    (:mod:`fedprompt.federation.run_folder`). ``metrics.jsonl`` grows by one line per round
+    while the run goes and a checkpoint is written after every round, so a killed run keeps
+    its history and continues with :func:`resume`.
+
+    Args:
+      config: the run's settings.
+      stream: where progress goes (default ``sys.stderr``).
+      progress: ``None``: a bar on a terminal, one line per round elsewhere; ``True``: the
+        bar; ``False``: nothing.
+      overwrite: replace the run ``config.out`` holds. Its files are deleted only once this
+        run has finished, and put back if this run fails before its first round.
+
+    Raises:
+      RunFolderError: ``config.out`` cannot be used (the message says why and what to pass).
     """
+    from fedprompt.federation.run_folder import check_run_folder
+
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / checkpoint.CHECKPOINT_FILE).unlink(missing_ok=True)
-    checkpoint.write_config(out, config.to_dict())
-    return _run_in(out, config, stream=stream, progress=progress, resume=False)
+    check_run_folder(out, overwrite=overwrite)
+    return _run_in(out, config, stream=stream, progress=progress, resume=False, overwrite=overwrite)
 
 
 def resume(folder: str | Path, *, stream=None, progress: bool | None = None) -> SimulationResult:
     """Continue a run that was interrupted, from its last completed round.
 
     The settings are the ones the run was started with (``config.json`` in the folder); the
-    result is the same as that of an uninterrupted run.
+    result is the same as that of an uninterrupted run. A damaged checkpoint is refused
+    before anything is loaded; ``progress`` is as for :func:`run`.
     """
+    from fedprompt.federation.run_folder import check_run_folder
+
     out = Path(folder)
+    check_run_folder(out, resume=True)
     config = RunConfig(**checkpoint.read_config(out))
     if config.out != str(out) and Path(config.out).resolve() != out.resolve():
         config = dataclasses.replace(config, out=str(out))
+    checkpoint.completed_rounds(out)
     return _run_in(out, config, stream=stream, progress=progress, resume=True)
 
 
-def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resume: bool) -> SimulationResult:
-    metrics_path = out / "metrics.jsonl"
-    previous: list[dict[str, Any]] = []
-    if resume:
-        if not (out / checkpoint.CHECKPOINT_FILE).is_file():
-            previous = []  # killed before the first round ended: start again
-            resume = False
-        else:
-            previous = report.read_metrics(metrics_path) if metrics_path.is_file() else []
-    start = 0
-    if resume:
-        start = checkpoint.completed_rounds(out)
-        previous = previous[:start]
-    # Rewrite metrics.jsonl with exactly the completed rounds, then append as rounds finish.
-    metrics_path.unlink(missing_ok=True)
-    writer = report.MetricsWriter(metrics_path)
-    for record in previous:
-        writer.write(record)
-    bar = report.Progress(config.rounds, stream=stream, enabled=progress)
-    cumulative = sum(m["bytes_up"] + m["bytes_down"] for m in previous)
+def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resume: bool,
+            overwrite: bool = False) -> SimulationResult:
+    """Load the inputs, then lock ``out`` and run in it; a failure's note says what was kept."""
+    import shlex
+
+    from fedprompt.federation.run_folder import open_run_folder
+
+    bar = report.Progress(config.rounds, stream=stream, enabled=progress, lines=progress is None)
+    bar.note(f"loading backbone {config.backbone}")
+    backbone = load_backbone(config.backbone)
+    bar.note(f"loading data from {config.data}" if config.data else "loading the built-in WordNet supersenses")
+    train, test = load_data(config)
+    metrics_path = out / report.METRICS_FILE
+    writer: report.MetricsWriter | None = None
+    cumulative = 0
 
     def on_round(metrics: dict[str, Any]) -> None:
         nonlocal cumulative
         cumulative += metrics["bytes_up"] + metrics["bytes_down"]
         writer.write(metrics)
-        bar.update(metrics["round"], accuracy=metrics["eval_accuracy"], cumulative_bytes=cumulative)
+        bar.update(metrics["round"], accuracy=metrics.get("eval_accuracy"), cumulative_bytes=cumulative,
+                   loss=metrics.get("eval_loss", metrics.get("train_loss")), seconds=metrics.get("seconds"))
 
-    try:
-        result = simulate(config, callback=on_round, checkpoint_dir=out, resume=resume, previous_metrics=previous)
-    finally:
-        bar.close()
-        writer.close()
-    privacy = result.summary.get("privacy") or {}
-    artifact.save_prompt(
-        out / "prompt.fpp", jax.device_get(result.trainable), config=result.prompt_config,
-        backbone=result.backbone, task=federation.make_task(len(result.label_names)),
-        label_names=list(result.label_names),
-        training={"rounds": config.rounds, "clients": config.clients, "algorithm": config.algorithm,
-                  "privacy_epsilon": privacy.get("epsilon"), "final_accuracy": result.summary["final_accuracy"]},
-    )
-    report.write_summary(out / "summary.json", result.summary)
-    description = (f"{config.algorithm} · {config.method} · {config.clients} clients "
-                   f"({config.clients_per_round}/round) · {config.partition}")
-    report.plot_curves(result.metrics, out / "curves.png", baselines=result.summary.get("baselines"), title=description)
+    with open_run_folder(out, overwrite=overwrite, resume=resume) as folder:
+        try:
+            if not resume:
+                checkpoint.write_config(out, config.to_dict())
+            start = checkpoint.completed_rounds(out) if resume else 0  # 0: killed before its first round, start again
+            previous = report.read_metrics(metrics_path)[:start] if start and metrics_path.is_file() else []
+            report.write_metrics(metrics_path, previous)  # exactly the completed rounds; new ones are appended
+            writer = report.MetricsWriter(metrics_path)
+            cumulative = sum(m["bytes_up"] + m["bytes_down"] for m in previous)
+            bar.note(f"round {start + 1}/{config.rounds}: compiling, then training (the first round takes longest)")
+            result = simulate(config, backbone=backbone, train=train, test=test, callback=on_round, checkpoint_dir=out,
+                              resume=start > 0, previous_metrics=previous)
+            privacy = result.summary.get("privacy") or {}
+            artifact.save_prompt(
+                out / "prompt.fpp", jax.device_get(result.trainable), config=result.prompt_config,
+                backbone=result.backbone, task=result.plan.task,
+                label_names=list(result.label_names),
+                training={"rounds": config.rounds, "clients": config.clients, "algorithm": config.algorithm,
+                          "privacy_epsilon": privacy.get("epsilon"), "final_accuracy": result.summary["final_accuracy"]},
+            )
+            report.write_summary(out / "summary.json", result.summary)
+            description = (f"{config.algorithm} · {config.method} · {config.clients} clients "
+                           f"({config.clients_per_round}/round) · {config.partition}")
+            report.plot_curves(result.metrics, out / "curves.png", baselines=result.summary.get("baselines"),
+                               title=description)
+        except BaseException as err:
+            try:
+                done = checkpoint.completed_rounds(out)
+            except Exception:  # noqa: BLE001 - the original failure matters, not this one
+                done = 0
+            if done:
+                folder.keep_on_failure()
+            again = f"`fedprompt run --resume {shlex.quote(str(out))}`"
+            kept = (f"continue with {again}" if done else f"start again with {again}") if done or resume else None
+            if isinstance(err, KeyboardInterrupt):
+                err.add_note(f"interrupted after round {done}; {kept}" if done else
+                             f"interrupted before the first round ended; {kept or f'{out} is as it was'}")
+            elif isinstance(err, OSError):
+                err.add_note(f"{done} completed round{'s' * (done != 1)} kept; {kept}" if done else
+                             kept or f"{out} is as it was")
+            raise
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
     return result

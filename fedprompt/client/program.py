@@ -1,0 +1,90 @@
+"""The client-program contract: what a client runs each round, and what it sends.
+
+A :class:`ClientProgram` is the unit both runtimes execute. The in-process simulation
+``vmap``s :attr:`ClientProgram.update` over a block of clients that share one copy of the
+frozen backbone; a Flower SuperNode calls the very same function for its one client. The
+server side of the contract is :attr:`ClientProgram.to_delta`, which turns what arrived (a
+quantized update, seeds and scalars, a low-dimensional vector) into a change of the global
+state before aggregation.
+
+Client state is opaque to the runtime: SCAFFOLD's control variate or an error-feedback
+residual arrives as ``client_control`` and leaves as ``ClientResult.control``; the runtime
+keeps it per client (the simulation in an array ``[C, ...]``, a SuperNode in its persistent
+context) when :attr:`ClientProgram.client_state` says so, and hands it back the next time that
+client trains. It is shaped like the global parameters.
+
+Programs: :func:`gradient_program` (FedAvg / FedProx / SCAFFOLD local steps),
+:func:`fedprompt.client.compressed.compressed_program`,
+:func:`fedprompt.client.bbt.make_bbt_program`, :func:`fedprompt.client.zeroth_order.make_zo_program`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import optax
+
+from fedprompt.client.federated import ClientResult, make_client_update
+from fedprompt.client.local import make_loss_fn
+from fedprompt.errors import ConfigError
+from fedprompt.prompts import PromptConfig
+from fedprompt.tasks import Task
+
+if TYPE_CHECKING:
+    from fedprompt.backbones.backbone import Backbone
+    from fedprompt.server.algorithms import Algorithm
+
+Pytree = Any
+
+
+class ClientProgram(NamedTuple):
+    """How clients train and what travels.
+
+    Attributes:
+      update: ``(global_params, weights, data, num_examples, key, control, client_control) ->
+        ClientResult``, pure and vmappable (:func:`~fedprompt.client.federated.make_client_update`
+        has this signature); its ``ClientResult.delta`` is the *payload* a client sends.
+      to_delta: ``(global_params, payload) -> delta`` on the server (jittable): the change of the
+        global state that a payload stands for.
+      init: ``(key) -> global params``; None uses :func:`~fedprompt.client.local.init_trainable`.
+      to_trainable: ``(params) -> {"prompt", "head"}`` for evaluation; None: identity.
+      client_state: the program keeps state between rounds in ``ClientResult.control`` (shaped
+        like the global params); the runtime stores it per client and passes it back as
+        ``client_control``.
+    """
+
+    update: Callable[..., ClientResult]
+    to_delta: Callable[[Pytree, Pytree], Pytree]
+    init: Callable[[Any], Pytree] | None = None
+    to_trainable: Callable[[Pytree], Pytree] | None = None
+    client_state: bool = False
+
+
+def identity_delta(global_params: Pytree, payload: Pytree) -> Pytree:
+    """``to_delta`` of programs whose payload is the update itself."""
+    del global_params
+    return payload
+
+
+def gradient_program(
+    backbone: Backbone,
+    prompt_config: PromptConfig,
+    task: Task,
+    algorithm: Algorithm,
+    local_optimizer: optax.GradientTransformation,
+    *,
+    local_steps: int,
+    batch_size: int,
+    scaffold_lr: float | None = None,
+) -> ClientProgram:
+    """The gradient-based client of ``algorithm`` (FedProx's proximal term, SCAFFOLD's
+    correction and control variate) as a :class:`ClientProgram` whose payload is the update."""
+    if algorithm.scaffold and scaffold_lr is None:
+        raise ConfigError("SCAFFOLD needs scaffold_lr (the clients' SGD learning rate)")
+    update = make_client_update(
+        make_loss_fn(backbone, prompt_config, task.resolve(backbone)), local_optimizer,
+        local_steps=local_steps, batch_size=batch_size, prox_mu=algorithm.prox_mu,
+        scaffold_lr=scaffold_lr if algorithm.scaffold else None,
+    )
+    return ClientProgram(update=update, to_delta=identity_delta, client_state=algorithm.scaffold)

@@ -1,0 +1,1 @@
+"""The runtime-neutral federation: what the in-process simulation and a Flower deployment share."""

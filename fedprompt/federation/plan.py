@@ -1,0 +1,370 @@
+"""How a :class:`~fedprompt.config.RunConfig` becomes a federation, written once for every runtime.
+
+:func:`make_plan` builds, from the settings and the frozen backbone and without any client
+data, everything both runtimes share: the prompt and task, the algorithm and local optimizer,
+the :class:`~fedprompt.client.program.ClientProgram` every client runs, the client's encode
+stage (local DP), the server's :class:`~fedprompt.server.rounds.ServerRound` (robust rule or
+central DP, the optax step, the privacy ledger), and the :class:`~fedprompt.federation.keys.KeySchedule`.
+The in-process simulation (:mod:`fedprompt.simulation.engine`) and the Flower apps
+(:mod:`fedprompt.flower`) then make the same calls, round by round::
+
+    ids, _ = plan.sample(r)                                        # both runtimes
+    result = plan.program.update(params, weights, rows, n, plan.client_keys(r)[i], ...)  # client i
+    payload = plan.encode(result.delta, noise_key)                 # client i: local DP
+    received = receive_updates(messages, ..., template=plan.update_template(rows))       # server
+    state, outcome = plan.server.apply(state, received, sizes, key=noise_key, ...)       # server
+
+A deployment with the same seed and data therefore ends with the prompt of the simulation
+(up to the DP noise, which a deployment draws from the operating system's entropy).
+
+Example:
+  >>> from fedprompt.config import RunConfig
+  >>> make_prompt_config(RunConfig()).num_virtual_tokens
+  20
+  >>> make_algorithm(RunConfig(algorithm="fedavgm", server_momentum=0.5)).name
+  'fedavgm'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fedprompt.backbones.backbone import Backbone
+from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step
+from fedprompt.client.program import ClientProgram, gradient_program, identity_delta
+from fedprompt.config import RunConfig
+from fedprompt.errors import ConfigError
+from fedprompt.federation.keys import KeySchedule
+from fedprompt.privacy import dp
+from fedprompt.prompts import PromptConfig
+from fedprompt.server import algorithms, rounds
+from fedprompt.server.robust import make_aggregator
+from fedprompt.tasks import SequenceClassification
+
+Pytree = Any
+
+
+def make_prompt_config(config: RunConfig) -> PromptConfig:
+    """The prompt of a run: ``method`` and ``num_virtual_tokens``; prefixes start small (std 0.02).
+
+    The gradient-free methods tune a soft prompt."""
+    return PromptConfig(
+        method="prefix" if config.method == "prefix" else "prompt", num_virtual_tokens=config.num_virtual_tokens,
+        random_std=0.02 if config.method == "prefix" else 1.0,
+    )
+
+
+def make_task(num_labels: int) -> SequenceClassification:
+    """The task of a run: sequence classification over ``num_labels`` classes."""
+    return SequenceClassification(num_labels=num_labels)
+
+
+def make_algorithm(config: RunConfig) -> algorithms.Algorithm:
+    """The algorithm named by the config with its hyperparameters."""
+    kwargs: dict[str, Any] = {}
+    if config.server_lr is not None:
+        kwargs["server_lr"] = config.server_lr
+    if config.algorithm == "fedavgm":
+        kwargs["momentum"] = config.server_momentum
+    if config.algorithm == "fedprox":
+        kwargs["mu"] = config.prox_mu
+    if config.algorithm in ("fedadagrad", "fedadam", "fedyogi"):
+        kwargs["tau"] = config.tau
+        kwargs["b1"] = config.b1 if config.algorithm != "fedadagrad" else 0.0
+        if config.algorithm != "fedadagrad":
+            kwargs["b2"] = config.b2
+    return algorithms.from_name(config.algorithm, **kwargs)
+
+
+def make_local_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """The clients' optax optimizer (``local_optimizer``, ``local_lr``)."""
+    if config.resolved_local_optimizer == "sgd":
+        return optax.sgd(config.resolved_local_lr)
+    return optax.adam(config.resolved_local_lr)
+
+
+def make_program(
+    config: RunConfig,
+    backbone: Backbone,
+    prompt_config: PromptConfig,
+    task: SequenceClassification,
+    algorithm: algorithms.Algorithm | None = None,
+) -> ClientProgram:
+    """The :class:`~fedprompt.client.program.ClientProgram` of a run: the gradient client of the
+    algorithm, wrapped by ``compress``; or the gradient-free ``bbt`` / ``zo`` clients."""
+    if config.method == "bbt":
+        from fedprompt.client.bbt import make_bbt_program
+
+        head_optimizer = None if config.local_lr is None else optax.adam(config.local_lr)
+        return make_bbt_program(backbone, prompt_config, task, local_steps=config.local_steps,
+                                batch_size=config.batch_size, seed=config.seed, head_optimizer=head_optimizer)
+    if config.method == "zo":
+        from fedprompt.client.zeroth_order import make_zo_program
+
+        lr = {} if config.local_lr is None else {"lr": config.local_lr}
+        return make_zo_program(backbone, prompt_config, task, local_steps=config.local_steps,
+                               batch_size=config.batch_size, seed=config.seed, **lr)
+    program = gradient_program(
+        backbone, prompt_config, task, algorithm or make_algorithm(config), make_local_optimizer(config),
+        local_steps=config.local_steps, batch_size=config.batch_size, scaffold_lr=config.resolved_local_lr,
+    )
+    if config.compress is None:
+        return program
+    from fedprompt.client.compressed import compressed_program
+
+    return compressed_program(program.update, config.compress, error_feedback=config.error_feedback)
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """A run's differential privacy, resolved: the noise multiplier (calibrated to a target
+    epsilon if asked) and the ledger; ``None`` fields without DP."""
+
+    config: dp.DPConfig
+    noise_multiplier: float = 0.0
+    ledger: Any = None
+
+    @property
+    def mode(self) -> str | None:
+        return self.config.mode if self.config.enabled else None
+
+
+def make_privacy(
+    dp_config: dp.DPConfig | None, *, num_clients: int, clients_per_round: int, rounds: int | None
+) -> Privacy:
+    """DP settings with the noise multiplier resolved (calibrated to ``target_epsilon`` over
+    ``rounds`` when no multiplier is given); dp-accounting is imported only with DP."""
+    dp_config = dp_config or dp.DPConfig()
+    if not dp_config.enabled:
+        return Privacy(dp_config)
+    from fedprompt.privacy import accounting  # dp-accounting (and SciPy) only when DP is used
+
+    delta = dp_config.resolved_delta(num_clients)
+    z = dp_config.noise_multiplier
+    if z is None:
+        if rounds is None:
+            raise ConfigError("a DP target epsilon needs the number of rounds to calibrate the noise")
+        z = accounting.noise_multiplier_for_epsilon(
+            dp_config.target_epsilon, None, rounds, delta, accountant=dp_config.accountant, sampling="fixed",
+            population=num_clients, cohort=clients_per_round, mode=dp_config.mode,
+        )
+    ledger = accounting.PrivacyLedger(
+        noise_multiplier=z, delta=delta, mode=dp_config.mode, accountant=dp_config.accountant, sampling="fixed",
+        population=num_clients, cohort=clients_per_round,
+    )
+    return Privacy(dp_config, float(z), ledger)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureAggregationSettings:
+    """Secure aggregation of a run: the Shamir threshold (None: about two thirds of the
+    round's clients) and the per-coordinate clip range of quantized updates without DP."""
+
+    threshold: int | None = None
+    clip_range: float = 1.0
+
+    def resolved_threshold(self, n: int) -> int:
+        return self.threshold or max(2, -(-2 * n // 3))
+
+
+def make_aggregate_stage(
+    aggregator: Any, privacy: Privacy, clients_per_round: int
+) -> rounds.AggregateStage:
+    """The server's aggregation stage: central DP-FedAvg, else the (robust) ``aggregator``."""
+    if privacy.mode == "central":
+        c = privacy.config
+        return dp.central_dp_stage(dp.CentralDP(
+            clip=c.clip, noise_multiplier=privacy.noise_multiplier, denominator=clients_per_round,
+            adaptive=c.adaptive, target_quantile=c.target_quantile, clip_lr=c.clip_lr, count_stddev=c.count_stddev,
+        ))
+    return rounds.mean_stage(aggregator)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FederationPlan:
+    """Everything the runtimes share about one federation (module docstring); no client data.
+
+    Attributes:
+      backbone: the frozen backbone (loaded where the plan is built; it never travels).
+      prompt_config, task: what is trained (the task resolved against the backbone).
+      algorithm: the federated algorithm.
+      program: what every client runs.
+      server: the server's round.
+      privacy: the resolved DP settings.
+      encode: the client's encode stage ``(payload, key) -> payload`` (local DP), or None.
+      keys: the run's key schedule.
+      num_clients, clients_per_round: the federation's and a round's clients.
+      dropout: the probability that a sampled client drops out (simulation only).
+      secagg: secure aggregation's settings, None without it.
+    """
+
+    backbone: Backbone
+    prompt_config: PromptConfig
+    task: SequenceClassification
+    algorithm: algorithms.Algorithm
+    program: ClientProgram
+    server: rounds.ServerRound
+    privacy: Privacy
+    encode: Callable[[Pytree, jax.Array], Pytree] | None
+    keys: KeySchedule
+    num_clients: int
+    clients_per_round: int
+    dropout: float
+    secagg: SecureAggregationSettings | None
+    _eval_step: Callable[..., Any] = dataclasses.field(repr=False)
+
+    @property
+    def scaffold(self) -> bool:
+        return self.algorithm.scaffold
+
+    def sample(self, round_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sampled client ids of a round (sorted) and which of them drop out (simulated)."""
+        rng = self.keys.sampling(round_index)
+        ids = np.sort(rng.choice(self.num_clients, self.clients_per_round, replace=False))
+        dropped = rng.random(self.clients_per_round) < self.dropout
+        return ids, dropped
+
+    def client_keys(self, round_index: int) -> jax.Array:
+        """``[C]`` PRNG keys of a round, one per client id."""
+        return self.keys.client_keys(round_index, self.num_clients)
+
+    def init_params(self, key: jax.Array | None = None) -> Pytree:
+        """The initial global parameters (the program's, or a prompt + head)."""
+        key = self.keys.init() if key is None else key
+        if self.program.init is not None:
+            return self.program.init(key)
+        return init_trainable(self.backbone, self.prompt_config, self.task, key)
+
+    def init(self, key: jax.Array | None = None) -> rounds.RoundState:
+        """The server state before the first round (algorithm and protections)."""
+        return self.server.init(self.init_params(key))
+
+    def broadcast(self, state: rounds.RoundState) -> dict[str, Pytree]:
+        """What the server sends a sampled client: ``params`` (and SCAFFOLD's ``control``)."""
+        server = state.server
+        return {"params": server.params, **({"control": server.control} if self.scaffold else {})}
+
+    def broadcast_template(self) -> dict[str, Pytree]:
+        """Shapes and dtypes of :meth:`broadcast` (``jax.ShapeDtypeStruct`` leaves)."""
+        return jax.eval_shape(lambda: self.broadcast(self.init()))
+
+    def update_template(self, rows: Mapping[str, Any]) -> dict[str, Pytree]:
+        """The tree the server expects from a client: ``delta`` (the program's payload) and, for
+        SCAFFOLD, ``control_delta``; ``rows`` is any client's (or one example's) encoded data,
+        whose column names and dtypes fix the payload's shape."""
+        params = jax.eval_shape(self.init_params)
+        rows = {name: jax.ShapeDtypeStruct(np.shape(c), np.asarray(c).dtype if not hasattr(c, "dtype") else c.dtype)
+                for name, c in rows.items()}
+        result = jax.eval_shape(
+            self.program.update, params, self.backbone.weights, rows, np.int32(1), self.keys.init(), params, params,
+        )
+        return {"delta": result.delta, **({"control_delta": params} if self.scaffold else {})}
+
+    def trainable(self, params: Pytree) -> Pytree:
+        """The ``{"prompt", "head"}`` that global ``params`` stand for (gradient-free programs
+        hold low-dimensional parameters)."""
+        to_trainable = self.program.to_trainable
+        return params if to_trainable is None else to_trainable(params)
+
+    def evaluate(self, params: Pytree, encoded: Mapping[str, np.ndarray], batch_size: int = 128) -> dict[str, float]:
+        """Loss and accuracy of global ``params`` on an encoded data set (every example once)."""
+        trainable = self.trainable(params)
+        total_loss = total_correct = total = 0.0
+        for batch in iterate_batches(encoded, batch_size):
+            m = self._eval_step(trainable, batch, self.backbone.weights)
+            n = float(m.examples)
+            total_loss += float(m.loss) * n
+            total_correct += float(m.accuracy) * n
+            total += n
+        return {"eval_loss": total_loss / total, "eval_accuracy": total_correct / total}
+
+
+def build_plan(
+    backbone: Backbone,
+    prompt_config: PromptConfig,
+    task: SequenceClassification,
+    algorithm: algorithms.Algorithm,
+    local_optimizer: optax.GradientTransformation | None = None,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local_steps: int = 1,
+    batch_size: int = 1,
+    seed: int = 0,
+    dropout: float = 0.0,
+    scaffold_lr: float | None = None,
+    program: ClientProgram | None = None,
+    aggregator: Any = None,
+    dp_config: dp.DPConfig | None = None,
+    total_rounds: int | None = None,
+    secagg: SecureAggregationSettings | None = None,
+) -> FederationPlan:
+    """A :class:`FederationPlan` from its parts (what :func:`make_plan` does for a RunConfig).
+
+    Args:
+      backbone, prompt_config, task: what is trained.
+      algorithm: the federated algorithm.
+      local_optimizer, local_steps, batch_size, scaffold_lr: the gradient client's local
+        training (not used when ``program`` is given).
+      num_clients, clients_per_round, dropout, seed: the federation's shape and its seed.
+      program: a :class:`~fedprompt.client.program.ClientProgram` replacing the gradient client.
+      aggregator: ``(stacked, weights) -> mean`` (default: the weighted mean; see
+        :mod:`fedprompt.server.robust` for robust rules).
+      dp_config, total_rounds: client-level differential privacy (a target epsilon is
+        calibrated over ``total_rounds``).
+      secagg: secure aggregation (only the sum of the round's updates is revealed).
+
+    Raises:
+      ConfigError: a combination that cannot run.
+    """
+    if clients_per_round > num_clients:
+        raise ConfigError(f"clients_per_round {clients_per_round} exceeds the {num_clients} clients")
+    task = task.resolve(backbone)
+    if program is None:
+        if local_optimizer is None:
+            raise ConfigError("the gradient client needs a local optimizer")
+        program = gradient_program(backbone, prompt_config, task, algorithm, local_optimizer,
+                                   local_steps=local_steps, batch_size=batch_size, scaffold_lr=scaffold_lr)
+    privacy = make_privacy(dp_config, num_clients=num_clients, clients_per_round=clients_per_round,
+                           rounds=total_rounds)
+    stage = make_aggregate_stage(aggregator or make_aggregator("mean"), privacy, clients_per_round)
+    server = rounds.ServerRound(
+        algorithm, num_clients=num_clients, aggregate=stage,
+        to_delta=None if program.to_delta is identity_delta else program.to_delta, ledger=privacy.ledger,
+    )
+    encode = None
+    if privacy.mode == "local":
+        encode = dp.local_dp_stage(privacy.config.clip, privacy.noise_multiplier)
+    return FederationPlan(
+        backbone=backbone, prompt_config=prompt_config, task=task, algorithm=algorithm, program=program,
+        server=server, privacy=privacy, encode=encode, keys=KeySchedule(seed), num_clients=num_clients,
+        clients_per_round=clients_per_round, dropout=dropout, secagg=secagg,
+        _eval_step=make_eval_step(backbone, prompt_config, task),
+    )
+
+
+def make_plan(config: RunConfig, backbone: Backbone, num_labels: int) -> FederationPlan:
+    """The :class:`FederationPlan` of a run on ``backbone`` with ``num_labels`` classes.
+
+    Raises:
+      ConfigError: a combination the settings cannot run.
+    """
+    if num_labels < 2:
+        raise ConfigError(f"a classification task needs at least 2 labels, got {num_labels}")
+    prompt_config = make_prompt_config(config)
+    task = make_task(num_labels).resolve(backbone)
+    algorithm = make_algorithm(config)
+    secagg = SecureAggregationSettings(config.secagg_threshold) if config.secagg else None
+    return build_plan(
+        backbone, prompt_config, task, algorithm, num_clients=config.clients,
+        clients_per_round=config.clients_per_round, seed=config.seed, dropout=config.dropout,
+        program=make_program(config, backbone, prompt_config, task, algorithm),
+        aggregator=make_aggregator(config.aggregator, **config.aggregator_options()),
+        dp_config=config.dp_config(), total_rounds=config.rounds, secagg=secagg,
+    )

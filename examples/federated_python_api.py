@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import fedprompt
-from fedprompt.simulation.datasets import from_lists, train_test_split
+from fedprompt.data.datasets import from_lists, train_test_split
 
 rng = np.random.default_rng(0)
 topics = {

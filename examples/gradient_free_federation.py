@@ -17,9 +17,8 @@ import fedprompt
 from fedprompt.client.bbt import make_bbt_program
 from fedprompt.client.zeroth_order import make_zo_program
 from fedprompt.federation.plan import make_algorithm, make_local_optimizer, make_prompt_config, make_task
-from fedprompt.simulation import federation
-from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
-from fedprompt.simulation.run import load_data
+from fedprompt.data.loading import encode_dataset, load_data, partition_clients, select_examples
+from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
 
 
 def main() -> None:
@@ -31,10 +30,10 @@ def main() -> None:
 
     config = fedprompt.RunConfig(rounds=args.rounds, algorithm="fedavg")
     backbone = fedprompt.load_backbone(config.backbone)
-    train, test = federation.select_examples(config, *load_data(config))
+    train, test = select_examples(config, *load_data(config))
     prompt_config = make_prompt_config(config)
     task = make_task(train.num_labels)
-    parts = federation.partition_clients(config, train.labels)
+    parts = partition_clients(config, train.labels)
     client_data = build_client_data(
         encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens), parts, train.num_labels
     )

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 import fedprompt
-from fedprompt.simulation.datasets import load_wordnet_supersenses
+from fedprompt.data.datasets import load_wordnet_supersenses
 
 
 def main() -> None:

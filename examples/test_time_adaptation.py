@@ -24,9 +24,10 @@ import optax
 import fedprompt
 from fedprompt.inference import make_tpt_program, tpt_evaluate
 from fedprompt.server import algorithms
-from fedprompt.simulation.datasets import load_wordnet_supersenses
-from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
-from fedprompt.simulation.partition import dirichlet_partition, iid_partition
+from fedprompt.data.datasets import load_wordnet_supersenses
+from fedprompt.data.loading import encode_dataset
+from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
+from fedprompt.data.partition import dirichlet_partition, iid_partition
 from fedprompt.wire.artifact import load_prompt
 
 

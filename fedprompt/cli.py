@@ -1,26 +1,35 @@
-"""The ``fedprompt`` command.
+"""The fedprompt command: federated prompt tuning of frozen language models.
 
-Sub-commands:
-  run                      federated prompt tuning (the built-in default with no arguments)
+commands:
+  run                      federated prompt tuning (the built-in default with no arguments);
+                           --overwrite replaces the run in --out, --resume DIR continues one
+  compare DIR [DIR ...]    several runs side by side: accuracy, bytes sent, one plot
   info [BACKBONE]          load a backbone and print its architecture and fingerprint
-  bench train-step         time a compiled prompt-tuning step and show its memory analysis
-  bench simulate           vmapped round vs sequential per-client / per-step loops, block memory
-  bench aggregate          compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s
-  bench train              train step FLOP/s as a fraction of this machine's matmul FLOP/s
-  bench kernels            Pallas kernels vs their XLA references
   inspect FILE             a prompt artifact's metadata (readable text, or --json)
   apply FILE --text T      classify texts with a prompt and its head, or generate with a decoder
   export FILE --format peft --out DIR
                            a PEFT prompt-tuning / prefix-tuning adapter
   import DIR --out FILE    a PEFT prompt-tuning / prefix-tuning adapter as a prompt artifact
+  bench train-step         time a compiled prompt-tuning step and show its memory analysis
+  bench simulate           vmapped round vs sequential per-client / per-step loops, block memory
+  bench aggregate          compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s
+  bench train              train step FLOP/s as a fraction of this machine's matmul FLOP/s
+  bench kernels            Pallas kernels vs their XLA references
+  bench memory             compiled memory of gradient-free client steps
+
+Errors are one line on stderr: exit status 2 for bad input, 1 for a system error (a full disk,
+a read-only folder), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import warnings
 
+from fedprompt.config import RunConfig
 from fedprompt.errors import FedPromptError
 
 
@@ -79,71 +88,113 @@ def cmd_bench_train_step(args: argparse.Namespace) -> int:
     return 0
 
 
-# ``fedprompt run`` flags: (flag, RunConfig field, type, help).
-RUN_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--backbone", "backbone", str, "checkpoint folder, built-in name or cached hub id (default minilm)"),
-    ("--data", "data", str, "JSONL or CSV file of labelled texts (default: built-in WordNet supersenses)"),
-    ("--test-data", "test_data", str, "separate test file (default: a seeded 80/20 split of --data)"),
-    ("--text-key", "text_key", str, "text column of --data"),
-    ("--label-key", "label_key", str, "label column of --data"),
-    ("--method", "method", str, "prompt | prefix | bbt | zo"),
-    ("--virtual-tokens", "num_virtual_tokens", int, "prompt length"),
-    ("--algorithm", "algorithm", str, "fedavg | fedavgm | fedprox | fedadagrad | fedadam | fedyogi | scaffold"),
-    ("--server-lr", "server_lr", float, "server learning rate"),
-    ("--prox-mu", "prox_mu", float, "FedProx proximal coefficient"),
-    ("--rounds", "rounds", int, "federated rounds"),
-    ("--clients", "clients", int, "number of clients"),
-    ("--clients-per-round", "clients_per_round", int, "clients sampled per round"),
-    ("--partition", "partition", str, "iid | dirichlet | shards | quantity"),
-    ("--alpha", "alpha", float, "Dirichlet concentration"),
-    ("--labels-per-client", "labels_per_client", int, "labels per client for shards"),
-    ("--local-steps", "local_steps", int, "local optimizer steps per round"),
-    ("--batch-size", "batch_size", int, "examples per local step"),
-    ("--local-optimizer", "local_optimizer", str, "adam | sgd"),
-    ("--local-lr", "local_lr", float, "local learning rate"),
-    ("--max-length", "max_length", int, "tokens per example"),
-    ("--train-examples", "train_examples", int, "use at most this many training examples"),
-    ("--eval-examples", "eval_examples", int, "evaluate on at most this many test examples"),
-    ("--eval-every", "eval_every", int, "evaluate every N rounds"),
-    ("--dropout", "dropout", float, "probability that a sampled client drops out"),
-    ("--client-block", "client_block", int, "clients trained together in one vmapped program"),
-    ("--seed", "seed", int, "the run's seed"),
-    ("--aggregator", "aggregator", str, "mean | median | trimmed_mean | krum | multi_krum | norm_bound"),
-    ("--trim-beta", "trim_beta", float, "trimmed_mean: fraction trimmed at each end"),
-    ("--num-byzantine", "num_byzantine", int, "krum / multi_krum: assumed attackers"),
-    ("--krum-m", "krum_m", int, "multi_krum: updates averaged"),
-    ("--norm-bound", "norm_bound", float, "norm_bound: L2 bound of each update"),
-    ("--attack", "attack", str, "sign_flip | scaling | gaussian | label_flip"),
-    ("--attack-fraction", "attack_fraction", float, "fraction of malicious clients"),
-    ("--attack-scale", "attack_scale", float, "factor of sign_flip / scaling attacks"),
-    ("--dp", "dp", str, "central | local differential privacy"),
-    ("--dp-clip", "dp_clip", float, "DP clipping norm"),
-    ("--dp-noise-multiplier", "dp_noise_multiplier", float, "DP noise multiplier z"),
-    ("--dp-target-epsilon", "dp_target_epsilon", float, "choose z so the run spends this epsilon"),
-    ("--dp-delta", "dp_delta", float, "DP delta"),
-    ("--dp-accountant", "dp_accountant", str, "rdp | pld"),
-    ("--secagg-threshold", "secagg_threshold", int, "secure aggregation: Shamir threshold"),
-    ("--compress", "compress", str, "int8 | int4 quantization of the client updates"),
-    ("--devices", "devices", int, "local devices each round's clients are spread over (0: all)"),
-    ("--parallel-backend", "parallel_backend", str, "shard_map | pmap (with --devices)"),
-    ("--tpt-steps", "tpt_steps", int, "TPT: adaptation steps per test batch"),
-    ("--tpt-lr", "tpt_lr", float, "TPT: learning rate"),
-    ("--tpt-views", "tpt_views", int, "TPT: augmented views per example"),
-    ("--tpt-test-clients", "tpt_test_clients", int, "TPT: test clients of the shifted split"),
-    ("--tpt-alpha", "tpt_alpha", float, "TPT: Dirichlet label skew of the test clients"),
-    ("--out", "out", str, "output folder (default runs/latest)"),
-]
-RUN_SWITCHES = [
-    ("--baselines", "baselines", "also train centralized and local-only baselines"),
-    ("--dp-adaptive", "dp_adaptive", "adaptive DP clipping (Andrew et al. 2021)"),
-    ("--secagg", "secagg", "secure aggregation (Bonawitz et al. 2017)"),
-    ("--error-feedback", "error_feedback", "with --compress: carry the compression error to the next round"),
-    ("--tpt", "tpt", "also evaluate with test-time prompt tuning on a label-shifted test split"),
-]
+# ``fedprompt run``: one flag per RunConfig field, named after it (``--clients-per-round``) unless
+# renamed here, typed by its annotation, with this help and the field's default. The one table
+# for ``fedprompt run --help`` and the README (:func:`run_flags_markdown`).
+RUN_HELP: dict[str, str] = {
+    "backbone": "checkpoint folder, built-in name or cached hub id",
+    "data": "JSONL or CSV file of labelled texts (unset: the built-in WordNet supersenses)",
+    "test_data": "separate test file (unset: a seeded 80/20 split of --data)",
+    "text_key": "text column of --data",
+    "label_key": "label column of --data",
+    "method": "prompt | prefix | bbt | zo",
+    "num_virtual_tokens": "prompt length",
+    "algorithm": "fedavg | fedavgm | fedprox | fedadagrad | fedadam | fedyogi | scaffold",
+    "server_lr": "server learning rate (unset: the algorithm's own)",
+    "server_momentum": "FedAvgM momentum",
+    "tau": "FedAdagrad / FedAdam / FedYogi adaptivity",
+    "b1": "FedAdam / FedYogi first-moment decay",
+    "b2": "FedAdam / FedYogi second-moment decay",
+    "prox_mu": "FedProx proximal coefficient",
+    "rounds": "federated rounds",
+    "clients": "number of clients",
+    "clients_per_round": "clients sampled per round",
+    "partition": "iid | dirichlet | shards | quantity",
+    "alpha": "Dirichlet concentration",
+    "labels_per_client": "labels per client for shards",
+    "local_steps": "local optimizer steps per round",
+    "batch_size": "examples per local step",
+    "local_optimizer": "adam | sgd (unset: adam, sgd for scaffold)",
+    "local_lr": "local learning rate (unset: 0.01 for adam, 0.5 for sgd)",
+    "max_length": "tokens per example",
+    "train_examples": "use at most this many training examples (unset: all)",
+    "eval_examples": "evaluate on at most this many test examples",
+    "eval_every": "evaluate every N rounds",
+    "dropout": "probability that a sampled client drops out",
+    "client_block": "clients trained together in one vmapped program (unset: all of a round)",
+    "seed": "the run's seed",
+    "baselines": "also train centralized and local-only baselines",
+    "aggregator": "mean | median | trimmed_mean | krum | multi_krum | norm_bound",
+    "trim_beta": "trimmed_mean: fraction trimmed at each end",
+    "num_byzantine": "krum / multi_krum: assumed attackers",
+    "krum_m": "multi_krum: updates averaged (unset: all but the attackers)",
+    "norm_bound": "norm_bound: L2 bound of each update",
+    "attack": "sign_flip | scaling | gaussian | label_flip (unset: none)",
+    "attack_fraction": "fraction of malicious clients",
+    "attack_scale": "factor of sign_flip / scaling attacks",
+    "dp": "central | local differential privacy (unset: none)",
+    "dp_clip": "DP clipping norm",
+    "dp_noise_multiplier": "DP noise multiplier z",
+    "dp_target_epsilon": "choose z so the run spends this epsilon",
+    "dp_delta": "DP delta (unset: min(1e-5, 1 / clients))",
+    "dp_adaptive": "adaptive DP clipping (Andrew et al. 2021)",
+    "dp_accountant": "rdp | pld",
+    "secagg": "secure aggregation (Bonawitz et al. 2017)",
+    "secagg_threshold": "secure aggregation: Shamir threshold (unset: about 2/3 of a round's clients)",
+    "compress": "int8 | int4 quantization of the client updates (unset: float32)",
+    "error_feedback": "with --compress: carry the compression error to the next round",
+    "devices": "local devices each round's clients are spread over, 0 for all",
+    "parallel_backend": "shard_map | pmap (with --devices)",
+    "tpt": "also evaluate with test-time prompt tuning on a label-shifted test split",
+    "tpt_steps": "TPT: adaptation steps per test batch",
+    "tpt_lr": "TPT: learning rate",
+    "tpt_views": "TPT: augmented views per example",
+    "tpt_test_clients": "TPT: test clients of the shifted split",
+    "tpt_alpha": "TPT: Dirichlet label skew of the test clients",
+    "out": "output folder",
+}
+RUN_FLAG_NAMES = {"num_virtual_tokens": "--virtual-tokens"}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_METAVARS = {"int": "N", "float": "X", "str": "NAME", "data": "FILE", "test_data": "FILE", "out": "DIR"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlag:
+    """One ``fedprompt run`` flag: the RunConfig field it sets, its type, default and help."""
+
+    flag: str
+    field: str
+    type: type
+    default: object
+    help: str
+
+    @property
+    def help_with_default(self) -> str:
+        if self.type is bool or self.default is None:
+            return self.help
+        return f"{self.help} (default: {self.default})"
+
+
+def run_flags() -> list[RunFlag]:
+    """The flags of ``fedprompt run``, one per :class:`~fedprompt.config.RunConfig` field, in field order."""
+    flags = []
+    for field in dataclasses.fields(RunConfig):
+        kind = _TYPES[str(field.type).split("|")[0].strip()]
+        flag = RUN_FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        flags.append(RunFlag(flag, field.name, kind, field.default, RUN_HELP.get(field.name, field.name.replace("_", " "))))
+    return flags
+
+
+def run_flags_markdown() -> str:
+    """The flags of ``fedprompt run`` as a Markdown table (flag, default, meaning), for the README."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in run_flags():
+        default = "off" if f.type is bool else ("unset" if f.default is None else f"`{f.default}`")
+        rows.append(f"| `{f.flag}` | {default} | {f.help} |")
+    return "\n".join(rows)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedprompt.config import RunConfig
     from fedprompt.simulation.run import resume, run
 
     progress = False if args.no_progress else None
@@ -151,10 +202,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = resume(args.resume, progress=progress)
         _print_run_result(result, args.resume)
         return 0
-    overrides = {field: getattr(args, field) for _, field, _, _ in RUN_FLAGS}
-    overrides.update({field: True for _, field, _ in RUN_SWITCHES if getattr(args, field)})
+    # An unset switch is None, not False, so that it leaves the TOML file's value alone.
+    overrides = {f.field: (getattr(args, f.field) or None) if f.type is bool else getattr(args, f.field)
+                 for f in run_flags()}
     config = RunConfig.from_sources(args.config, overrides)  # every value checked before any work
-    result = run(config, progress=progress)
+    result = run(config, progress=progress, overwrite=args.overwrite)
     _print_run_result(result, config.out)
     return 0
 
@@ -178,7 +230,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedprompt.errors import InputError
-    from fedprompt.simulation import report
+    from fedprompt.federation import report
 
     labels = args.labels.split(",") if args.labels else [Path(d).name for d in args.dirs]
     if len(labels) != len(args.dirs):
@@ -408,7 +460,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from fedprompt.errors import ConfigError
+    from fedprompt.errors import ConfigError, InputError
     from fedprompt.wire.artifact import check_backbone, load_prompt
 
     artifact = load_prompt(args.file)
@@ -418,29 +470,39 @@ def cmd_apply(args: argparse.Namespace) -> int:
         check_backbone(artifact, backbone, force=args.force)
     _artifact_warnings(caught)
     prompt = artifact.materialize(backbone.config)
+    if args.top < 1:
+        raise InputError(f"--top must be >= 1, got {args.top}")
     classify = artifact.task is not None and artifact.task.type == "sequence_classification" and not args.generate
     if not classify:
         if not backbone.is_decoder:
-            raise ConfigError(f"the prompt has no classification task and {backbone.name!r} is an encoder: nothing to generate")
+            reason = "--generate needs a decoder backbone" if args.generate else "the prompt has no classification task"
+            raise ConfigError(f"{reason}: {backbone.name!r} is an encoder and cannot generate text")
         return _apply_generate(args, backbone, prompt)
     task = artifact.task.to_task().resolve(backbone)
     n_soft = artifact.prompt_config.num_virtual_tokens if artifact.method == "prompt" else 0
     limit = backbone.config.max_positions
     max_length = args.max_length if limit is None else min(args.max_length, limit - n_soft)
     batch = backbone.tokenize(list(args.text), max_length, num_virtual=n_soft)
+    for index, text in enumerate(args.text, start=1):
+        tokens = len(backbone.tokenizer(text)["input_ids"])
+        if tokens > max_length:
+            cap = "--max-length" if max_length == args.max_length else "the backbone's positions"
+            print(f"fedprompt: warning: text {index} has {tokens} tokens and was cut to {max_length} ({cap})",
+                  file=sys.stderr)
     output = backbone.forward(batch["input_ids"], batch["attention_mask"], prompt, with_logits=task.needs_logits())
     probs = np.asarray(jax.nn.softmax(task.logits(artifact.head, output), axis=-1))
     names = artifact.label_names or tuple(str(i) for i in range(task.num_labels))
     results = []
     for text, row in zip(args.text, probs):
         order = np.argsort(-row)
-        results.append({"text": text, "label": names[order[0]], "probabilities": {names[i]: float(row[i]) for i in order}})
+        top = order[: args.top]
+        results.append({"text": text, "label": names[order[0]], "probabilities": {names[i]: float(row[i]) for i in top}})
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for result in results:
         print(f"{result['label']}\t{result['text']}")
-        for name, p in list(result["probabilities"].items())[: args.top]:
+        for name, p in result["probabilities"].items():
             print(f"  {p:7.4f}  {name}")
     return 0
 
@@ -546,7 +608,7 @@ def add_artifact_commands(sub) -> None:
     apply.add_argument("--force", action="store_true", help="apply even if the backbone's fingerprint differs")
     apply.add_argument("--json", action="store_true", help="print JSON")
     apply.add_argument("--max-length", type=int, default=128, help="classification: tokens per text")
-    apply.add_argument("--top", type=int, default=5, help="classification: how many labels to list")
+    apply.add_argument("--top", type=int, default=5, help="classification: how many labels to list (also with --json)")
     apply.add_argument("--generate", action="store_true", help="generate even if the prompt has a classification task")
     apply.add_argument("--max-new-tokens", type=int, default=32, help="generation: tokens to generate")
     apply.add_argument("--temperature", type=float, default=0.0, help="generation: 0 is greedy")
@@ -576,14 +638,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run federated prompt tuning (built-in default without arguments)")
+    run = sub.add_parser("run", help="run federated prompt tuning (built-in default without arguments)",
+                         description="Federated prompt tuning. Flags override --config; a folder that holds a "
+                                     "finished run is replaced only with --overwrite.")
     run.add_argument("--config", metavar="TOML", help="a TOML file of settings; flags override it")
-    for flag, field, kind, text in RUN_FLAGS:
-        run.add_argument(flag, dest=field, type=kind, default=None, help=text)
-    for flag, field, text in RUN_SWITCHES:
-        run.add_argument(flag, dest=field, action="store_true", help=text)
-    run.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its own settings")
+    for f in run_flags():
+        if f.type is bool:
+            run.add_argument(f.flag, dest=f.field, action="store_true", help=f.help_with_default)
+        else:
+            run.add_argument(f.flag, dest=f.field, type=f.type, default=None, help=f.help_with_default,
+                             metavar=_METAVARS.get(f.field) or _METAVARS[f.type.__name__])
+    run.add_argument("--no-progress", action="store_true",
+                     help="print no progress (default: a bar on a terminal, one line per round elsewhere)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run --out holds (deleted only once this run has finished)")
+    again.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its own settings")
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="describe a backbone")
@@ -626,12 +696,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error becomes one line on stderr and an exit status.
+
+    Returns 0 on success, 2 for bad input (a :class:`~fedprompt.errors.FedPromptError`), 1 for
+    an operating-system error (a full disk, a read-only or missing folder) and 130 for Ctrl-C.
+    """
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FedPromptError as err:
-        print(f"fedprompt: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except FedPromptError as err:
+            print(f"fedprompt: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            print(f"fedprompt: {_one_line(err) or 'interrupted'}", file=sys.stderr)
+            return 130
+        except OSError as err:
+            print(f"fedprompt: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message and notes on one line; an OSError as ``file: reason``."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [str(name) for name in (err.filename, err.filename2) if name is not None]
+        text = f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    else:
+        text = str(err)
+    parts = [part for part in (text, *getattr(err, "__notes__", ())) if part]
+    return " ".join("; ".join(parts).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    print(f"fedprompt: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,217 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedprompt.errors import ConfigError
+
+DP_MODES = ("central", "local")
+ACCOUNTANTS = ("rdp", "pld")
+SAMPLINGS = ("poisson", "fixed")
 
 ALGORITHM_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "scaffold")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """Differential-privacy settings of a run, validated on construction.
+
+    Attributes:
+      mode: ``"central"`` (the server clips and adds noise to the sum), ``"local"`` (each client
+        clips and adds noise before sending) or None (no DP; then no other field may ask for
+        noise).
+      clip: the L2 clipping norm ``C`` of a client update (the initial one when adaptive).
+      noise_multiplier: ``z``; the noise on the sum (central) or on each update (local) has
+        standard deviation ``z * C``. Exactly one of ``noise_multiplier`` and
+        ``target_epsilon`` is set when ``mode`` is set.
+      target_epsilon: choose ``z`` before training so that the whole run spends this epsilon
+        (:func:`fedprompt.privacy.accounting.noise_multiplier_for_epsilon`).
+      delta: the delta of the (epsilon, delta) guarantee; None: ``min(1e-5, 1 / num_clients)``
+        (:meth:`resolved_delta`), i.e. below one over the number of units protected (clients).
+      adaptive: adapt ``C`` to the ``target_quantile`` of the update norms (Andrew et al.
+        2021); central mode only.
+      target_quantile: ``gamma`` in (0, 1).
+      clip_lr: ``eta`` > 0, the learning rate of the geometric update of ``C``.
+      count_stddev: ``sigma_b`` of the unclipped-count noise; None:
+        :func:`fedprompt.privacy.dp.default_count_stddev`.
+      accountant: ``"rdp"`` (Renyi DP, Mironov 2017) or ``"pld"`` (privacy loss
+        distributions; tighter, slower; Poisson sampling only).
+      sampling: how clients are sampled each round, as the accountant must assume:
+        ``"poisson"`` (each client independently with probability ``q``; add/remove-one
+        neighbours) or ``"fixed"`` (exactly ``clients_per_round`` uniformly without
+        replacement, as both runtimes sample;
+        replace-one neighbours, RDP only).
+
+    Example:
+      >>> DPConfig(mode="central", clip=0.5, noise_multiplier=1.1).enabled
+      True
+      >>> DPConfig(mode="central", clip=0.5)
+      Traceback (most recent call last):
+        ...
+      fedprompt.errors.ConfigError: DP mode 'central' needs exactly one of noise_multiplier and target_epsilon
+    """
+
+    mode: str | None = None
+    clip: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float | None = None
+    accountant: str = "rdp"
+    sampling: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in DP_MODES:
+            raise ConfigError(f"DP mode must be one of central, local or unset; got {self.mode!r}")
+        check_number("clip", self.clip, lower=0.0, strict=True)
+        if self.noise_multiplier is not None:
+            check_number("noise_multiplier", self.noise_multiplier, lower=0.0)
+        if self.target_epsilon is not None:
+            check_number("target_epsilon", self.target_epsilon, lower=0.0, strict=True)
+        if self.delta is not None:
+            check_number("delta", self.delta, lower=0.0, strict=True)
+            if not self.delta < 1:
+                raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
+        check_number("target_quantile", self.target_quantile, lower=0.0, strict=True)
+        if not self.target_quantile < 1:
+            raise ConfigError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
+        check_number("clip_lr", self.clip_lr, lower=0.0, strict=True)
+        if self.count_stddev is not None:
+            check_number("count_stddev", self.count_stddev, lower=0.0)
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {self.sampling!r}")
+        if self.mode is None:
+            if self.noise_multiplier is not None or self.target_epsilon is not None or self.adaptive:
+                raise ConfigError("noise_multiplier, target_epsilon and adaptive need a DP mode (central or local)")
+            return
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError(f"DP mode {self.mode!r} needs exactly one of noise_multiplier and target_epsilon")
+        if self.adaptive and self.mode != "central":
+            raise ConfigError("adaptive clipping is defined for central DP only (the server sees the clipped count)")
+        if self.mode == "central" and self.sampling == "fixed" and self.accountant == "pld":
+            raise ConfigError(
+                "the PLD accountant of dp-accounting has no fixed-size sampling without replacement: "
+                "use accountant = 'rdp' or sampling = 'poisson'"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any DP is applied."""
+        return self.mode is not None
+
+    def resolved_delta(self, num_clients: int) -> float:
+        """``delta``, or ``min(1e-5, 1 / num_clients)`` when unset."""
+        if self.delta is not None:
+            return float(self.delta)
+        if num_clients < 1:
+            raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
+        return min(1e-5, 1.0 / num_clients)
+
+
+def check_number(name: str, value: Any, *, lower: float, strict: bool = False) -> None:
+    """Raises ConfigError unless ``value`` is a finite real number ``>= lower`` (``> lower`` if strict)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if value < lower or (strict and value == lower):
+        raise ConfigError(f"{name} must be {'>' if strict else '>='} {lower}, got {value}")
+
+
+
+
+# ----------------------------------------------------------------------------- robustness, attacks
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
+"""The aggregation rules (:func:`fedprompt.server.robust.make_aggregator`)."""
+
+AGGREGATOR_PARAMS: dict[str, tuple[str, ...]] = {
+    "mean": (),
+    "median": (),
+    "trimmed_mean": ("beta",),
+    "krum": ("num_byzantine",),
+    "multi_krum": ("num_byzantine", "m"),
+    "norm_bound": ("bound",),
+}
+"""The parameters each aggregation rule takes."""
+
+ATTACKS = ("sign_flip", "scaling", "gaussian", "label_flip")
+"""The simulated attacks (:mod:`fedprompt.simulation.attacks`)."""
+
+
+def check_trim_beta(beta: Any) -> float:
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 0.5):
+        raise ConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta!r}")
+    return float(beta)
+
+
+def check_byzantine(num_byzantine: Any) -> int:
+    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
+        raise ConfigError(f"num_byzantine must be an integer >= 0, got {num_byzantine!r}")
+    return num_byzantine
+
+
+def check_krum_m(m: Any) -> int:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ConfigError(f"multi_krum needs an integer m >= 1, got {m!r}")
+    return m
+
+
+def check_norm_bound(bound: Any) -> float:
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0 or bound == float("inf"):
+        raise ConfigError(f"norm_bound needs a finite bound > 0, got {bound!r}")
+    return float(bound)
+
+
+_PARAM_CHECKS = {"beta": check_trim_beta, "num_byzantine": check_byzantine, "m": check_krum_m,
+                 "bound": check_norm_bound}
+
+
+def check_aggregator(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of aggregation rule ``name`` (None values dropped), validated.
+
+    Raises:
+      ConfigError: an unknown name, a missing, unknown or invalid parameter.
+    """
+    if name not in AGGREGATOR_PARAMS:
+        raise ConfigError(f"aggregator must be one of {', '.join(AGGREGATORS)}; got {name!r}")
+    params = {k: v for k, v in params.items() if v is not None}
+    expected = AGGREGATOR_PARAMS[name]
+    unknown = sorted(set(params) - set(expected))
+    if unknown:
+        raise ConfigError(f"aggregator {name!r} takes {', '.join(expected) or 'no parameters'}; got {unknown}")
+    missing = [p for p in expected if p not in params]
+    if missing:
+        raise ConfigError(f"aggregator {name!r} needs {', '.join(missing)}")
+    return {k: _PARAM_CHECKS[k](v) for k, v in params.items()}
+
+
+def check_attack(kind: Any, fraction: Any, scale: Any, noise_std: Any = 1.0) -> None:
+    """Raises ConfigError unless the attack settings are valid."""
+    if kind not in ATTACKS:
+        raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}; got {kind!r}")
+    for name, value in (("fraction", fraction), ("scale", scale), ("noise_std", noise_std)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"attack {name} must be a finite number, got {value!r}")
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"attack fraction must be in [0, 1), got {fraction}")
+    if not scale > 0:
+        raise ConfigError(f"attack scale must be > 0, got {scale}")
+    if not noise_std > 0:
+        raise ConfigError(f"attack noise_std must be > 0, got {noise_std}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,12 +409,9 @@ class RunConfig:
         return cls(**values)
 
     def _check_robustness_and_privacy(self) -> None:
-        from fedprompt.server.robust import make_aggregator
-        from fedprompt.simulation.attacks import AttackConfig
-
-        make_aggregator(self.aggregator, **self.aggregator_options())
+        check_aggregator(self.aggregator, self.aggregator_options())
         if self.attack is not None:
-            AttackConfig(kind=self.attack, fraction=self.attack_fraction, scale=self.attack_scale)
+            check_attack(self.attack, self.attack_fraction, self.attack_scale)
         self.dp_config()
         if self.dp is not None and self.algorithm == "scaffold":
             raise ConfigError("differential privacy with SCAFFOLD is not supported: the control deltas are not privatized")
@@ -255,7 +453,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def aggregator_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`fedprompt.server.robust.make_aggregator` for ``aggregator``."""
+        """The parameters of ``aggregator`` (:data:`AGGREGATOR_PARAMS`), as keyword arguments of
+        :func:`fedprompt.server.robust.make_aggregator`."""
         return {
             "trimmed_mean": {"beta": self.trim_beta},
             "krum": {"num_byzantine": self.num_byzantine},
@@ -263,10 +462,8 @@ class RunConfig:
             "norm_bound": {"bound": self.norm_bound},
         }.get(self.aggregator, {})
 
-    def dp_config(self):
-        """The :class:`~fedprompt.privacy.dp.DPConfig` of this run (validated)."""
-        from fedprompt.privacy.dp import DPConfig
-
+    def dp_config(self) -> DPConfig:
+        """The :class:`DPConfig` of this run (validated)."""
         if self.dp is None:
             return DPConfig()
         return DPConfig(
@@ -292,13 +489,17 @@ class RunConfig:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config, flattening one level of tables."""
+    """Read a TOML config, flattening one level of tables.
+
+    A file over :data:`fedprompt.wire.limits.MAX_TOML_BYTES` (1 MiB) is refused before it is read.
+    """
+    from fedprompt.wire.limits import MAX_TOML_BYTES, read_bounded
+
     path = Path(path)
+    data = read_bounded(path, MAX_TOML_BYTES, what="config file", error=ConfigError)
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():

@@ -63,3 +63,8 @@ class ArtifactError(WireError):
 
 class OutOfMemoryError(FedPromptError, MemoryError):
     """A compiled program did not fit the device's memory; the message says what to lower."""
+
+
+class RunFolderError(FedPromptError):
+    """A run folder cannot be used: it is a file, not writable, in use by another run, or holds
+    another run that was neither overwritten (``--overwrite``) nor resumed (``--resume``)."""

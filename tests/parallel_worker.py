@@ -17,6 +17,7 @@ if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS",
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from conftest import tiny_backbone  # noqa: E402
@@ -26,7 +27,7 @@ from fedprompt.client.local import init_trainable, make_train_step  # noqa: E402
 from fedprompt.parallel import DeviceAxis, make_parallel_train_clients, make_parallel_train_step  # noqa: E402
 from fedprompt.server import algorithms  # noqa: E402
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data  # noqa: E402
-from fedprompt.simulation.partition import dirichlet_partition  # noqa: E402
+from fedprompt.data.partition import dirichlet_partition  # noqa: E402
 
 BACKENDS = ("shard_map", "pmap")
 

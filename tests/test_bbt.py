@@ -16,7 +16,7 @@ from fedprompt.client import bbt
 from fedprompt.errors import ConfigError
 from fedprompt.server import algorithms
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
-from fedprompt.simulation.partition import dirichlet_partition
+from fedprompt.data.partition import dirichlet_partition
 from fedprompt.wire import codec
 
 LABELS = 3

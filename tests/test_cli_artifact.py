@@ -88,9 +88,10 @@ def test_inspect_text_and_json(artifacts, capsys):
     assert described["tensors"]["prompt/keys"] == {"shape": [2, 2, 4, 8], "dtype": "float32", "storage": "float16"}
 
 
-def test_apply_classifies_with_the_head(artifacts, capsys):
+def test_apply_classifies_with_the_head(artifacts, folders, capsys):
     texts = ["w5 w6 w7", "w40 w41"]
-    code, out, err = run_cli(capsys, "apply", artifacts["classify"], "--text", texts[0], "--text", texts[1], "--json")
+    code, out, err = run_cli(capsys, "apply", artifacts["classify"], "--backbone", folders["bert"], "--text", texts[0],
+                             "--text", texts[1], "--json")
     assert code == 0, err
     results = json.loads(out)
     bert = artifacts["bert"]
@@ -101,13 +102,15 @@ def test_apply_classifies_with_the_head(artifacts, capsys):
     for result, row in zip(results, probs):
         assert result["label"] == LABELS[int(np.argmax(row))]
         np.testing.assert_allclose([result["probabilities"][n] for n in LABELS], row, atol=1e-6)
-    code, out, _ = run_cli(capsys, "apply", artifacts["classify"], "--text", texts[0], "--top", "2")
+    code, out, _ = run_cli(capsys, "apply", artifacts["classify"], "--backbone", folders["bert"], "--text", texts[0],
+                           "--top", "2")
     lines = out.splitlines()
     assert code == 0 and lines[0] == f"{results[0]['label']}\tw5 w6 w7" and len(lines) == 3
 
 
-def test_apply_generates_with_a_decoder(artifacts, capsys):
-    code, out, err = run_cli(capsys, "apply", artifacts["lm"], "--text", "w5 w6 w7", "--max-new-tokens", "6", "--json")
+def test_apply_generates_with_a_decoder(artifacts, folders, capsys):
+    code, out, err = run_cli(capsys, "apply", artifacts["lm"], "--backbone", folders["gpt2"], "--text", "w5 w6 w7",
+                             "--max-new-tokens", "6", "--json")
     assert code == 0, err
     result = json.loads(out)[0]
     gpt2 = artifacts["gpt2"]
@@ -147,8 +150,9 @@ def test_export_then_import_round_trip(artifacts, folders, tmp_path, capsys):
         "adapter_config.json", "adapter_model.safetensors", "fedprompt_head.safetensors", "fedprompt_task.json"]
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "FEATURE_EXTRACTION"
-    assert config["base_model_name_or_path"] == str(folders["bert"])
-    code, out, err = run_cli(capsys, "import", tmp_path / "adapter", "--out", tmp_path / "back.fpp", "--storage", "float32")
+    assert config["base_model_name_or_path"] == "bert"  # a name, never a local path
+    code, out, err = run_cli(capsys, "import", tmp_path / "adapter", "--out", tmp_path / "back.fpp", "--storage", "float32",
+                             "--backbone", folders["bert"])
     assert code == 0, err
     before, after = load_prompt(artifacts["classify"]), load_prompt(tmp_path / "back.fpp")
     np.testing.assert_array_equal(after.params["embeddings"], before.params["embeddings"])

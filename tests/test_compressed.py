@@ -16,7 +16,7 @@ from fedprompt.client.local import make_loss_fn
 from fedprompt.errors import ConfigError
 from fedprompt.server import algorithms
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data
-from fedprompt.simulation.partition import dirichlet_partition
+from fedprompt.data.partition import dirichlet_partition
 from fedprompt.wire import codec
 
 LABELS = 3
@@ -94,7 +94,7 @@ def test_run_config_compression_keeps_each_clients_residual():
     the engine stores each reporting client's residual and hands it back next time."""
     from fedprompt.config import RunConfig
     from fedprompt.federation.plan import make_plan
-    from fedprompt.simulation import federation
+    from fedprompt.data.loading import partition_clients
 
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 100, (72, 8)).astype(np.int32)
@@ -103,9 +103,9 @@ def test_run_config_compression_keeps_each_clients_residual():
                        num_virtual_tokens=2, compress="int4", error_feedback=True)
     bb = tiny_backbone("bert")
     task = SequenceClassification(LABELS)
-    parts = federation.partition_clients(config, encoded["labels"])
+    parts = partition_clients(config, encoded["labels"])
     plan = make_plan(config, bb, LABELS)
-    sim = federation.make_simulation(config, plan, build_client_data(encoded, parts, LABELS))
+    sim = FederatedSimulation.from_config(config, plan, build_client_data(encoded, parts, LABELS))
     assert sim.plan.program.client_state
     state, controls = sim.init()
     ids0, _ = sim.sample(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fedprompt.errors import ConfigError, DataError, FedPromptError
-from fedprompt.simulation import build_wordnet
-from fedprompt.simulation.datasets import (
+from fedprompt.data import build_wordnet
+from fedprompt.data.datasets import (
     TextDataset,
     from_lists,
     load_text_file,

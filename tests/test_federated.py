@@ -11,10 +11,12 @@ from conftest import tiny_backbone
 
 from fedprompt import PromptConfig, SequenceClassification
 from fedprompt.client.federated import make_client_update
+from fedprompt.client.program import ClientProgram, identity_delta
+from fedprompt.federation.keys import KeySchedule
 from fedprompt.errors import OutOfMemoryError
 from fedprompt.server import algorithms
-from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
-from fedprompt.simulation.partition import dirichlet_partition
+from fedprompt.simulation.engine import ClientData, FederatedSimulation, build_client_data, run_rounds
+from fedprompt.data.partition import dirichlet_partition
 
 LABELS = 3
 
@@ -153,36 +155,65 @@ def test_fedadam_server_step_is_reddi_algorithm_2():
     assert int(state.round) == 4
 
 
+_H = np.array([[1.0, 10.0], [10.0, 1.0], [4.0, 0.5], [0.5, 4.0]], np.float32)
+_C = np.array([[3.0, -1.0], [-2.0, 2.0], [1.0, 4.0], [-3.0, -2.0]], np.float32)
+
+
+def _quadratic_loss(params, weights, batch):
+    """Client i minimizes 0.5 * sum_j h_ij (x_j - c_ij)^2, with very different h_i and c_i."""
+    return 0.5 * jnp.mean(jnp.sum(batch["h"] * jnp.square(params["x"] - batch["c"]), -1)), {}
+
+
+def _quadratic_hand_loop(algorithm, scaffold_lr, lr=0.05, steps=20, rounds=30, seed=0):
+    """FedAvg / SCAFFOLD on the quadratic clients, written out by hand (every client, every round)."""
+    update = make_client_update(_quadratic_loss, optax.sgd(lr), local_steps=steps, batch_size=2, scaffold_lr=scaffold_lr)
+    batched = jax.jit(jax.vmap(update, in_axes=(None, None, 0, 0, 0, None, 0)))
+    data = {"h": jnp.asarray(np.repeat(_H[:, None], 4, 1)), "c": jnp.asarray(np.repeat(_C[:, None], 4, 1))}
+    state = algorithm.init({"x": jnp.zeros(2)})
+    client_controls = {"x": jnp.zeros((4, 2))}
+    keys = KeySchedule(seed)
+    for r in range(rounds):
+        out = batched(state.params, None, data, jnp.full(4, 4), keys.client_keys(r, 4), state.control, client_controls)
+        mean = jax.tree.map(lambda d: d.mean(0), out.delta)
+        state = algorithm.apply(state, mean, jax.tree.map(lambda d: d.mean(0), out.control_delta), 1.0)
+        client_controls = out.control if scaffold_lr else client_controls
+    return state
+
+
 def test_scaffold_beats_fedavg_on_heterogeneous_quadratics():
-    """Clients minimize 0.5 * sum_j h_ij (x_j - c_ij)^2 with very different h_i and c_i."""
-    h = np.array([[1.0, 10.0], [10.0, 1.0], [4.0, 0.5], [0.5, 4.0]], np.float32)
-    c = np.array([[3.0, -1.0], [-2.0, 2.0], [1.0, 4.0], [-3.0, -2.0]], np.float32)
-    optimum = (h * c).sum(0) / h.sum(0)
-    lr, steps = 0.05, 20
+    optimum = (_H * _C).sum(0) / _H.sum(0)
 
-    def loss_fn(params, weights, batch):
-        loss = 0.5 * jnp.mean(jnp.sum(batch["h"] * jnp.square(params["x"] - batch["c"]), -1))
-        return loss, {}
-
-    data = {"h": jnp.asarray(np.repeat(h[:, None], 4, 1)), "c": jnp.asarray(np.repeat(c[:, None], 4, 1))}
-    sizes = jnp.full(4, 4)
-
-    def train(algorithm, scaffold_lr):
-        update = make_client_update(loss_fn, optax.sgd(lr), local_steps=steps, batch_size=2, scaffold_lr=scaffold_lr)
-        batched = jax.jit(jax.vmap(update, in_axes=(None, None, 0, 0, 0, None, 0)))
-        state = algorithm.init({"x": jnp.zeros(2)})
-        client_controls = {"x": jnp.zeros((4, 2))}
-        for r in range(30):
-            out = batched(state.params, None, data, sizes, jax.random.split(jax.random.key(r), 4), state.control, client_controls)
-            mean = jax.tree.map(lambda d: d.mean(0), out.delta)
-            state = algorithm.apply(state, mean, jax.tree.map(lambda d: d.mean(0), out.control_delta), 1.0)
-            client_controls = out.control if scaffold_lr else client_controls
+    def error(state):
         return float(np.linalg.norm(np.asarray(state.params["x"]) - optimum))
 
-    fedavg_error = train(algorithms.fedavg(), None)
-    scaffold_error = train(algorithms.scaffold(), lr)
+    fedavg_error = error(_quadratic_hand_loop(algorithms.fedavg(), None))
+    scaffold_error = error(_quadratic_hand_loop(algorithms.scaffold(), 0.05))
     assert fedavg_error > 0.3, fedavg_error  # client drift biases FedAvg's fixed point
     assert scaffold_error < 0.1 * fedavg_error, (scaffold_error, fedavg_error)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "scaffold"])
+def test_the_engine_runs_the_quadratic_clients_as_the_hand_loop(name):
+    """The same clients through the engine's public client-program seam: equal to the hand loop."""
+    scaffold_lr = 0.05 if name == "scaffold" else None
+    algorithm = algorithms.from_name(name)
+    update = make_client_update(_quadratic_loss, optax.sgd(0.05), local_steps=20, batch_size=2,
+                                scaffold_lr=scaffold_lr)
+    program = ClientProgram(update=update, to_delta=identity_delta, init=lambda key: {"x": jnp.zeros(2)},
+                            client_state=scaffold_lr is not None)
+    clients = ClientData(
+        columns={"h": jnp.asarray(np.repeat(_H[:, None], 4, 1)), "c": jnp.asarray(np.repeat(_C[:, None], 4, 1))},
+        sizes=np.full(4, 4, np.int32), label_histograms=np.zeros((4, 1), np.int64),
+    )
+    sim = FederatedSimulation.build(tiny_backbone("bert"), PromptConfig(num_virtual_tokens=1), SequenceClassification(LABELS),
+                                    algorithm, None, clients, clients_per_round=4, program=program, seed=0)
+    state, client_states = sim.init()
+    for r in range(30):
+        state, client_states, record = sim.run_round(state, client_states, r)
+        assert record.clients == 4
+    expected = _quadratic_hand_loop(algorithm, scaffold_lr)
+    np.testing.assert_allclose(np.asarray(state.params["x"]), np.asarray(expected.params["x"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.control["x"]), np.asarray(expected.control["x"]), rtol=1e-5, atol=1e-5)
 
 
 def test_scaffold_runs_in_the_engine():

@@ -32,12 +32,15 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedprompt.client import zeroth_order
 from fedprompt.errors import ConfigError
+from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.flower import client_app, common, server_app
 from fedprompt.federation.records import client_message
+from fedprompt.privacy import accounting, dp
+from fedprompt.privacy.secure_round import SecureRound
 from fedprompt.server import rounds
-from fedprompt.simulation import federation
-from fedprompt.simulation.engine import build_client_data, run_rounds
+from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
 from fedprompt.wire import artifact, codec
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
@@ -71,6 +74,8 @@ def _free_port() -> int:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
@@ -151,17 +156,22 @@ class LocalDeployment:
                     raise RuntimeError(f"the SuperLink did not start:\n{self.log('superlink')}") from None
                 time.sleep(0.5)
         for i in range(self.nodes):
-            self._start(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()),
-                "--node-config", f"partition-id={i} num-partitions={self.nodes}",
-            ])
+            self.start_node(i)
 
-    def run(self, overrides: dict, *, timeout: float) -> subprocess.Popen:
+    def start_node(self, i: int) -> None:
+        """Starts (or restarts) the SuperNode of client ``i``."""
+        self._start(f"supernode-{i}", [
+            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(_free_port()),
+            "--node-config", f"partition-id={i} num-partitions={self.nodes}",
+        ])
+
+    def run(self, overrides: dict, *, timeout: float, name: str = "run") -> subprocess.Popen:
         """``flwr run examples/flower_app local-deployment --run-config <toml> --stream``."""
-        toml = self.tmp / "run-config.toml"
+        self.run_name = name
+        toml = self.tmp / f"run-config-{name}.toml"
         toml.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
-        log = open(self.logs / "flwr-run.log", "wb")
+        log = open(self.logs / f"flwr-run-{name}.log", "wb")
         proc = subprocess.Popen(
             [str(BIN / "flwr"), "run", str(APP), "local-deployment", "--run-config", str(toml), "--stream"],
             cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -227,13 +237,28 @@ class LocalDeployment:
         try:
             proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the run did not finish in time:\n{self.log('flwr-run')}") from None
+            raise AssertionError(f"the run did not finish in time:\n{self.run_log()}") from None
+
+    def run_log(self) -> str:
+        return self.log(f"flwr-run-{self.run_name}")
 
 
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> Path:
     """One persistent XLA cache for every node of every test here (Flower starts a process per message)."""
     return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, jax_cache):
+    """One SuperLink and its SuperNodes on 127.0.0.1, shared by every deployed run of this module."""
+    tmp = tmp_path_factory.mktemp("deployment")
+    local = LocalDeployment(tmp, NODES, jax_cache)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
 
 
 def _app_config(overrides: dict) -> dict:
@@ -249,12 +274,13 @@ def _settings(out: Path, **extra) -> tuple[dict, common.FlowerSettings]:
     return overrides, common.settings_from_run_config(config)
 
 
-def _reference(settings: common.FlowerSettings):
+def _reference(settings: common.FlowerSettings, **engine):
     """The in-process simulation of the same run: all clients' rows, vmapped training."""
     fed = common.build_federation(settings, common.load_run_backbone(settings))
     client_data = build_client_data(fed.training_set(), fed.parts, len(fed.label_names))
-    sim = federation.make_simulation(settings.run, fed.plan, client_data)
-    return fed, sim
+    if engine:
+        return fed, FederatedSimulation(fed.plan, client_data, **engine)
+    return fed, FederatedSimulation.from_config(settings.run, fed.plan, client_data)
 
 
 def _read_run(out: Path):
@@ -284,7 +310,7 @@ def test_run_config_is_read_like_fedprompt_run_and_refuses_what_a_deployment_can
         common.settings_from_run_config({"dropout": 0.5})
     with pytest.raises(ConfigError, match="round-timeout must be float"):
         common.settings_from_run_config({"round-timeout": "soon"})
-    for unsupported in ({"secagg": True}, {"devices": 2}):
+    for unsupported in ({"devices": 2},):
         with pytest.raises(ConfigError, match="not supported by the Flower deployment"):
             common.settings_from_run_config(unsupported)
     with pytest.raises(ConfigError, match="malicious clients"):
@@ -319,7 +345,7 @@ class InProcessGrid(Grid):
     """A Grid whose SuperNodes are ClientApp calls in this process.
 
     ``silent`` nodes (a set of client ids) never answer; ``tamper(client_id, reply)`` may
-    replace a reply. An exception in the ClientApp becomes an error reply, as in Flower.
+    replace a reply, or drop it (None). An exception in the ClientApp becomes an error reply, as in Flower.
     """
 
     def __init__(self, run_config: dict, nodes: int):
@@ -366,7 +392,8 @@ class InProcessGrid(Grid):
                 reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
             if self.tamper is not None:
                 reply = self.tamper(client, reply)
-            replies.append(reply)
+            if reply is not None:  # a tamper hook returning None silences that one reply
+                replies.append(reply)
         return replies
 
 
@@ -419,6 +446,152 @@ def test_apps_in_process_equal_the_simulation(tmp_path, flower_task, algorithm):
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
 
 
+# Every method and protection, deployed through the apps, against the in-process run. The
+# noise of DP is zero here (a deployment draws it from its own entropy); the tests below check
+# that with noise on it is there, at the right scale.
+PARITY = {
+    "prefix": {"method": "prefix"},
+    "bbt": {"method": "bbt", "local-steps": 2},
+    "zo": {"method": "zo", "local-steps": 4},
+    "int8-error-feedback": {"compress": "int8", "error-feedback": True},
+    "int4": {"compress": "int4"},
+    "median": {"aggregator": "median"},
+    "trimmed-mean": {"aggregator": "trimmed_mean", "trim-beta": 0.34},
+    "krum": {"aggregator": "krum", "num-byzantine": 0},
+    "multi-krum": {"aggregator": "multi_krum", "num-byzantine": 0, "krum-m": 2},
+    "norm-bound": {"aggregator": "norm_bound", "norm-bound": 0.05},
+    "central-dp": {"dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
+    "local-dp": {"dp": "local", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
+    "tpt": {"tpt": True, "tpt-test-clients": 2, "tpt-views": 2},
+    "secagg": {"secagg": True},
+    "secagg-central-dp": {"secagg": True, "dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARITY))
+def test_every_method_and_protection_deployed_equals_the_simulation(tmp_path, flower_task, name):
+    overrides, settings = _settings(tmp_path / "out", rounds=2, **PARITY[name])
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    # ZO's scalars divide a difference of two losses by 2 eps, which magnifies the float rounding
+    # between a vmapped block and one client's forward pass: a block of one client is exact.
+    fed, sim = _reference(settings, **({"client_block": 1} if name == "zo" else {}))
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    _assert_close(result.state.server.params, state.server.params)
+    for got, want in zip(result.metrics, expected, strict=True):
+        for key in ("bytes_up", "bytes_down", "clients", "participants", "epsilon", "dp_clip"):
+            assert got.get(key) == want.get(key), (key, got.get(key), want.get(key))
+        np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
+    if name == "zo":  # only seeds and scalars travel up: the encoded pairs and the header
+        fingerprint = fed.backbone.fingerprint
+        for r, got in enumerate(result.metrics):
+            assert got["bytes_up"] == NODES * zeroth_order.payload_bytes(4, r, fingerprint) < 300 * NODES
+    if settings.run.dp:
+        assert result.summary["privacy"]["dp_mode"] == settings.run.dp
+        prompt = artifact.load_prompt(tmp_path / "out" / "prompt.fpp")
+        assert prompt.training["privacy_epsilon"] == result.summary["privacy"]["epsilon"]
+    if settings.run.tpt:
+        reference = evaluate_tpt(settings.run, sim.plan, sim.plan.trainable(state.server.params), fed.test_set())
+        for key in ("accuracy_before", "accuracy_after"):
+            np.testing.assert_allclose(result.summary["tpt"][key], reference[key], atol=1e-6)
+    if settings.run.error_feedback:  # the residual stays on the node, in its context
+        assert all(common.RECORD in c.state.config_records for c in grid.contexts.values())
+
+
+def _first_round_updates(settings):
+    """The reference federation and simulation and its clients' round-1 updates, by client id (before encoding)."""
+    fed, sim = _reference(settings)
+    state, controls = sim.init()
+    ids, _ = sim.sample(0)
+    deltas = jax.device_get(sim.train_clients(state, controls, ids, 0).delta)
+    return fed, sim, {int(c): jax.tree.map(lambda x, s=slot: x[s], deltas) for slot, c in enumerate(ids)}
+
+
+def _noise_std(deployed, reference) -> float:
+    diffs = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+             for a, b in zip(jax.tree.leaves(deployed), jax.tree.leaves(jax.device_get(reference)), strict=True)]
+    return float(np.std(np.concatenate([d.ravel() for d in diffs])))
+
+
+def test_deployed_central_dp_noise_has_its_scale_and_comes_from_the_server_alone(tmp_path, flower_task):
+    z, clip = 2.0, 0.05
+    extra = {"algorithm": "fedavg", "rounds": 1, "dp": "central", "dp-clip": clip, "dp-noise-multiplier": z}
+    overrides, settings = _settings(tmp_path / "out", **extra)
+    result = server_app.run_federation(InProcessGrid(_app_config(overrides), NODES), settings, log=lambda text: None)
+    fed, sim = _reference(settings)
+    state, _, expected = run_rounds(sim, 1, fed.test_set())
+    # Both runs add N(0, (z C)^2) to the same clipped sum, then divide by the cohort; the noises
+    # are independent (the deployment's is not the seed's), so the difference has twice the variance.
+    want = np.sqrt(2) * z * clip / NODES
+    assert 0.8 * want < _noise_std(result.state.server.params, state.server.params) < 1.2 * want
+    np.testing.assert_allclose(result.metrics[0]["epsilon"], expected[0]["epsilon"], rtol=1e-12)
+    assert result.metrics[0]["dp_noise_std"] == pytest.approx(z * clip)
+
+
+def test_deployed_local_dp_noise_is_added_on_the_node_at_its_scale(tmp_path, flower_task):
+    z, clip = 1.5, 0.05
+    extra = {"rounds": 1, "dp": "local", "dp-clip": clip, "dp-noise-multiplier": z}
+    overrides, settings = _settings(tmp_path / "out", **extra)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    sent = {}
+
+    def keep(client, reply):
+        if reply.metadata.message_type == "train":
+            sent[client] = codec.decode(reply.content.config_records[common.RECORD]["update"]).tree["delta"]
+        return reply
+
+    grid.tamper = keep
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    _, sim, clean = _first_round_updates(settings)
+    for client, update in clean.items():
+        clipped, _ = dp.clip_update(update, clip)
+        assert 0.8 * z * clip < _noise_std(sent[client], clipped) < 1.2 * z * clip
+    assert result.metrics[0]["epsilon"] == pytest.approx(
+        accounting.local_epsilon(z, 1, sim.plan.privacy.ledger.delta), rel=1e-12)
+
+
+def test_secure_aggregation_deployed_sees_only_masked_vectors_and_recovers_a_node_that_died(tmp_path, flower_task):
+    overrides, settings = _settings(tmp_path / "out", rounds=2, secagg=True)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    masked = {}
+
+    def tamper(client, reply):
+        kind = reply.metadata.message_type
+        if kind == "train.secagg":
+            masked[(int(reply.metadata.group_id), client)] = codec.decode(
+                reply.content.config_records[common.RECORD]["update"]).tree["masked"]
+        if kind == "query.secagg_unmask" and client == 2:
+            return None  # client 2 dies after sending its masked input, every round
+        return reply
+
+    grid.tamper = tamper
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    fed, sim, plain = _first_round_updates(settings)
+    secure = SecureRound.of(NODES, sim.plan.secagg, sim.plan.privacy)
+    for client, update in plain.items():  # what the server saw is not the client's input
+        ints, _ = secure.client_input(update)
+        assert np.mean(masked[(0, client)] == ints) < 0.01
+    # Client 2's input is in the sum although it never unmasked: the run equals the simulation's.
+    final, _, expected = run_rounds(sim, 2, fed.test_set())
+    _assert_close(result.state.server.params, final.server.params)
+    assert [m["participants"] for m in result.metrics] == [list(range(NODES))] * 2
+    assert all(m["secagg_bytes"] > 0 and m["bytes_up"] == e["bytes_up"] for m, e in zip(result.metrics, expected))
+
+
+def test_secure_aggregation_deployed_with_fewer_than_t_survivors_publishes_nothing(tmp_path, flower_task):
+    overrides, settings = _settings(tmp_path / "out", rounds=2, secagg=True)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    grid.tamper = lambda client, reply: (None if reply.metadata.message_type == "train.secagg" and client > 0
+                                         and reply.metadata.group_id == "1" else reply)
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    first, second = result.metrics
+    assert first["clients"] == NODES and second["clients"] == 0 and second["secagg_failed"]
+    assert "fewer than the threshold" in second["secagg_error"]
+    fed, sim = _reference(settings)
+    after_one, _, _ = run_rounds(sim, 1, fed.test_set())
+    _assert_close(result.state.server.params, after_one.server.params)  # round 2 published nothing
+
+
 def test_a_node_sending_garbage_or_going_silent_is_left_out(tmp_path, flower_task):
     overrides, settings = _settings(tmp_path / "out")
     grid = InProcessGrid(_app_config(overrides), NODES)
@@ -464,16 +637,12 @@ def _sent(grid: InProcessGrid, reply: Message) -> Message:
     return next(m for m in grid.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
 
 
-def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(tmp_path, jax_cache):
-    overrides, settings = _settings(tmp_path / "out", **{"round-timeout": 120.0})
-    deployment = LocalDeployment(tmp_path, NODES, jax_cache)
-    try:
-        deployment.start()
-        deployment.wait(deployment.run(overrides, timeout=170))
-        assert (tmp_path / "out" / "summary.json").exists(), deployment.log("flwr-run")
-    finally:
-        deployment.stop()
-    metrics, summary, params, prompt = _read_run(tmp_path / "out")
+def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(deployment):
+    out = deployment.tmp / "out-prompt"
+    overrides, settings = _settings(out, **{"round-timeout": 120.0})
+    deployment.wait(deployment.run(overrides, timeout=170, name="prompt"))
+    assert (out / "summary.json").exists(), deployment.run_log()
+    metrics, summary, params, prompt = _read_run(out)
 
     fed, sim = _reference(settings)
     state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
@@ -502,23 +671,54 @@ def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(tmp_p
         assert (m["wire_bytes_up"] + m["wire_bytes_down"]) / NODES < backbone_bytes / 20
 
 
-def test_a_supernode_killed_mid_run_leaves_and_the_run_completes(tmp_path, jax_cache):
+# Real deployments of the rows of PARITY, several protections to a run (each run costs about a
+# minute of process starts); every row alone runs through the apps in-process above.
+DEPLOYED = {
+    "zo": {"method": "zo", "local-steps": 4},
+    "int8-error-feedback-median-tpt": {"compress": "int8", "error-feedback": True, "aggregator": "median",
+                                       "tpt": True, "tpt-test-clients": 2, "tpt-views": 2},
+    "prefix-local-dp-krum": {"method": "prefix", "dp": "local", "dp-clip": 0.05, "dp-noise-multiplier": 0.0,
+                             "aggregator": "multi_krum", "num-byzantine": 0, "krum-m": 2},
+    "secagg-central-dp": {"secagg": True, "dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", list(DEPLOYED))
+def test_deployed_protections_and_methods_equal_the_simulation(deployment, name):
+    out = deployment.tmp / f"out-{name}"
+    overrides, settings = _settings(out, rounds=2, **{"round-timeout": 120.0}, **DEPLOYED[name])
+    deployment.wait(deployment.run(overrides, timeout=170, name=name))
+    assert (out / "summary.json").exists(), deployment.run_log()
+    metrics, summary, params, _ = _read_run(out)
+    fed, sim = _reference(settings, **({"client_block": 1} if name == "zo" else {}))
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    _assert_close(params, state.params)
+    for got, want in zip(metrics, expected, strict=True):
+        for key in ("bytes_up", "bytes_down", "clients", "participants", "epsilon"):
+            assert got.get(key) == want.get(key), (key, got.get(key), want.get(key))
+    if settings.run.tpt:
+        reference = evaluate_tpt(settings.run, sim.plan, sim.plan.trainable(state.params), fed.test_set())
+        np.testing.assert_allclose(summary["tpt"]["accuracy_after"], reference["accuracy_after"], atol=1e-6)
+    if settings.run.dp:
+        assert summary["privacy"]["dp_mode"] == settings.run.dp
+
+
+def test_a_supernode_killed_mid_run_leaves_and_the_run_completes(deployment):
     # A round waits at most 40 s for a client; a cold round (compiling) takes ~15-30 s on 2 busy cores.
-    overrides, settings = _settings(tmp_path / "out", **{"round-timeout": 40.0})
-    deployment = LocalDeployment(tmp_path, NODES, jax_cache)
-    metrics_file = tmp_path / "out" / "metrics.jsonl"
+    out = deployment.tmp / "out-killed"
+    overrides, settings = _settings(out, **{"round-timeout": 40.0})
+    metrics_file = out / "metrics.jsonl"
     try:
-        deployment.start()
-        run = deployment.run(overrides, timeout=170)
+        run = deployment.run(overrides, timeout=170, name="killed")
         while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1):
-            assert run.poll() is None and time.monotonic() < deployment.deadline, deployment.log("flwr-run")
+            assert run.poll() is None and time.monotonic() < deployment.deadline, deployment.run_log()
             time.sleep(0.2)
         deployment.kill(f"supernode-{NODES - 1}")  # SIGKILL, after round 1
         deployment.wait(run)
-        assert (tmp_path / "out" / "summary.json").exists(), deployment.log("flwr-run")
+        assert (out / "summary.json").exists(), deployment.run_log()
     finally:
-        deployment.stop()
-    metrics, summary, params, _ = _read_run(tmp_path / "out")
+        deployment.start_node(NODES - 1)  # the next test finds every node again
+    metrics, summary, params, _ = _read_run(out)
     assert len(metrics) == settings.run.rounds
     assert NODES - 1 in metrics[0]["participants"]  # alive in round 1, dead from round 2 on
     for m in metrics[1:]:

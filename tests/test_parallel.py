@@ -137,12 +137,24 @@ def test_pad_batch_masks_added_rows():
 
 
 def test_run_config_devices_reach_the_engine():
-    from fedprompt.config import RunConfig
-    from fedprompt.simulation.federation import device_options
+    from conftest import tiny_backbone
 
-    assert device_options(RunConfig()) == {}
-    assert device_options(RunConfig(devices=0, parallel_backend="pmap")) == {"parallel": "pmap", "devices": None}
-    assert device_options(RunConfig(devices=4)) == {"parallel": "shard_map", "devices": 4}
+    from fedprompt.config import RunConfig
+    from fedprompt.data.loading import synthetic_token_data
+    from fedprompt.federation.plan import make_plan
+    from fedprompt.simulation.engine import FederatedSimulation, build_client_data
+
+    data = synthetic_token_data(8, max_length=6, vocab_size=100, num_labels=3, seed=0)
+    clients = build_client_data(data, [np.arange(4), np.arange(4, 8)], 3)
+    bb = tiny_backbone("bert")
+    for devices, backend, expected in ((1, "shard_map", None), (0, "pmap", len(jax.local_devices()))):
+        config = RunConfig(clients=2, clients_per_round=2, num_virtual_tokens=2, devices=devices,
+                           parallel_backend=backend)
+        sim = FederatedSimulation.from_config(config, make_plan(config, bb, 3), clients)
+        if expected is None:
+            assert sim.parallel is None
+        else:
+            assert sim.parallel.backend == backend and sim.parallel.size == expected
 
 
 def test_engine_refuses_more_devices_than_it_has():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedprompt.errors import ConfigError, InputError
-from fedprompt.simulation.partition import (
+from fedprompt.data.partition import (
     PARTITION_KINDS,
     dirichlet_partition,
     iid_partition,

@@ -10,12 +10,12 @@ from conftest import tiny_backbone
 from fedprompt import PromptConfig, SequenceClassification
 from fedprompt.federation.plan import SecureAggregationSettings
 from fedprompt.privacy import accounting
-from fedprompt.privacy.dp import DPConfig
+from fedprompt.config import DPConfig
 from fedprompt.server import algorithms
 from fedprompt.server.robust import coordinate_median
 from fedprompt.simulation.attacks import AttackConfig
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
-from fedprompt.simulation.partition import iid_partition
+from fedprompt.data.partition import iid_partition
 
 LABELS = 3
 

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fedprompt.simulation.report import (
+from fedprompt.federation.report import (
     MetricsWriter,
     Progress,
     format_bytes,
@@ -225,7 +225,7 @@ def _write_run(folder, records):
 
 def test_compare_runs_table_plot_and_cli(tmp_path, capsys):
     from fedprompt.cli import main
-    from fedprompt.simulation.report import compare_runs
+    from fedprompt.federation.report import compare_runs
 
     grad = [{"round": r, "eval_accuracy": a, "bytes_up": 8 * 1000, "bytes_down": 8 * 2000, "clients": 8, "seconds": 2.0}
             for r, a in ((1, 0.3), (2, 0.6), (3, 0.5))]

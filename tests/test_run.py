@@ -85,7 +85,8 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     written = {p.name for p in out.iterdir()}
-    assert {"curves.png", "metrics.jsonl", "prompt.fpp", "summary.json", "checkpoint.msgpack", "config.json"} == written
+    assert {"curves.png", "metrics.jsonl", "prompt.fpp", "summary.json", "checkpoint.msgpack", "checkpoint.prev.msgpack",
+            "config.json"} == written
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2]
     for m in lines:

@@ -15,7 +15,7 @@ from fedprompt.errors import ConfigError
 from fedprompt.inference import tpt
 from fedprompt.server import algorithms
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
-from fedprompt.simulation.partition import dirichlet_partition
+from fedprompt.data.partition import dirichlet_partition
 
 LABELS = 3
 CLS, SEP, MASK, PAD = 1, 2, 3, 0

@@ -194,7 +194,7 @@ def test_compiled_train_step_holds_no_weight_gradients(minilm, method):
 @pytest.mark.slow
 def test_minilm_soft_prompt_learns_wordnet_supersenses(minilm):
     """A real task: 26 noun supersenses from WordNet glosses; loss falls, accuracy beats the majority class."""
-    from fedprompt.simulation.datasets import load_wordnet_supersenses
+    from fedprompt.data.datasets import load_wordnet_supersenses
 
     train, test = load_wordnet_supersenses()
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from fedprompt.client.local import make_loss_fn
 from fedprompt.errors import ConfigError
 from fedprompt.server import algorithms
 from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
-from fedprompt.simulation.partition import dirichlet_partition
+from fedprompt.data.partition import dirichlet_partition
 from fedprompt.wire import codec
 
 LABELS = 3

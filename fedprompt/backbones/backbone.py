@@ -198,8 +198,13 @@ class Backbone:
         """Tokenize a list of texts to fixed-length NumPy arrays (right padding, truncation).
 
         ``max_length`` counts the real tokens; ``num_virtual`` virtual tokens must still fit in the
-        backbone's maximum positions.
+        backbone's maximum positions. Each text is first cut to
+        :func:`fedprompt.wire.limits.max_text_chars` characters (``16 * max_length + 256``), far
+        more than ``max_length`` tokens of normal text span, so a huge text costs no more than a
+        long one and the tokens are those of the whole text.
         """
+        from fedprompt.wire.limits import max_text_chars
+
         if self.tokenizer is None:
             raise InputError(f"backbone {self.name!r} has no tokenizer")
         if self.config.max_positions is not None and max_length + num_virtual > self.config.max_positions:
@@ -210,7 +215,9 @@ class Backbone:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
-        enc = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        limit = max_text_chars(max_length)
+        texts = [text[:limit] if isinstance(text, str) else text for text in texts]
+        enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
         out = {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
         return out
 

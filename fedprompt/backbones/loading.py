@@ -244,6 +244,10 @@ def tokenizer_hash(folder: str | os.PathLike[str] | None) -> str | None:
     return outer.hexdigest() if found else None
 
 
+# transformers announces on import that PyTorch is missing; fedprompt never needs PyTorch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def load_tokenizer(folder: Path):
     """The folder's tokenizer through transformers' AutoTokenizer, or None when it has none."""
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):

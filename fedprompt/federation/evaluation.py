@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedprompt.config import RunConfig
-from fedprompt.simulation import partition
+from fedprompt.data import partition
 
 
 def evaluate_tpt(config: RunConfig, plan: Any, trainable: Any, encoded_test: dict[str, np.ndarray]) -> dict[str, Any]:

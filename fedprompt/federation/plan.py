@@ -38,7 +38,7 @@ import optax
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step
 from fedprompt.client.program import ClientProgram, gradient_program, identity_delta
-from fedprompt.config import RunConfig
+from fedprompt.config import DPConfig, RunConfig
 from fedprompt.errors import ConfigError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.privacy import dp
@@ -126,7 +126,7 @@ class Privacy:
     """A run's differential privacy, resolved: the noise multiplier (calibrated to a target
     epsilon if asked) and the ledger; ``None`` fields without DP."""
 
-    config: dp.DPConfig
+    config: DPConfig
     noise_multiplier: float = 0.0
     ledger: Any = None
 
@@ -136,11 +136,11 @@ class Privacy:
 
 
 def make_privacy(
-    dp_config: dp.DPConfig | None, *, num_clients: int, clients_per_round: int, rounds: int | None
+    dp_config: DPConfig | None, *, num_clients: int, clients_per_round: int, rounds: int | None
 ) -> Privacy:
     """DP settings with the noise multiplier resolved (calibrated to ``target_epsilon`` over
     ``rounds`` when no multiplier is given); dp-accounting is imported only with DP."""
-    dp_config = dp_config or dp.DPConfig()
+    dp_config = dp_config or DPConfig()
     if not dp_config.enabled:
         return Privacy(dp_config)
     from fedprompt.privacy import accounting  # dp-accounting (and SciPy) only when DP is used
@@ -301,7 +301,7 @@ def build_plan(
     scaffold_lr: float | None = None,
     program: ClientProgram | None = None,
     aggregator: Any = None,
-    dp_config: dp.DPConfig | None = None,
+    dp_config: DPConfig | None = None,
     total_rounds: int | None = None,
     secagg: SecureAggregationSettings | None = None,
 ) -> FederationPlan:

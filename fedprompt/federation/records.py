@@ -76,7 +76,8 @@ class RoundRecord:
         return record
 
 
-def _total(metrics: Sequence[Mapping[str, Any]], key: str) -> int | None:
+def sum_metric(metrics: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The sum of one integer metric over rounds; None when any round lacks it."""
     values = [m.get(key) for m in metrics]
     return None if any(v is None for v in values) else int(sum(values))
 
@@ -109,8 +110,8 @@ def build_summary(
         "final_accuracy": final["eval_accuracy"],
         "final_eval_loss": final["eval_loss"],
         "rounds": config.rounds,
-        "total_bytes_up": _total(metrics, "bytes_up"),
-        "total_bytes_down": _total(metrics, "bytes_down"),
+        "total_bytes_up": sum_metric(metrics, "bytes_up"),
+        "total_bytes_down": sum_metric(metrics, "bytes_down"),
         "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint,
                      "weight_bytes": backbone.weight_bytes()},
         "client_sizes": [int(s) for s in client_sizes],

@@ -41,7 +41,9 @@ from flwr.clientapp import ClientApp
 from fedprompt.errors import WireError
 from fedprompt.federation.keys import fresh_key
 from fedprompt.federation.records import client_message
-from fedprompt.flower import common
+from fedprompt.flower import common, secure
+from fedprompt.privacy import secagg
+from fedprompt.privacy.secure_round import BITS, SecureRound
 from fedprompt.server.rounds import GLOBAL_KIND, UPDATE_KIND
 from fedprompt.wire import codec
 
@@ -95,9 +97,9 @@ def hello(message: Message, context: Context) -> Message:
     return Message(RecordDict({common.RECORD: record}), reply_to=message)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """One round of local training on this node's rows; replies with the encoded update."""
+def _local_result(message: Message, context: Context) -> tuple[_Client, int, int, Any, float]:
+    """This node's round of local training on the server's ``train`` message: the client, its
+    id, the round, its (encoded) ``ClientResult`` on the host and the start time."""
     start = time.perf_counter()
     client, client_id = _this_client(context)
     fields = _fields(message)
@@ -127,15 +129,90 @@ def train(message: Message, context: Context) -> Message:
     result = jax.device_get(result)
     if plan.program.client_state:
         _store_client_state(context, result.control, round_index, fingerprint)
-    payload = codec.encode(client_message(result, plan.scaffold), kind=UPDATE_KIND, round=round_index,
-                           fingerprint=fingerprint)
+    return client, client_id, round_index, result, start
+
+
+def _reply(message: Message, client: _Client, update: Any, round_index: int, loss: float, start: float) -> Message:
+    payload = codec.encode(update, kind=UPDATE_KIND, round=round_index, fingerprint=client.federation.backbone.fingerprint)
     content = RecordDict({
         common.RECORD: ConfigRecord({"update": payload}),
         common.METRICS: MetricRecord({
-            "loss": float(result.loss), "num-examples": client.size, "seconds": time.perf_counter() - start,
+            "loss": float(loss), "num-examples": client.size, "seconds": time.perf_counter() - start,
         }),
     })
     return Message(content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of local training on this node's rows; replies with the encoded update."""
+    client, _, round_index, result, start = _local_result(message, context)
+    return _reply(message, client, client_message(result, client.federation.plan.scaffold), round_index,
+                  result.loss, start)
+
+
+# -- secure aggregation (fedprompt.flower.secure): one handler per protocol step ------------------
+
+
+def _secure_step(message: Message, context: Context, keys: tuple[str, ...]):
+    client, client_id = _this_client(context)
+    round_index, addressed, data = secure.client_fields(message, keys)
+    if addressed != client_id:
+        raise common.FederationError(f"the server addressed client {addressed}, this node is client {client_id}")
+    fingerprint = client.federation.backbone.fingerprint
+    fields = secure.protocol_fields(data, round_index, fingerprint, keys)
+    return client, round_index, fields, secure.SecureClient(context, fingerprint)
+
+
+@app.query(secure.SETUP)
+def secagg_keys(message: Message, context: Context) -> Message:
+    """Step 0: a new session's secrets, kept in the node state; replies with the public keys."""
+    _, round_index, fields, node = _secure_step(message, context, ("session", "n", "t", "length", "slot"))
+    setup = secure.check_setup(fields)
+    party = secagg.SecAggClient(setup["slot"], n=setup["n"], t=setup["t"], length=setup["length"],
+                                bits=BITS, session=setup["session"])
+    node.store(party, round_index)
+    return node.reply(message, round_index, **party.advertise_keys().to_wire())
+
+
+@app.query(secure.SHARES)
+def secagg_shares(message: Message, context: Context) -> Message:
+    """Step 1: Shamir shares of this node's mask key and self-mask seed, one ciphertext a peer."""
+    _, round_index, fields, node = _secure_step(message, context, ("roster",))
+    if not isinstance(fields["roster"], list):
+        raise WireError("the roster must be a list of public keys")
+    roster = {p.index: p for p in map(secagg.PublicKeys.from_wire, fields["roster"])}
+    party = node.load(round_index)
+    shares = party.share_keys(roster)
+    node.store(party, round_index)
+    return node.reply(message, round_index, shares={str(v): c for v, c in shares.items()})
+
+
+@app.train(secure.MASKED)
+def secagg_train(message: Message, context: Context) -> Message:
+    """Step 2: local training, then the update quantized and masked; only the masked vector leaves."""
+    _, round_index, fields, node = _secure_step(message, context, ("inbox", "u2"))
+    party = node.load(round_index)
+    inbox, u2 = fields["inbox"], fields["u2"]
+    if not isinstance(inbox, dict) or not isinstance(u2, list):
+        raise WireError("the inbox must be a map and U2 a list")
+    party.receive_shares({int(u): c for u, c in inbox.items()})
+    client, _, round_index, result, start = _local_result(message, context)
+    plan = client.federation.plan
+    ints, _ = SecureRound.of(party.n, plan.secagg, plan.privacy).client_input(result.delta)
+    masked = party.masked_input(ints, u2)
+    node.store(party, round_index)
+    return _reply(message, client, {"masked": masked}, round_index, result.loss, start)
+
+
+@app.query(secure.UNMASK)
+def secagg_unmask(message: Message, context: Context) -> Message:
+    """Step 3: this node's shares for the survivor list (one list per session, never two)."""
+    _, round_index, fields, node = _secure_step(message, context, ("u2", "u3"))
+    party = node.load(round_index)
+    shares = party.unmasking_shares(fields["u2"], fields["u3"])
+    node.store(party, round_index)
+    return node.reply(message, round_index, **shares.to_wire())
 
 
 def _fields(message: Message) -> dict[str, Any]:

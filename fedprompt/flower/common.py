@@ -31,7 +31,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from fedprompt.backbones.backbone import Backbone
@@ -40,8 +39,7 @@ from fedprompt.config import RunConfig
 from fedprompt.errors import ConfigError, FedPromptError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.federation.plan import FederationPlan, make_plan
-from fedprompt.simulation import datasets, federation
-from fedprompt.simulation.engine import encode_dataset
+from fedprompt.data import datasets, loading
 
 RECORD = "fedprompt"
 """The name of the ConfigRecord that carries fedprompt's fields in every message."""
@@ -65,7 +63,7 @@ class FlowerSettings:
     Attributes:
       run: the federation itself, as for ``fedprompt run``.
       synthetic_examples: if > 0, train on that many synthetic token-id examples
-        (:func:`~fedprompt.simulation.federation.synthetic_token_data`, seeded by ``seed``, for
+        (:func:`~fedprompt.data.loading.synthetic_token_data`, seeded by ``seed``, for
         backbones without a tokenizer) instead of ``data`` / the built-in WordNet set; the test
         set is then ``eval_examples`` (or 1024) more of them.
       synthetic_labels: the synthetic task's number of classes.
@@ -73,6 +71,7 @@ class FlowerSettings:
         answered by then is left out of the round (the weights of the others renormalize).
       min_nodes: start when this many clients have a node (0: every client).
       node_wait_timeout: seconds to wait for ``min_nodes`` nodes at the start.
+      overwrite: replace a run that ``out`` already holds (else the run is refused).
     """
 
     run: RunConfig
@@ -81,6 +80,7 @@ class FlowerSettings:
     round_timeout: float = 300.0
     min_nodes: int = 0
     node_wait_timeout: float = 120.0
+    overwrite: bool = False
 
     @property
     def required_nodes(self) -> int:
@@ -90,7 +90,7 @@ class FlowerSettings:
 _FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name != "run"}
 
 # Settings of the simulation that the deployment does not implement yet, with the value it runs.
-_NOT_DEPLOYED = {"secagg": False, "devices": 1}
+_NOT_DEPLOYED = {"devices": 1}
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
@@ -129,6 +129,10 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
                 f"{name} = {getattr(run, name)!r} is not supported by the Flower deployment yet (use {default!r})"
             )
     for name, value in flower_values.items():
+        if name == "overwrite":
+            if not isinstance(value, bool):
+                raise ConfigError(f"overwrite must be true or false, got {value!r}")
+            continue
         kind = int if name in ("synthetic_examples", "synthetic_labels", "min_nodes") else float
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or (kind is int and not isinstance(value, int)):
@@ -226,7 +230,7 @@ class Federation:
     def _encode(self, data: Any) -> dict[str, np.ndarray]:
         if isinstance(data, datasets.TextDataset):
             cfg = self.settings.run
-            return encode_dataset(self.backbone, data, cfg.max_length, cfg.num_virtual_tokens)
+            return loading.encode_dataset(self.backbone, data, cfg.max_length, cfg.num_virtual_tokens)
         return dict(data)
 
     def client_rows(self, client_id: int) -> tuple[dict[str, np.ndarray], int]:
@@ -236,7 +240,7 @@ class Federation:
             rows = self._encode(self._train.subset(part))
         else:
             rows = {name: column[part] for name, column in self._train.items()}
-        return federation.client_shard(rows, self.capacity), len(part)
+        return loading.client_shard(rows, self.capacity), len(part)
 
     def training_set(self) -> dict[str, np.ndarray]:
         """Every client's rows, encoded (what the in-process simulation holds; a node needs only its own)."""
@@ -254,17 +258,15 @@ def build_federation(settings: FlowerSettings, backbone: Backbone) -> Federation
         shape = dict(max_length=cfg.max_length, vocab_size=backbone.config.vocab_size,
                      num_labels=settings.synthetic_labels)
         keys = KeySchedule(cfg.seed)
-        train: Any = federation.synthetic_token_data(settings.synthetic_examples, seed=keys.train_subset, **shape)
-        test: Any = federation.synthetic_token_data(cfg.eval_examples or 1024, seed=keys.test_subset, **shape)
+        train: Any = loading.synthetic_token_data(settings.synthetic_examples, seed=keys.train_subset, **shape)
+        test: Any = loading.synthetic_token_data(cfg.eval_examples or 1024, seed=keys.test_subset, **shape)
         labels = train["labels"]
         label_names = tuple(f"label_{i}" for i in range(settings.synthetic_labels))
     else:
-        from fedprompt.simulation.run import load_data
-
-        train, test = federation.select_examples(cfg, *load_data(cfg))
+        train, test = loading.select_examples(cfg, *loading.load_data(cfg))
         labels = train.labels
         label_names = train.label_names
-    parts = federation.partition_clients(cfg, labels)
+    parts = loading.partition_clients(cfg, labels)
     if min(len(p) for p in parts) < 1:
         raise ConfigError("every client needs at least one example")
     plan = make_plan(cfg, backbone, len(label_names))

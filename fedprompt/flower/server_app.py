@@ -21,6 +21,9 @@ simulation does, then
    node), ``timeouts`` (no reply within ``round-timeout``) and ``errors`` (error replies, such
    as the SuperLink's for a node that went offline); ``dropped`` counts all three.
 
+The output folder is a run folder (:mod:`fedprompt.federation.run_folder`), as for ``fedprompt
+run``: locked while the run goes, and a folder that holds another run is refused unless the run
+config says ``overwrite = true`` (the old run is replaced only once the new one has finished).
 At the end it writes ``<out>/prompt.fpp`` (the prompt artifact of ``fedprompt run``),
 ``<out>/global_state.msgpack`` (the final global state in the wire codec, exactly as trained)
 and ``<out>/summary.json``. ``out`` is a path on the SuperLink's machine, relative to the directory
@@ -42,11 +45,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.federation.keys import fresh_key
-from fedprompt.federation.records import RoundRecord, build_summary, evaluate_now, save_run_prompt
+from fedprompt.federation.records import RoundRecord, build_summary, evaluate_now, save_run_prompt, sum_metric
+from fedprompt.federation.run_folder import check_run_folder, open_run_folder
 from fedprompt.flower import common
+from fedprompt.flower.secure import secure_round
 from fedprompt.server import rounds
 from fedprompt.server.rounds import RoundState
-from fedprompt.simulation import report
+from fedprompt.federation import report
 from fedprompt.wire import artifact, codec
 
 FINAL_STATE_FILE = "global_state.msgpack"
@@ -158,57 +163,55 @@ def run_federation(
     """Runs a whole federation over the SuperNodes of ``grid``; writes metrics, prompt and summary."""
     started = time.perf_counter()
     cfg = settings.run
+    out = Path(cfg.out)
+    check_run_folder(out, overwrite=settings.overwrite)  # before anything is loaded
     fed = common.build_federation(settings, common.load_run_backbone(settings))
     plan = fed.plan
     fingerprint = fed.backbone.fingerprint
     test = fed.test_set()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / report.METRICS_FILE).unlink(missing_ok=True)
-    log(f"{cfg.algorithm} · {cfg.method} · {cfg.clients} clients ({cfg.clients_per_round}/round) · "
-        f"{cfg.rounds} rounds · backbone {fed.backbone.name} ({fingerprint[:12]}) · out {out.resolve()}")
+    with open_run_folder(out, overwrite=settings.overwrite) as folder:
+        log(f"{cfg.algorithm} · {cfg.method} · {cfg.clients} clients ({cfg.clients_per_round}/round) · "
+            f"{cfg.rounds} rounds · backbone {fed.backbone.name} ({fingerprint[:12]}) · out {out.resolve()}")
+        nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log)
+        nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
 
-    nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log)
-    nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
+        state = plan.init()
+        template = plan.update_template({name: column[:1] for name, column in test.items()})
+        metrics: list[dict[str, Any]] = []
+        with report.MetricsWriter(out / report.METRICS_FILE) as writer:
+            for r in range(cfg.rounds):
+                start = time.perf_counter()
+                state, record = (secure_round if plan.secagg else _round)(grid, settings, fed, nodes, state, r,
+                                                                          template)
+                evaluation = None
+                if evaluate_now(r, cfg.eval_every, cfg.rounds):
+                    evaluation = plan.evaluate(state.server.params, test)
+                line = record.to_dict(evaluation, seconds=time.perf_counter() - start)
+                metrics.append(line)
+                writer.write(line)
+                folder.keep_on_failure()  # a failure from here on keeps the rounds' metrics
+                log(f"round {line['round']}: {line['clients']}/{line['sampled']} clients, "
+                    f"train loss {line['train_loss']:.4f}, eval accuracy {line['eval_accuracy']}, "
+                    f"up {line['bytes_up']} B, down {line['bytes_down']} B, {line['seconds']:.1f} s")
 
-    state = plan.init()
-    template = plan.update_template({name: column[:1] for name, column in test.items()})
-    metrics: list[dict[str, Any]] = []
-    with report.MetricsWriter(out / report.METRICS_FILE) as writer:
-        for r in range(cfg.rounds):
-            start = time.perf_counter()
-            state, record = _round(grid, settings, fed, nodes, state, r, template)
-            evaluation = plan.evaluate(state.server.params, test) if evaluate_now(r, cfg.eval_every, cfg.rounds) else None
-            line = record.to_dict(evaluation, seconds=time.perf_counter() - start)
-            metrics.append(line)
-            writer.write(line)
-            log(f"round {line['round']}: {line['clients']}/{line['sampled']} clients, "
-                f"train loss {line['train_loss']:.4f}, eval accuracy {line['eval_accuracy']}, "
-                f"up {line['bytes_up']} B, down {line['bytes_down']} B, {line['seconds']:.1f} s")
-
-    artifact.write_atomic(out / FINAL_STATE_FILE, codec.encode(
-        jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=cfg.rounds, fingerprint=fingerprint,
-    ))
-    summary = build_summary(metrics, runtime="flower", config=cfg, plan=plan, state=state,
-                            label_names=fed.label_names, client_sizes=fed.client_sizes)
-    summary.update({
-        "total_wire_bytes_up": _total(metrics, "wire_bytes_up"),
-        "total_wire_bytes_down": _total(metrics, "wire_bytes_down"),
-        "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
-        "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
-    })
-    if cfg.tpt:
-        summary["tpt"] = evaluate_tpt(cfg, plan, plan.trainable(state.server.params), test)
-    summary["wall_seconds"] = time.perf_counter() - started
-    save_run_prompt(out / "prompt.fpp", plan, state, config=cfg, label_names=fed.label_names, summary=summary)
-    report.write_summary(out / "summary.json", summary)
+        artifact.write_atomic(out / FINAL_STATE_FILE, codec.encode(
+            jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=cfg.rounds, fingerprint=fingerprint,
+        ))
+        summary = build_summary(metrics, runtime="flower", config=cfg, plan=plan, state=state,
+                                label_names=fed.label_names, client_sizes=fed.client_sizes)
+        summary.update({
+            "total_wire_bytes_up": sum_metric(metrics, "wire_bytes_up"),
+            "total_wire_bytes_down": sum_metric(metrics, "wire_bytes_down"),
+            "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
+            "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
+        })
+        if cfg.tpt:
+            summary["tpt"] = evaluate_tpt(cfg, plan, plan.trainable(state.server.params), test)
+        summary["wall_seconds"] = time.perf_counter() - started
+        save_run_prompt(out / "prompt.fpp", plan, state, config=cfg, label_names=fed.label_names, summary=summary)
+        report.write_summary(out / "summary.json", summary)
     log(f"done: final accuracy {summary['final_accuracy']}, prompt in {(out / 'prompt.fpp').resolve()}")
     return FlowerRunResult(state, metrics, summary, out)
-
-
-def _total(metrics: list[dict[str, Any]], key: str) -> int | None:
-    values = [m[key] for m in metrics]
-    return None if any(v is None for v in values) else int(sum(values))
 
 
 def _round(grid, settings, fed, nodes, state, r, template):

@@ -42,9 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,24 +49,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedprompt.config import check_number
 from fedprompt.errors import ConfigError, InputError
 from fedprompt.server.aggregators import bucket_size, finite_clients, pad_clients, stack_clients
 from fedprompt.server.rounds import AggregateStage
 
 PyTree = Any
 
-DP_MODES = ("central", "local")
-ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "fixed")
 
 __all__ = [
-    "ACCOUNTANTS",
-    "DP_MODES",
-    "SAMPLINGS",
     "AdaptiveClipState",
     "CentralDP",
     "CentralDPResult",
-    "DPConfig",
     "adaptive_clip_update",
     "add_gaussian_noise",
     "clip_and_sum",
@@ -354,122 +345,6 @@ def default_count_stddev(clients_per_round: float, noise_multiplier: float) -> f
 # ----------------------------------------------------------------------------- configuration
 
 
-@dataclasses.dataclass(frozen=True)
-class DPConfig:
-    """Differential-privacy settings of a run, validated on construction.
-
-    Attributes:
-      mode: ``"central"`` (the server clips and adds noise to the sum), ``"local"`` (each client
-        clips and adds noise before sending) or None (no DP; then no other field may ask for
-        noise).
-      clip: the L2 clipping norm ``C`` of a client update (the initial one when adaptive).
-      noise_multiplier: ``z``; the noise on the sum (central) or on each update (local) has
-        standard deviation ``z * C``. Exactly one of ``noise_multiplier`` and
-        ``target_epsilon`` is set when ``mode`` is set.
-      target_epsilon: choose ``z`` before training so that the whole run spends this epsilon
-        (:func:`fedprompt.privacy.accounting.noise_multiplier_for_epsilon`).
-      delta: the delta of the (epsilon, delta) guarantee; None: ``min(1e-5, 1 / num_clients)``
-        (:meth:`resolved_delta`), i.e. below one over the number of units protected (clients).
-      adaptive: adapt ``C`` to the ``target_quantile`` of the update norms (Andrew et al.
-        2021); central mode only.
-      target_quantile: ``gamma`` in (0, 1).
-      clip_lr: ``eta`` > 0, the learning rate of the geometric update of ``C``.
-      count_stddev: ``sigma_b`` of the unclipped-count noise; None:
-        :func:`default_count_stddev`.
-      accountant: ``"rdp"`` (Renyi DP, Mironov 2017) or ``"pld"`` (privacy loss
-        distributions; tighter, slower; Poisson sampling only).
-      sampling: how clients are sampled each round, as the accountant must assume:
-        ``"poisson"`` (each client independently with probability ``q``; add/remove-one
-        neighbours) or ``"fixed"`` (exactly ``clients_per_round`` uniformly without
-        replacement, as :class:`~fedprompt.simulation.engine.FederatedSimulation` does;
-        replace-one neighbours, RDP only).
-
-    Example:
-      >>> DPConfig(mode="central", clip=0.5, noise_multiplier=1.1).enabled
-      True
-      >>> DPConfig(mode="central", clip=0.5)
-      Traceback (most recent call last):
-        ...
-      fedprompt.errors.ConfigError: DP mode 'central' needs exactly one of noise_multiplier and target_epsilon
-    """
-
-    mode: str | None = None
-    clip: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float | None = None
-    adaptive: bool = False
-    target_quantile: float = 0.5
-    clip_lr: float = 0.2
-    count_stddev: float | None = None
-    accountant: str = "rdp"
-    sampling: str = "fixed"
-
-    def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in DP_MODES:
-            raise ConfigError(f"DP mode must be one of central, local or unset; got {self.mode!r}")
-        _number("clip", self.clip, lower=0.0, strict=True)
-        if self.noise_multiplier is not None:
-            _number("noise_multiplier", self.noise_multiplier, lower=0.0)
-        if self.target_epsilon is not None:
-            _number("target_epsilon", self.target_epsilon, lower=0.0, strict=True)
-        if self.delta is not None:
-            _number("delta", self.delta, lower=0.0, strict=True)
-            if not self.delta < 1:
-                raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if not isinstance(self.adaptive, bool):
-            raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
-        _number("target_quantile", self.target_quantile, lower=0.0, strict=True)
-        if not self.target_quantile < 1:
-            raise ConfigError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
-        _number("clip_lr", self.clip_lr, lower=0.0, strict=True)
-        if self.count_stddev is not None:
-            _number("count_stddev", self.count_stddev, lower=0.0)
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {self.sampling!r}")
-        if self.mode is None:
-            if self.noise_multiplier is not None or self.target_epsilon is not None or self.adaptive:
-                raise ConfigError("noise_multiplier, target_epsilon and adaptive need a DP mode (central or local)")
-            return
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError(f"DP mode {self.mode!r} needs exactly one of noise_multiplier and target_epsilon")
-        if self.adaptive and self.mode != "central":
-            raise ConfigError("adaptive clipping is defined for central DP only (the server sees the clipped count)")
-        if self.mode == "central" and self.sampling == "fixed" and self.accountant == "pld":
-            raise ConfigError(
-                "the PLD accountant of dp-accounting has no fixed-size sampling without replacement: "
-                "use accountant = 'rdp' or sampling = 'poisson'"
-            )
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any DP is applied."""
-        return self.mode is not None
-
-    def resolved_delta(self, num_clients: int) -> float:
-        """``delta``, or ``min(1e-5, 1 / num_clients)`` when unset."""
-        if self.delta is not None:
-            return float(self.delta)
-        if num_clients < 1:
-            raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
-        return min(1e-5, 1.0 / num_clients)
-
-    def resolved_count_stddev(self, clients_per_round: float, noise_multiplier: float) -> float:
-        """``count_stddev``, or :func:`default_count_stddev` when unset."""
-        if self.count_stddev is not None:
-            return float(self.count_stddev)
-        return default_count_stddev(clients_per_round, noise_multiplier)
-
-
-def _number(name: str, value: Any, *, lower: float, strict: bool = False) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < lower or (strict and value == lower):
-        raise ConfigError(f"{name} must be {'>' if strict else '>='} {lower}, got {value}")
-
-
 # ----------------------------------------------------------------------------- server driver
 
 
@@ -535,9 +410,9 @@ class CentralDP:
         count_stddev: float | None = None,
         bucket: Callable[[int], int] = bucket_size,
     ):
-        _number("clip", clip, lower=0.0, strict=True)
-        _number("noise_multiplier", noise_multiplier, lower=0.0)
-        _number("denominator", denominator, lower=0.0, strict=True)
+        check_number("clip", clip, lower=0.0, strict=True)
+        check_number("noise_multiplier", noise_multiplier, lower=0.0)
+        check_number("denominator", denominator, lower=0.0, strict=True)
         self.initial_clip = float(clip)
         self.noise_multiplier = float(noise_multiplier)
         self.denominator = float(denominator)

@@ -482,6 +482,44 @@ class SecAggClient:
         self._held: dict[int, tuple[int, int]] = {}  # u -> (share of u's mask key, share of b_u) at my point
         self._answered: tuple[frozenset[int], frozenset[int]] | None = None  # (U2, U3) of round 3
 
+    def to_state(self) -> dict[str, Any]:
+        """Everything this client holds between protocol steps, as plain data, for a runtime
+        that runs each step in a fresh process (a Flower SuperNode keeps it in its node
+        state). It holds the client's private keys: it must never leave the client's machine."""
+        return {
+            "index": self.index, "n": self.n, "t": self.t, "length": self.length, "bits": self.bits,
+            "session": self.session,
+            "cipher_key": self._cipher_key.private_bytes_raw(), "mask_key": self._mask_key.private_bytes_raw(),
+            "self_seed": self._self_seed,
+            "roster": None if self._roster is None else [p.to_wire() for p in self._roster.values()],
+            "held": {str(u): [a.to_bytes(_SHARE_BYTES, "big"), b.to_bytes(_SHARE_BYTES, "big")]
+                     for u, (a, b) in self._held.items()},
+            "answered": None if self._answered is None else [sorted(self._answered[0]), sorted(self._answered[1])],
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SecAggClient:
+        """The client :meth:`to_state` saved (raises ``WireError`` on a malformed state)."""
+        try:
+            client = cls.__new__(cls)
+            client.index, client.n, client.t = int(state["index"]), int(state["n"]), int(state["t"])
+            client.length, client.bits, client.session = int(state["length"]), int(state["bits"]), bytes(state["session"])
+            _check_protocol(client.n, client.t, client.length, client.bits)
+            client._entropy = _Entropy(None, client.index)
+            client._cipher_key = X25519PrivateKey.from_private_bytes(_wire_bytes(state["cipher_key"], _KEY_BYTES, "key"))
+            client._mask_key = X25519PrivateKey.from_private_bytes(_wire_bytes(state["mask_key"], _KEY_BYTES, "key"))
+            client._self_seed = _wire_bytes(state["self_seed"], _KEY_BYTES, "seed")
+            roster = state["roster"]
+            client._roster = None if roster is None else {p.index: p for p in map(PublicKeys.from_wire, roster)}
+            client._held = {int(u): (int.from_bytes(_wire_bytes(a, _SHARE_BYTES, "share"), "big"),
+                                     int.from_bytes(_wire_bytes(b, _SHARE_BYTES, "share"), "big"))
+                            for u, (a, b) in state["held"].items()}
+            answered = state["answered"]
+            client._answered = None if answered is None else (frozenset(answered[0]), frozenset(answered[1]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise WireError(f"malformed secure-aggregation client state: {err}") from None
+        return client
+
     def advertise_keys(self) -> PublicKeys:
         """Round 0: the client's public keys."""
         return PublicKeys(self.index, self._cipher_key.public_key().public_bytes_raw(),

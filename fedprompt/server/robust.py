@@ -46,13 +46,20 @@ import jax.numpy as jnp
 
 from fedprompt import kernels
 from fedprompt.kernels._common import check_implementation
-from fedprompt.errors import ConfigError
+from fedprompt.config import (
+    AGGREGATORS,
+    check_aggregator,
+    check_byzantine,
+    check_krum_m,
+    check_norm_bound,
+    check_trim_beta,
+)
 from fedprompt.server.aggregators import Aggregator, weighted_mean
 
 PyTree = Any
 
-ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
-"""The names :func:`make_aggregator` knows."""
+ROBUST_AGGREGATORS = AGGREGATORS
+"""The names :func:`make_aggregator` knows (:data:`fedprompt.config.AGGREGATORS`)."""
 
 _MEDIAN_XLA = kernels.make_median()
 
@@ -101,8 +108,7 @@ def trimmed_mean(beta: float, *, implementation: str = "xla", interpret: bool = 
     Raises:
       ConfigError: ``beta`` out of range.
     """
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 0.5):
-        raise ConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta!r}")
+    beta = check_trim_beta(beta)
     aggregate = kernels.make_trimmed_mean(float(beta), implementation=implementation, interpret=interpret)
     aggregate.__name__ = f"trimmed_mean_{beta:g}"
     return aggregate
@@ -134,12 +140,6 @@ def krum_scores(stacked: PyTree, weights: jax.Array, num_byzantine: int) -> jax.
     return jnp.where(present, score, jnp.inf)
 
 
-def _check_byzantine(num_byzantine: Any) -> int:
-    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
-        raise ConfigError(f"num_byzantine must be an integer >= 0, got {num_byzantine!r}")
-    return num_byzantine
-
-
 def _mean_of_selected(stacked: PyTree, selected: jax.Array) -> PyTree:
     count = jnp.maximum(jnp.sum(selected), 1).astype(jnp.float32)
 
@@ -160,9 +160,8 @@ def multi_krum(num_byzantine: int, m: int) -> Aggregator:
     Raises:
       ConfigError: ``f < 0`` or ``m < 1``.
     """
-    f = _check_byzantine(num_byzantine)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ConfigError(f"multi_krum needs an integer m >= 1, got {m!r}")
+    f = check_byzantine(num_byzantine)
+    m = check_krum_m(m)
 
     def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
         scores = krum_scores(stacked, weights, f)
@@ -189,9 +188,7 @@ def norm_bounded_mean(bound: float) -> Aggregator:
     Raises:
       ConfigError: ``bound <= 0``.
     """
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0 or bound == float("inf"):
-        raise ConfigError(f"norm_bound needs a finite bound > 0, got {bound!r}")
-    bound = float(bound)
+    bound = check_norm_bound(bound)
 
     def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
         leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree.leaves(stacked)]
@@ -207,16 +204,6 @@ def norm_bounded_mean(bound: float) -> Aggregator:
     return aggregate
 
 
-_PARAMS: dict[str, tuple[str, ...]] = {
-    "mean": (),
-    "median": (),
-    "trimmed_mean": ("beta",),
-    "krum": ("num_byzantine",),
-    "multi_krum": ("num_byzantine", "m"),
-    "norm_bound": ("bound",),
-}
-
-
 def make_aggregator(name: str, *, implementation: str = "xla", interpret: bool = False, **params: Any) -> Aggregator:
     """The aggregator called ``name`` (one of :data:`ROBUST_AGGREGATORS`) with its parameters.
 
@@ -228,16 +215,7 @@ def make_aggregator(name: str, *, implementation: str = "xla", interpret: bool =
     Raises:
       ConfigError: an unknown name, a missing, unknown or invalid parameter.
     """
-    if name not in _PARAMS:
-        raise ConfigError(f"aggregator must be one of {', '.join(ROBUST_AGGREGATORS)}; got {name!r}")
-    params = {k: v for k, v in params.items() if v is not None}
-    expected = _PARAMS[name]
-    unknown = sorted(set(params) - set(expected))
-    if unknown:
-        raise ConfigError(f"aggregator {name!r} takes {', '.join(expected) or 'no parameters'}; got {unknown}")
-    missing = [p for p in expected if p not in params]
-    if missing:
-        raise ConfigError(f"aggregator {name!r} needs {', '.join(missing)}")
+    params = check_aggregator(name, params)
     check_implementation(implementation)
     xla = implementation == "xla" and not interpret
     kernel = {"implementation": implementation, "interpret": interpret}

@@ -72,20 +72,6 @@ class ReceivedUpdates(NamedTuple):
     bytes_up: int
 
 
-class RoundOutcome(NamedTuple):
-    """The server state after a round and the round's numbers (plain Python values).
-
-    Attributes:
-      state: the new server state (its ``round`` counts this round, even if nothing arrived).
-      train_loss: the example-weighted mean of the accepted clients' losses (NaN without any).
-      num_aggregated: how many updates the mean was taken over.
-    """
-
-    state: ServerState
-    train_loss: float
-    num_aggregated: int
-
-
 def rejection_reason(err: Exception) -> str:
     """A short, countable reason for a refused message (the text before the first colon)."""
     return str(err).split(":")[0][:80] or type(err).__name__

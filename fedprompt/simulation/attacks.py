@@ -28,18 +28,18 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedprompt import config
 from fedprompt.errors import ConfigError, InputError
 
 PyTree = Any
 
-ATTACKS = ("sign_flip", "scaling", "gaussian", "label_flip")
+ATTACKS = config.ATTACKS
 """The attack kinds."""
 
 __all__ = ["ATTACKS", "AttackConfig", "attack_updates", "flip_labels", "malicious_clients", "poison_client_labels"]
@@ -62,18 +62,7 @@ class AttackConfig:
     noise_std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ATTACKS:
-            raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}; got {self.kind!r}")
-        for name in ("fraction", "scale", "noise_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"attack {name} must be a finite number, got {value!r}")
-        if not 0 <= self.fraction < 1:
-            raise ConfigError(f"attack fraction must be in [0, 1), got {self.fraction}")
-        if not self.scale > 0:
-            raise ConfigError(f"attack scale must be > 0, got {self.scale}")
-        if not self.noise_std > 0:
-            raise ConfigError(f"attack noise_std must be > 0, got {self.noise_std}")
+        config.check_attack(self.kind, self.fraction, self.scale, self.noise_std)
 
 
 def malicious_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:

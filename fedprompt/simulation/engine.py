@@ -44,11 +44,10 @@ from fedprompt.errors import ConfigError, OutOfMemoryError, SecureAggregationErr
 from fedprompt.federation.plan import FederationPlan, build_plan
 from fedprompt.federation.records import RoundRecord, client_message, evaluate_now
 from fedprompt.parallel import DeviceAxis, make_parallel_train_clients
-from fedprompt.privacy import dp
 from fedprompt.server import aggregators, rounds
 from fedprompt.server.rounds import RoundState
 from fedprompt.simulation import attacks
-from fedprompt.simulation.datasets import TextDataset
+from fedprompt.config import RunConfig
 from fedprompt.wire import codec
 
 Pytree = Any
@@ -71,12 +70,6 @@ class ClientData:
     @property
     def num_clients(self) -> int:
         return len(self.sizes)
-
-
-def encode_dataset(backbone: Backbone, dataset: TextDataset, max_length: int, num_virtual: int) -> dict[str, np.ndarray]:
-    """Tokenize a labelled text data set into fixed-shape NumPy columns."""
-    encoded = backbone.tokenize(list(dataset.texts), max_length, num_virtual=num_virtual)
-    return {**encoded, "labels": np.asarray(dataset.labels, np.int32)}
 
 
 def build_client_data(encoded: Mapping[str, np.ndarray], parts: list[np.ndarray], num_labels: int) -> ClientData:
@@ -195,6 +188,15 @@ class FederatedSimulation:
                           num_clients=client_data.num_clients, **plan_options)
         return cls(plan, client_data, client_block=client_block, attack=attack, parallel=parallel, devices=devices)
 
+    @classmethod
+    def from_config(cls, config: RunConfig, plan: FederationPlan, client_data: ClientData) -> FederatedSimulation:
+        """The simulation of a run: the plan, the clients' data, and the simulation's own
+        settings of ``config`` (client blocks, devices, attacks)."""
+        attack = None if config.attack is None else attacks.AttackConfig(
+            kind=config.attack, fraction=config.attack_fraction, scale=config.attack_scale)
+        devices = {} if config.devices == 1 else {"parallel": config.parallel_backend, "devices": config.devices or None}
+        return cls(plan, client_data, client_block=config.client_block, attack=attack, **devices)
+
     # -- state -------------------------------------------------------------------------------
 
     def init(self, key: jax.Array | None = None) -> tuple[RoundState, Pytree]:
@@ -291,50 +293,39 @@ class FederatedSimulation:
     def _secure_round(self, state: RoundState, host: ClientResult, ids, dropped, round_index):
         """Secure aggregation (Bonawitz et al. 2017): the server learns only the sum of the updates.
 
-        Every reporting client clips (to the DP clip with central DP, else to the secure
-        aggregation's clip range per coordinate), quantizes and masks its flattened update; the
-        masked vectors are encoded with the wire codec (their real bytes are counted); the
-        server sums them and removes the masks with the survivors' Shamir shares. The mean is
-        uniform over the survivors (example weights would reveal more than the sum), or
-        DP-FedAvg's noised sum over the fixed denominator with central DP.
+        All parties run here, each with its own secrets (seeded by the key schedule's
+        ``secagg_session``, for a reproducible simulation): every reporting client turns its
+        update into ring elements (:meth:`~fedprompt.privacy.secure_round.SecureRound.client_input`)
+        and masks them; the masked vectors are encoded with the wire codec (their real bytes are
+        counted); the server sums them, removes the masks with the survivors' Shamir shares and
+        publishes the mean (:meth:`~fedprompt.privacy.secure_round.SecureRound.publish`) -- the
+        very calls a Flower deployment makes.
         """
         from fedprompt.privacy import secagg
+        from fedprompt.privacy.secure_round import SecureRound
 
         plan = self.plan
         n = len(ids)
-        t = plan.secagg.resolved_threshold(n)
-        central = plan.privacy.mode == "central"
-        clip_range = plan.privacy.config.clip if central else plan.secagg.clip_range
-        deltas = [jax.tree.map(lambda x: x[slot], host.delta) for slot in range(n)]
-        if central:
-            deltas = [jax.device_get(dp.clip_update(d, clip_range)[0]) for d in deltas]
-        vectors = [secagg.flatten_tree(d) for d in deltas]
-        spec = vectors[0][1]
-        scale = secagg.scale_for(n, clip_range, 32)
-        session = secagg.SecureAggregation.setup(n, t, length=spec.size, bits=32,
+        secure = SecureRound.of(n, plan.secagg, plan.privacy)
+        inputs = [secure.client_input(jax.tree.map(lambda x, s=slot: x[s], host.delta)) for slot in range(n)]
+        spec = inputs[0][1]
+        session = secagg.SecureAggregation.setup(n, secure.t, length=spec.size, bits=32,
                                                  seed=plan.keys.secagg_session(round_index))
         survivors = [i for i in range(n) if not dropped[i]]
         masked, bytes_up = {}, 0
         for i in survivors:
-            ints = secagg.quantize(vectors[i][0], clip_range=clip_range, scale=scale, bits=32)
-            message = codec.encode({"masked": session.mask(i, ints)}, kind=rounds.UPDATE_KIND, round=round_index,
-                                   fingerprint=self.backbone.fingerprint)
+            message = codec.encode({"masked": session.mask(i, inputs[i][0])}, kind=rounds.UPDATE_KIND,
+                                   round=round_index, fingerprint=self.backbone.fingerprint)
             bytes_up += len(message)
             masked[i] = codec.decode(message).tree["masked"]
-        metrics: dict[str, Any] = {"secagg_threshold": t}
         try:
             total = session.unmask(session.sum_masked(masked), survivors, session.unmasking_shares(survivors))
         except SecureAggregationError as err:
-            state, outcome = plan.server.skip(state, {**metrics, "secagg_failed": True, "secagg_error": str(err)})
+            metrics = {"secagg_threshold": secure.t, "secagg_failed": True, "secagg_error": str(err)}
+            state, outcome = plan.server.skip(state, metrics)
             return state, outcome, bytes_up
-        summed = secagg.unflatten_tree(secagg.dequantize(total, scale=scale, bits=32), spec)
-        if central:
-            z = plan.privacy.noise_multiplier
-            mean = dp.privatize_sum(plan.keys.round_noise(round_index), summed, clip=clip_range, noise_multiplier=z,
-                                    denominator=float(plan.clients_per_round))
-            metrics.update({"dp_clip": clip_range, "dp_noise_std": z * clip_range})
-        else:
-            mean = jax.tree.map(lambda x: x / len(survivors), summed)
+        mean, metrics = secure.publish(total, spec, len(survivors), clients_per_round=plan.clients_per_round,
+                                       key=plan.keys.round_noise(round_index))
         train_loss = float(np.mean(np.asarray(host.loss)[survivors]))
         state, outcome = plan.server.apply_mean(state, mean, count=len(survivors), train_loss=train_loss,
                                                 participants=ids[survivors], metrics=metrics)

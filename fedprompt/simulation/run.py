@@ -9,6 +9,7 @@ clients, and runs the federation; ``run(config)`` does the same and writes the r
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,13 +25,16 @@ from fedprompt.client.local import make_loss_fn, make_train_step
 from fedprompt.config import RunConfig
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.federation.plan import FederationPlan, make_local_optimizer, make_plan
-from fedprompt.federation.records import build_summary
+from fedprompt.federation.records import build_summary, save_run_prompt
+from fedprompt.federation.run_folder import check_run_folder, open_run_folder
 from fedprompt.prompts import PromptConfig
 from fedprompt.server.algorithms import ServerState
 from fedprompt.server.rounds import RoundState
-from fedprompt.simulation import checkpoint, datasets, federation, report
-from fedprompt.simulation.engine import FederatedSimulation, build_client_data, encode_dataset, run_rounds
-from fedprompt.wire import artifact
+from fedprompt.data import datasets
+from fedprompt.data.loading import encode_dataset, load_data, partition_clients, select_examples
+from fedprompt.simulation import checkpoint
+from fedprompt.federation import report
+from fedprompt.simulation.engine import FederatedSimulation, build_client_data, run_rounds
 
 
 @dataclasses.dataclass
@@ -63,19 +67,6 @@ class SimulationResult:
     round_state: RoundState | None = None
 
 
-def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
-    """Train and test sets for a config: the built-in WordNet set, or the user's files."""
-    if config.data is None:
-        return datasets.load_wordnet_supersenses()
-    full = datasets.load_text_file(config.data, text_key=config.text_key, label_key=config.label_key)
-    if config.test_data is None:
-        return datasets.train_test_split(full, test_fraction=0.2, seed=config.seed)
-    test = datasets.load_text_file(
-        config.test_data, text_key=config.text_key, label_key=config.label_key, label_names=full.label_names
-    )
-    return full, test
-
-
 def simulate(
     config: RunConfig,
     *,
@@ -106,13 +97,13 @@ def simulate(
     backbone = backbone or load_backbone(config.backbone)
     if train is None or test is None:
         train, test = load_data(config)
-    train, test = federation.select_examples(config, train, test)
+    train, test = select_examples(config, train, test)
     plan = make_plan(config, backbone, train.num_labels)
-    parts = federation.partition_clients(config, train.labels)
+    parts = partition_clients(config, train.labels)
     encoded_train = encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens)
     encoded_test = encode_dataset(backbone, test, config.max_length, config.num_virtual_tokens)
     client_data = build_client_data(encoded_train, parts, train.num_labels)
-    simulation = federation.make_simulation(config, plan, client_data)
+    simulation = FederatedSimulation.from_config(config, plan, client_data)
     state, client_states = simulation.init()
     completed = 0
     if resume:
@@ -223,8 +214,6 @@ def run(config: RunConfig, *, stream=None, progress: bool | None = None, overwri
     Raises:
       RunFolderError: ``config.out`` cannot be used (the message says why and what to pass).
     """
-    from fedprompt.federation.run_folder import check_run_folder
-
     out = Path(config.out)
     check_run_folder(out, overwrite=overwrite)
     return _run_in(out, config, stream=stream, progress=progress, resume=False, overwrite=overwrite)
@@ -237,8 +226,6 @@ def resume(folder: str | Path, *, stream=None, progress: bool | None = None) -> 
     result is the same as that of an uninterrupted run. A damaged checkpoint is refused
     before anything is loaded; ``progress`` is as for :func:`run`.
     """
-    from fedprompt.federation.run_folder import check_run_folder
-
     out = Path(folder)
     check_run_folder(out, resume=True)
     config = RunConfig(**checkpoint.read_config(out))
@@ -251,10 +238,6 @@ def resume(folder: str | Path, *, stream=None, progress: bool | None = None) -> 
 def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resume: bool,
             overwrite: bool = False) -> SimulationResult:
     """Load the inputs, then lock ``out`` and run in it; a failure's note says what was kept."""
-    import shlex
-
-    from fedprompt.federation.run_folder import open_run_folder
-
     bar = report.Progress(config.rounds, stream=stream, enabled=progress, lines=progress is None)
     bar.note(f"loading backbone {config.backbone}")
     backbone = load_backbone(config.backbone)
@@ -283,14 +266,8 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
             bar.note(f"round {start + 1}/{config.rounds}: compiling, then training (the first round takes longest)")
             result = simulate(config, backbone=backbone, train=train, test=test, callback=on_round, checkpoint_dir=out,
                               resume=start > 0, previous_metrics=previous)
-            privacy = result.summary.get("privacy") or {}
-            artifact.save_prompt(
-                out / "prompt.fpp", jax.device_get(result.trainable), config=result.prompt_config,
-                backbone=result.backbone, task=result.plan.task,
-                label_names=list(result.label_names),
-                training={"rounds": config.rounds, "clients": config.clients, "algorithm": config.algorithm,
-                          "privacy_epsilon": privacy.get("epsilon"), "final_accuracy": result.summary["final_accuracy"]},
-            )
+            save_run_prompt(out / "prompt.fpp", result.plan, result.round_state, config=config,
+                            label_names=result.label_names, summary=result.summary)
             report.write_summary(out / "summary.json", result.summary)
             description = (f"{config.algorithm} · {config.method} · {config.clients} clients "
                            f"({config.clients_per_round}/round) · {config.partition}")

@@ -17,16 +17,21 @@ fields:
 ``created``         when the file was written, ISO-8601 in UTC (``2025-01-31T12:00:00Z``)
 ``method``          ``"prompt"`` (soft prompt) or ``"prefix"`` (deep prefix)
 ``prompt_config``   the :class:`~fedprompt.prompts.PromptConfig` fields
-``backbone``        ``name``, ``path`` (or nil), ``fingerprint``, ``tokenizer_hash`` (see
+``backbone``        ``name`` (a built-in name, hub id or folder name, never a local path),
+                    ``path`` (nil; files of earlier versions may hold a folder),
+                    ``fingerprint``, ``tokenizer_hash`` (see
                     :func:`fedprompt.backbones.loading.tokenizer_hash`, or nil) and the shape
                     facts ``model_type``, ``is_decoder``, ``hidden_size``, ``num_layers``,
                     ``num_heads``, ``num_kv_heads``, ``head_dim``, ``vocab_size`` (nil where
                     unknown)
 ``task``            nil, ``{"type": "causal_lm"}`` or ``{"type": "sequence_classification",
-                    "num_labels", "label_names" (or nil), "pooling" (or nil: the backbone's
-                    default), "verbalizer" (or nil)}``
+                    "num_labels" (2 to 65,536), "label_names" (or nil), "pooling" (or nil:
+                    the backbone's default), "verbalizer" (or nil)}``
 ``training``        ``rounds``, ``clients``, ``algorithm``, ``privacy_epsilon`` (nil without
-                    differential privacy) and any further plain data
+                    differential privacy) and any further plain data; a NaN or infinite
+                    ``privacy_epsilon``, ``privacy_delta`` or ``final_accuracy`` (epsilon is
+                    infinite without noise) is written as the string ``"nan"``, ``"inf"`` or
+                    ``"-inf"`` (messages carry finite numbers only) and read back as a float
 ``storage``         the storage asked for: ``"float32"``, ``"float16"`` or ``"int8"``
 ``tensors``         per stored leaf (``"prompt/embeddings"``, ``"head/w"``, ...): ``dtype`` (the
                     dtype it is restored to) and ``storage`` (how it is stored)
@@ -48,9 +53,12 @@ below what changes a prompt's predictions; the default demo's prompt (20 x 384 s
 
 Files are written atomically (a temporary file in the same folder, fsync, ``os.replace``).
 Reading treats the file as hostile input: sizes, nesting and dtypes are bounded by the codec,
-the checksum and every schema field are checked, the tensors must have the shapes the prompt
-configuration and backbone facts imply and be finite, and every problem raises
-:class:`~fedprompt.errors.ArtifactError` (a :class:`~fedprompt.errors.WireError`) naming the file.
+the checksum and every schema field are checked, the tensors the prompt configuration, backbone
+facts and task declare must fit in the content's own bytes (checked before anything of a
+declared size is allocated, :func:`fedprompt.wire.limits.check_declared`), the tensors must have
+those shapes and be finite (and stay finite in the dtype they are restored to), and every
+problem raises :class:`~fedprompt.errors.ArtifactError` (a :class:`~fedprompt.errors.WireError`)
+naming the file. Loading takes at most a few times the file's size in memory.
 
 Example:
   >>> import numpy as np, tempfile, os
@@ -74,7 +82,7 @@ import os
 import secrets
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,7 +90,8 @@ import numpy as np
 from fedprompt.errors import ArtifactError, ConfigError, FedPromptError, PromptMismatchError, WireError
 from fedprompt.prompts import Prefix, PromptConfig, SoftPrompt, materialize
 from fedprompt.tasks import POOLINGS, CausalLM, SequenceClassification
-from fedprompt.wire.codec import ALLOWED_DTYPES, DEFAULT_MAX_BYTES, FLOAT_DTYPE_NAMES, check_template, decode, encode
+from fedprompt.wire.codec import ALLOWED_DTYPES, DEFAULT_MAX_BYTES, FLOAT_DTYPE_NAMES, Message, check_template, decode, encode
+from fedprompt.wire.limits import TensorSpec, check_class_count, check_declared, check_finite, read_bounded
 
 if TYPE_CHECKING:
     from fedprompt.backbones.backbone import Backbone
@@ -121,6 +130,8 @@ _SCHEMA_FIELDS = (
 #: under ``task``), so that callers of the first artifact API keep writing a complete schema.
 _TRAINING_KEYS = ("rounds", "clients", "algorithm", "privacy_epsilon")
 _OPTIONAL_TRAINING_KEYS = ("privacy_delta", "final_accuracy")
+_NUMERIC_TRAINING_KEYS = ("privacy_epsilon", "privacy_delta", "final_accuracy")
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -132,8 +143,9 @@ class BackboneInfo:
     """The backbone a prompt was trained on, as recorded in the artifact.
 
     Attributes:
-      name: its short name (a built-in name, a hub id or a folder's name).
-      path: the checkpoint folder it was loaded from, when known.
+      name: its short name (a built-in name, a hub id or a folder's name; never a local path).
+      path: always None when written by this version (files of earlier versions may hold the
+        checkpoint folder): an artifact is shared, and a local path says nothing portable.
       fingerprint: :attr:`fedprompt.Backbone.fingerprint`.
       tokenizer_hash: :func:`fedprompt.backbones.loading.tokenizer_hash` of its folder, or None.
       model_type, is_decoder, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
@@ -160,8 +172,7 @@ class BackboneInfo:
 
         cfg = backbone.config
         return cls(
-            name=backbone.name, fingerprint=backbone.fingerprint,
-            path=None if backbone.path is None else str(backbone.path),
+            name=_portable_name(backbone.name), fingerprint=backbone.fingerprint,
             tokenizer_hash=tokenizer_hash(backbone.path) if with_tokenizer_hash else None,
             model_type=cfg.model_type, is_decoder=bool(cfg.is_decoder), hidden_size=int(cfg.hidden_size),
             num_layers=int(cfg.num_layers), num_heads=int(cfg.num_heads), num_kv_heads=int(cfg.num_kv_heads),
@@ -384,11 +395,17 @@ def _encode_content(
             train_info[key] = extra.pop(key)
     for key in _TRAINING_KEYS:
         train_info.setdefault(key, None)
+    for key in _NUMERIC_TRAINING_KEYS:
+        value = train_info.get(key)
+        if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            train_info[key] = str(float(value))  # "nan", "inf", "-inf": messages carry finite numbers only
 
     prompt_params, head = _split_trainable(params)
     prompt_params, head = _to_numpy(prompt_params), _to_numpy(head)
     info = _backbone_info(backbone, backbone_name, fingerprint, tokenizer_hash, prompt_config, prompt_params, head)
     task_info = _task_info(task, label_names, head, backbone)
+    if task_info is not None and task_info.num_labels is not None:
+        check_class_count(task_info.num_labels, what="the task's num_labels", error=ConfigError)
     tree: dict[str, Any] = {"prompt": {}, "head": {}, "scales": {}}
     tensors: dict[str, dict[str, str]] = {}
     for part, values in (("prompt", prompt_params), ("head", head)):
@@ -433,7 +450,7 @@ def _to_numpy(tree: Any) -> Any:
 def _backbone_info(backbone, name, fingerprint, tok_hash, config: PromptConfig, prompt_params, head) -> BackboneInfo:
     if backbone is not None:
         info = BackboneInfo.from_backbone(backbone)
-        overrides = {"name": name, "fingerprint": fingerprint, "tokenizer_hash": tok_hash}
+        overrides = {"name": name and _portable_name(name), "fingerprint": fingerprint, "tokenizer_hash": tok_hash}
         return dataclasses.replace(info, **{k: v for k, v in overrides.items() if v is not None})
     if not isinstance(name, str) or not name:
         raise ConfigError("save_prompt needs the backbone, or a backbone_name")
@@ -450,7 +467,14 @@ def _backbone_info(backbone, name, fingerprint, tok_hash, config: PromptConfig, 
         arch["hidden_size"] = int(shape(prompt_params, "embedding")[1])
     if shape(head, "w") is not None and len(shape(head, "w")) == 2:
         arch.setdefault("hidden_size", int(shape(head, "w")[0]))
-    return BackboneInfo(name=name, fingerprint=fingerprint, tokenizer_hash=tok_hash, **arch)
+    return BackboneInfo(name=_portable_name(name), fingerprint=fingerprint, tokenizer_hash=tok_hash, **arch)
+
+
+def _portable_name(name: str) -> str:
+    """A backbone's name as an artifact records it: an absolute local path becomes its last part."""
+    if os.path.isabs(name) or PureWindowsPath(name).is_absolute() or name.startswith("~"):
+        return PureWindowsPath(name).name or name
+    return name
 
 
 def _task_info(task: Any, label_names: Any, head: Any, backbone: Backbone | None) -> TaskInfo | None:
@@ -555,7 +579,7 @@ def load_prompt(
         ``force``), or the prompt's shapes do not fit it.
     """
     path = Path(path)
-    data = _read_bounded(path, max_bytes)
+    data = read_bounded(path, max_bytes, what="prompt artifact", error=ArtifactError)
     artifact = decode_prompt(data, max_bytes=max_bytes, where=str(path))
     artifact = dataclasses.replace(artifact, path=path)
     if backbone is not None:
@@ -563,21 +587,11 @@ def load_prompt(
     return artifact
 
 
-def _read_bounded(path: Path, max_bytes: int) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > max_bytes:
-                raise ArtifactError(f"{path}: the file is {size} bytes, over the limit of {max_bytes}")
-            return file.read(max_bytes + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read the prompt artifact: {exc.strerror or exc}") from exc
-
-
 def decode_prompt(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, where: str = "prompt artifact") -> PromptArtifact:
     """Checks and decodes the bytes of an ``.fpp`` file (see :func:`load_prompt`)."""
     try:
-        return _decode_checked(data, max_bytes, where)
+        content, checksum, size = _open_envelope(data, max_bytes, where)  # the envelope is freed here
+        return _parse_content(content.meta, content.tree, checksum, where, size)
     except FedPromptError as exc:
         if isinstance(exc, ArtifactError):
             raise
@@ -587,9 +601,10 @@ def decode_prompt(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, where: str
         raise ArtifactError(f"{where}: malformed prompt artifact: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode_checked(data: bytes, max_bytes: int, where: str) -> PromptArtifact:
+def _open_envelope(data: bytes, max_bytes: int, where: str) -> tuple[Message, str, int]:
+    """The checked content message of an ``.fpp`` file's bytes, its checksum and its size."""
     try:
-        envelope = decode(data, max_bytes=max_bytes)
+        envelope = decode(data, max_bytes=max_bytes, writable=False)  # the content is only read
     except WireError as exc:
         raise ArtifactError(f"{where}: not a valid prompt artifact: {exc}") from exc
     if envelope.kind != PROMPT_KIND:
@@ -610,7 +625,7 @@ def _decode_checked(data: bytes, max_bytes: int, where: str) -> PromptArtifact:
     content = tree.get("content") if isinstance(tree, dict) else None
     if set(tree or {}) != {"content"} or not isinstance(content, np.ndarray) or content.dtype != np.uint8 or content.ndim != 1:
         raise ArtifactError(f"{where}: the artifact's tree must be exactly one uint8 'content' leaf")
-    content_bytes = content.tobytes()
+    content_bytes = memoryview(content)  # no copy: hashed and decoded in place
     actual = "sha256:" + hashlib.sha256(content_bytes).hexdigest()
     if actual != checksum:
         raise ArtifactError(
@@ -625,7 +640,7 @@ def _decode_checked(data: bytes, max_bytes: int, where: str) -> PromptArtifact:
         raise ArtifactError(f"{where}: the artifact's content has kind {message.kind!r}, expected {CONTENT_KIND!r}")
     if message.fingerprint != envelope.fingerprint or not isinstance(message.fingerprint, str):
         raise ArtifactError(f"{where}: the envelope's fingerprint and the content's differ or are missing")
-    return _parse_content(message.meta, message.tree, checksum, where)
+    return message, checksum, content_bytes.nbytes
 
 
 def _field(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, *, optional: bool = False) -> Any:
@@ -640,7 +655,7 @@ def _field(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...], whe
     return value
 
 
-def _parse_content(meta: Any, tree: Any, checksum: str, where: str) -> PromptArtifact:
+def _parse_content(meta: Any, tree: Any, checksum: str, where: str, content_bytes: int) -> PromptArtifact:
     if not isinstance(meta, dict):
         raise ArtifactError(f"{where}: the artifact's content has no schema fields")
     if meta.get("schema") != SCHEMA or meta.get("schema_version") != SCHEMA_VERSION:
@@ -653,6 +668,9 @@ def _parse_content(meta: Any, tree: Any, checksum: str, where: str) -> PromptArt
     info = _parse_backbone(_field(meta, "backbone", dict, where), where)
     task = _parse_task(_field(meta, "task", dict, where, optional=True), where)
     training = _field(meta, "training", dict, where)
+    for key in _NUMERIC_TRAINING_KEYS:
+        if isinstance(training.get(key), str) and training[key] in _NON_FINITE:
+            training[key] = _NON_FINITE[training[key]]
     storage = _field(meta, "storage", str, where)
     if storage not in STORAGES:
         raise ArtifactError(f"{where}: unknown storage {storage!r}")
@@ -663,6 +681,12 @@ def _parse_content(meta: Any, tree: Any, checksum: str, where: str) -> PromptArt
     scales = tree["scales"] if isinstance(tree["scales"], dict) else None
     if scales is None:
         raise ArtifactError(f"{where}: 'scales' must be a map")
+    # Every stored value takes at least one byte (int8), so the content's own size bounds what
+    # the schema may declare; checked before any tensor of a declared size exists.
+    check_declared(
+        _declared_tensors(config, info, task, ArtifactError, where), content_bytes,
+        what=f"{where}: the artifact's content", error=ArtifactError, itemsize=1,
+    )
     restored = {}
     for part in ("prompt", "head"):
         restored[part] = _restore_tree(tree[part], (part,), tensors, scales, where)
@@ -710,6 +734,7 @@ def _parse_task(raw: dict[str, Any] | None, where: str) -> TaskInfo | None:
         raise ArtifactError(f"{where}: unknown task type {kind!r}")
     sub = f"{where}: task"
     num_labels = _field(raw, "num_labels", int, sub)
+    check_class_count(num_labels, what=f"{sub}: num_labels", error=ArtifactError)
     names = _field(raw, "label_names", list, sub, optional=True)
     if names is not None and (len(names) != num_labels or not all(isinstance(n, str) for n in names)):
         raise ArtifactError(f"{where}: task label_names must be {num_labels} strings")
@@ -757,12 +782,15 @@ def _restore_tree(node: Any, path: tuple[str, ...], tensors: Mapping[str, Any], 
             raise ArtifactError(f"{where}: tensor {name} is int8 without a float32 scale of shape {want}")
         if not np.all(np.isfinite(scale)) or np.any(scale < 0):
             raise ArtifactError(f"{where}: tensor {name} has invalid int8 scales")
-        values = node.astype(np.float32) * (scale[..., None] if node.ndim >= 2 else scale)
+        values = node.astype(np.float32)
+        values *= scale[..., None] if node.ndim >= 2 else scale
     elif kind in ("float16", "float32", "bfloat16", "float64"):
         values = node
     else:
         raise ArtifactError(f"{where}: tensor {name} has unknown storage {kind!r}")
-    return values.astype(ALLOWED_DTYPES[dtype_name])
+    dtype = ALLOWED_DTYPES[dtype_name]
+    check_finite(values, what=f"{where}: tensor {name}", error=ArtifactError, dtype=dtype)  # before a cast overflows
+    return values.astype(dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------- shape checks
@@ -785,27 +813,33 @@ def expected_shapes(config: PromptConfig, info: BackboneInfo) -> dict[str, tuple
     return {"embedding": (p, d), "mlp_in/w": (d, hidden), "mlp_in/b": (hidden,), "mlp_out/w": (hidden, out), "mlp_out/b": (out,)}
 
 
-def _check_shapes(config, info: BackboneInfo, task: TaskInfo | None, params, head, error, where: str = "prompt") -> None:
+def _declared_tensors(config: PromptConfig, info: BackboneInfo, task: TaskInfo | None, error, where: str) -> dict[str, TensorSpec]:
+    """Every tensor the schema fields imply (``"prompt/..."``, ``"head/..."``), as shapes only."""
     want = expected_shapes(config, info)
     if want is None:
         raise error(
             f"{where}: the backbone's architecture ({dataclasses.asdict(info)}) is not known well enough to check a "
             f"{config.method} prompt; save it with the backbone"
         )
-    template: dict[str, Any] = {}
-    for key, shape in want.items():
-        _set_path(template, tuple(key.split("/")), np.zeros(shape, np.float32))
-    try:
-        check_template(_as_float32(params), template)
-    except WireError as exc:
-        raise error(f"{where}: the prompt parameters do not fit the {config.method} config: {exc}") from exc
-    head_template: dict[str, Any] = {}
+    declared = {f"prompt/{key}": TensorSpec(shape) for key, shape in want.items()}
     if task is not None and task.type == "sequence_classification" and task.verbalizer is None:
         if info.hidden_size is None:
             raise error(f"{where}: the backbone's width is unknown, so the head cannot be checked")
-        head_template = {"w": np.zeros((info.hidden_size, task.num_labels), np.float32), "b": np.zeros((task.num_labels,), np.float32)}
+        declared["head/w"] = TensorSpec((info.hidden_size, task.num_labels))
+        declared["head/b"] = TensorSpec((task.num_labels,))
+    return declared
+
+
+def _check_shapes(config, info: BackboneInfo, task: TaskInfo | None, params, head, error, where: str = "prompt") -> None:
+    templates: dict[str, Any] = {"prompt": {}, "head": {}}
+    for name, spec in _declared_tensors(config, info, task, error, where).items():
+        _set_path(templates, tuple(name.split("/")), spec)
     try:
-        check_template(_as_float32(head), head_template)
+        check_template(_as_float32(params), templates["prompt"])
+    except WireError as exc:
+        raise error(f"{where}: the prompt parameters do not fit the {config.method} config: {exc}") from exc
+    try:
+        check_template(_as_float32(head), templates["head"])
     except WireError as exc:
         raise error(f"{where}: the head does not fit the task {task.to_dict() if task else None}: {exc}") from exc
 
@@ -814,7 +848,7 @@ def _as_float32(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {key: _as_float32(value) for key, value in tree.items()}
     array = np.asarray(tree)
-    return array.astype(np.float32) if array.dtype.name in FLOAT_DTYPE_NAMES else array
+    return array.astype(np.float32, copy=False) if array.dtype.name in FLOAT_DTYPE_NAMES else array
 
 
 def check_backbone(artifact: PromptArtifact, backbone: Backbone, *, force: bool = False) -> None:

@@ -17,11 +17,15 @@ values are nodes, never binary, so the two cannot be confused. Tuples (NamedTupl
 come back as lists; :func:`check_template` rebuilds the containers of the tree the receiver
 expects.
 
-:func:`decode` treats its input as hostile. It refuses messages over ``max_bytes``, passes
-msgpack's own length limits, refuses extension types, nesting deeper than
-:data:`MAX_DEPTH`, dtypes outside :data:`ALLOWED_DTYPES`, malformed shapes and data whose
-length is not ``prod(shape) * itemsize``. Every bad input raises
-:class:`fedprompt.errors.WireError`, and nothing else.
+:func:`decode` treats its input as hostile. Before msgpack builds anything, it walks the
+encoding and refuses messages over ``max_bytes``, extension types, nesting deeper than
+:data:`MAX_DEPTH`, more objects than :func:`fedprompt.wire.limits.max_wire_objects` allows
+for the message's size, and containers whose declared lengths the remaining bytes cannot
+back (so a few bytes can never make msgpack reserve megabytes). It then refuses duplicate
+map keys, non-finite floats in ``meta``, dtypes outside :data:`ALLOWED_DTYPES`, malformed
+shapes and data whose length is not ``prod(shape) * itemsize``. Every bad input raises
+:class:`fedprompt.errors.WireError`, and nothing else; decoding takes at most a few times the
+message's size in memory.
 
 Example:
   >>> import numpy as np
@@ -45,6 +49,7 @@ import msgpack
 import numpy as np
 
 from fedprompt.errors import WireError
+from fedprompt.wire.limits import max_wire_objects
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -152,15 +157,16 @@ def encode(
         kind: What the message is, a non-empty string.
         round: The federated round, a non-negative int, or ``None``.
         fingerprint: The backbone's fingerprint, or ``None``.
-        meta: Plain data (str keys; None, bool, int, float, str, bytes, lists and dicts of
-            them; numpy scalars are converted), or ``None``.
+        meta: Plain data (str keys; None, bool, int, finite float, str, bytes, lists and
+            dicts of them; numpy scalars are converted), or ``None``.
 
     Returns:
         The msgpack bytes.
 
     Raises:
         WireError: A key is not a string, a leaf cannot be converted or has a dtype that is
-            not allowed, the nesting is too deep, or a header field is malformed.
+            not allowed, the nesting is too deep, a float in ``meta`` is NaN or infinite, or a
+            header field is malformed.
     """
     message = {
         "format": FORMAT,
@@ -218,6 +224,8 @@ def _plain_meta(value: Any, path: Path) -> Any:
         raise WireError(f"{_where(path)}: meta is nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WireError(f"{_where(path)}: {value} is not finite; meta holds finite numbers only")
     if value is None or isinstance(value, (bool, float, str, bytes)):
         return value
     if isinstance(value, int):
@@ -267,33 +275,127 @@ def _checked_fingerprint(fingerprint: Any) -> str | None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES, writable: bool = True) -> Message:
     """Decodes and checks a message from another party.
 
     Args:
         data: The message's bytes.
         max_bytes: The largest message accepted.
+        writable: Whether the leaves are writable copies (default) or read-only arrays over
+            the decoder's own buffers, which saves one copy of every leaf.
 
     Returns:
-        The :class:`Message`; its tree's leaves are writable numpy arrays.
+        The :class:`Message`; its tree's leaves are numpy arrays, owned and writable unless
+        ``writable`` is False.
 
     Raises:
         WireError: For any bad input: too large, not msgpack, extension types, nesting deeper
-            than :data:`MAX_DEPTH`, a missing or unexpected header field, a wrong format or
-            version, a dtype outside :data:`ALLOWED_DTYPES`, a malformed shape, or data whose
-            length is not ``prod(shape) * itemsize``. The message names the leaf's path.
+            than :data:`MAX_DEPTH`, too many objects for its size, a container longer than
+            the bytes left, a duplicate map key, a missing or unexpected header field, a wrong
+            format or version, a non-finite float in ``meta``, a dtype outside
+            :data:`ALLOWED_DTYPES`, a malformed shape, or data whose length is not
+            ``prod(shape) * itemsize``. The message names the leaf's path.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"a message must be bytes, got {type(data).__name__}")
     size = memoryview(data).nbytes
     if size > max_bytes:
         raise WireError(f"the message is {size} bytes, over the limit of {max_bytes}")
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise WireError("a message must be contiguous bytes")
+    _check_structure(view.cast("B"))
     raw = _unpack(data, max_bytes)
-    return _parse_message(raw)
+    return _parse_message(raw, writable)
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise WireError(f"msgpack extension types are not allowed (got type {code})")
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[Any] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise WireError(f"a map has the key {_short(duplicate)} more than once")
+    return result
+
+
+# The encoded size of each msgpack format's length field (str, bin, array, map) or payload
+# (fixed-size scalars), by first byte; see the msgpack specification.
+_FIXED_PAYLOAD = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+                  0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+_SIZED_PAYLOAD = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # length bytes, entries per item
+_EXTENSIONS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
+_MAX_NESTING = MAX_DEPTH + 4  # the message map, the tree or meta map, a leaf map and its shape
+
+
+def _check_structure(data: memoryview) -> None:
+    """Walks a msgpack encoding without building any object, before msgpack does.
+
+    Refuses truncated data, trailing bytes, extension types, nesting deeper than the tree
+    allows, more objects than :func:`~fedprompt.wire.limits.max_wire_objects` allows, and
+    container lengths that the bytes left cannot back: every entry takes at least one byte,
+    so the entries still owed by all open containers may never exceed the bytes left. That
+    bounds what msgpack reserves for declared lengths by the message's own size.
+    """
+    size = len(data)
+    budget = max_wire_objects(size)
+    pending: list[int] = []  # entries still owed by each open container, innermost last
+    owed = 0  # their sum
+    pos = objects = 0
+    while True:
+        if pos >= size:
+            raise WireError(f"not a valid msgpack message: truncated at byte {pos}")
+        objects += 1
+        if objects > budget:
+            raise WireError(f"the message holds more than {budget} msgpack objects, too many for its {size} bytes")
+        first = data[pos]
+        pos += 1
+        entries = 0
+        if first <= 0x7F or first >= 0xE0:
+            pass
+        elif first <= 0x8F:
+            entries = 2 * (first & 0x0F)
+        elif first <= 0x9F:
+            entries = first & 0x0F
+        elif first <= 0xBF:
+            pos += first & 0x1F
+        elif first in _FIXED_PAYLOAD:
+            pos += _FIXED_PAYLOAD[first]
+        elif first in _SIZED_PAYLOAD:
+            width = _SIZED_PAYLOAD[first]
+            pos += width + int.from_bytes(data[pos : pos + width], "big")
+        elif first in _CONTAINERS:
+            width, per_item = _CONTAINERS[first]
+            entries = per_item * int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        elif first in _EXTENSIONS:
+            raise WireError(f"msgpack extension types are not allowed (byte {pos - 1})")
+        else:
+            raise WireError(f"not a valid msgpack message: byte {pos - 1} is 0x{first:02x}, which msgpack never uses")
+        if pos > size:
+            raise WireError(f"not a valid msgpack message: an object at byte {pos - 1} runs past the end")
+        if pending:
+            pending[-1] -= 1
+            owed -= 1
+        if entries:
+            if owed + entries > size - pos:
+                raise WireError(
+                    f"a msgpack container at byte {pos} declares {entries} entries, more than the {size - pos} bytes left can hold"
+                )
+            if len(pending) >= _MAX_NESTING:
+                raise WireError(f"the message is nested deeper than {MAX_DEPTH} levels")
+            pending.append(entries)
+            owed += entries
+        while pending and pending[-1] == 0:
+            pending.pop()
+        if not pending:
+            break
+    if pos != size:
+        raise WireError(f"not a valid msgpack message: {size - pos} bytes after the end of the message")
 
 
 def _unpack(data: bytes | bytearray | memoryview, max_bytes: int) -> Any:
@@ -303,6 +405,7 @@ def _unpack(data: bytes | bytearray | memoryview, max_bytes: int) -> Any:
             raw=False,
             strict_map_key=True,
             use_list=True,
+            object_pairs_hook=_unique_map,
             ext_hook=_refuse_ext,
             max_bin_len=max_bytes,
             max_str_len=min(max_bytes, MAX_STR_LEN),
@@ -316,7 +419,7 @@ def _unpack(data: bytes | bytearray | memoryview, max_bytes: int) -> Any:
         raise WireError(f"not a valid msgpack message: {type(exc).__name__}: {exc}") from exc
 
 
-def _parse_message(raw: Any) -> Message:
+def _parse_message(raw: Any, writable: bool) -> Message:
     if not isinstance(raw, dict):
         raise WireError(f"a message must be a msgpack map, got {_type_name(raw)}")
     missing = [key for key in _HEADER_KEYS if key not in raw]
@@ -337,34 +440,34 @@ def _parse_message(raw: Any) -> Message:
         round=_checked_round(raw["round"]),
         fingerprint=_checked_fingerprint(raw["fingerprint"]),
         meta=meta,
-        tree=_decode_node(raw["tree"], ()),
+        tree=_decode_node(raw["tree"], (), writable),
     )
 
 
-def _decode_node(node: Any, path: Path) -> Any:
+def _decode_node(node: Any, path: Path, writable: bool) -> Any:
     if len(path) > MAX_DEPTH:
         raise WireError(f"{_where(path)}: the tree is nested deeper than {MAX_DEPTH} levels")
     if node is None:
         return None
     if isinstance(node, list):
-        return [_decode_node(child, (*path, index)) for index, child in enumerate(node)]
+        return [_decode_node(child, (*path, index), writable) for index, child in enumerate(node)]
     if isinstance(node, dict):
         if isinstance(node.get("data"), bytes):
-            return _decode_leaf(node, path)
+            return _decode_leaf(node, path, writable)
         for key in node:
             if not isinstance(key, str):
                 raise WireError(f"{_where(path)}: map keys must be str, got {_short(key)}")
-        return {key: _decode_node(child, (*path, key)) for key, child in node.items()}
+        return {key: _decode_node(child, (*path, key), writable) for key, child in node.items()}
     raise WireError(f"{_where(path)}: expected a map, an array or nil, got {_type_name(node)}")
 
 
-def _decode_leaf(node: dict[Any, Any], path: Path) -> np.ndarray:
+def _decode_leaf(node: dict[Any, Any], path: Path, writable: bool) -> np.ndarray:
     where = _where(path)
     if set(node) != _LEAF_KEYS:
         raise WireError(f"{where}: a leaf has exactly the keys dtype, shape, data; got {sorted(map(repr, node))}")
     dtype = _decode_dtype(node["dtype"], where)
     shape = _decode_shape(node["shape"], where)
-    data: bytes = node["data"]
+    data: bytes = node.pop("data")  # freed as soon as the array no longer needs it
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise WireError(
@@ -375,8 +478,8 @@ def _decode_leaf(node: dict[Any, Any], path: Path) -> np.ndarray:
     except (ValueError, OverflowError) as exc:
         raise WireError(f"{where}: cannot build an array of shape {tuple(shape)}: {exc}") from exc
     if sys.byteorder == "big":
-        array = array.byteswap()
-    return array.copy()
+        return array.byteswap()  # a copy, in native order
+    return array.copy() if writable else array
 
 
 def _decode_dtype(name: Any, where: str) -> np.dtype:

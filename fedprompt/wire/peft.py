@@ -38,9 +38,13 @@ linear layer). So:
   differ from fedprompt's because its pooling does (a warning says so). RoBERTa's two-layer
   classification head has no counterpart, so ``SEQ_CLS`` is refused for it.
 
-Everything read from an adapter folder is checked as hostile input: file sizes, the JSON
-fields, the safetensors header (dtypes, shapes, offsets), finite values. Every problem raises
-:class:`~fedprompt.errors.ArtifactError`. Pickled ``adapter_model.bin`` files are never read.
+Everything read from an adapter folder is checked as hostile input: file sizes (JSON side
+files at most :data:`fedprompt.wire.limits.MAX_JSON_BYTES`), the JSON fields and their types,
+the safetensors header (dtypes, shapes, and offsets: in bounds, exactly the declared sizes and
+never overlapping, all checked before a single tensor is copied), finite values within float32's
+range. Every problem raises :class:`~fedprompt.errors.ArtifactError`. Pickled
+``adapter_model.bin`` files are never read. The export records the backbone's name (a
+built-in name, hub id or folder name), never a local path, as ``base_model_name_or_path``.
 
 Example:
   >>> export_peft(load_prompt("prompt.fpp"), "adapter/", base_model_name_or_path="gpt2")  # doctest: +SKIP
@@ -51,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import struct
 import sys
@@ -65,8 +68,9 @@ import numpy as np
 
 from fedprompt.errors import ArtifactError, ConfigError
 from fedprompt.prompts import Prefix, PromptConfig, fold_prompt, prefix_from_flat, prefix_to_flat
-from fedprompt.wire.artifact import BackboneInfo, PromptArtifact, TaskInfo, _parse_task, write_atomic
+from fedprompt.wire.artifact import BackboneInfo, PromptArtifact, TaskInfo, _parse_task, _portable_name, write_atomic
 from fedprompt.wire.codec import DEFAULT_MAX_BYTES
+from fedprompt.wire.limits import MAX_JSON_BYTES, TensorSpec, check_finite, check_spans, read_bounded
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -91,7 +95,6 @@ PEFT_VERSION = "0.21.2"
 """The PEFT release whose adapter format :func:`export_peft` writes."""
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
 
-_MAX_JSON_BYTES = 1024 * 1024
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
 _INITS_TO_PEFT = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -172,7 +175,7 @@ def export_peft(
       artifact: The loaded artifact (:func:`fedprompt.load_prompt`).
       out_dir: The folder to write (created if needed; files of the same names are replaced).
       base_model_name_or_path: What PEFT records as the base model (default: the artifact's
-        backbone folder, or its name).
+        backbone name, a built-in name, hub id or folder name; never a local path).
       task_type: ``"CAUSAL_LM"`` (default for decoders), ``"FEATURE_EXTRACTION"`` (default for
         encoders) or ``"SEQ_CLS"`` (see the module docstring about the head).
 
@@ -188,7 +191,7 @@ def export_peft(
         task_type = "CAUSAL_LM" if info.is_decoder else "FEATURE_EXTRACTION"
     if task_type == "CAUSAL_LM" and info.is_decoder is False:
         raise ConfigError(f"task_type CAUSAL_LM needs a decoder; {info.name!r} is an encoder")
-    base = base_model_name_or_path or info.path or info.name
+    base = base_model_name_or_path or _portable_name(info.name)
     config, params = artifact.prompt_config, artifact.params
     if config.reparameterize:
         arch = types.SimpleNamespace(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim)
@@ -375,8 +378,8 @@ def read_peft_adapter(adapter_dir: str | os.PathLike[str], *, max_bytes: int = D
 def _prompt_tuning_config(config: dict[str, Any], p: int, where: str) -> PromptConfig:
     init = config.get("prompt_tuning_init", "RANDOM")
     inits = {v: k for k, v in _INITS_TO_PEFT.items()}
-    if init not in inits:
-        raise ArtifactError(f"{where}: unknown prompt_tuning_init {init!r}")
+    if not isinstance(init, str) or init not in inits:
+        raise ArtifactError(f"{where}: prompt_tuning_init must be one of {sorted(inits)}, got {init!r}")
     text = config.get("prompt_tuning_init_text")
     if inits[init] == "text" and not (isinstance(text, str) and text):
         raise ArtifactError(f"{where}: prompt_tuning_init TEXT without prompt_tuning_init_text")
@@ -391,13 +394,7 @@ def _positive_int(config: dict[str, Any], key: str, where: str) -> int:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as file:
-            data = file.read(_MAX_JSON_BYTES + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) > _MAX_JSON_BYTES:
-        raise ArtifactError(f"{path}: larger than {_MAX_JSON_BYTES} bytes")
+    data = read_bounded(path, MAX_JSON_BYTES, what="JSON file", error=ArtifactError)
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -418,18 +415,13 @@ def read_safetensors(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
       name -> numpy array (an owned copy), in the file's dtype.
 
     Raises:
-      ArtifactError: unreadable, too large, a malformed header, overlapping or out-of-range
-        offsets, a dtype other than the four above, or non-finite values.
+      ArtifactError: unreadable, too large, a malformed header, offsets out of range, of a
+        length other than the declared shape and dtype need, or overlapping (all checked before
+        any tensor is copied), a dtype other than the four above, non-finite values, or values
+        beyond float32's range (fedprompt uses every tensor as float32).
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > max_bytes:
-                raise ArtifactError(f"{path}: {size} bytes, over the limit of {max_bytes}")
-            data = file.read(max_bytes + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    data = read_bounded(path, max_bytes, what="safetensors file", error=ArtifactError)
     if len(data) < 8:
         raise ArtifactError(f"{path}: too short to be a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
@@ -442,8 +434,7 @@ def read_safetensors(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
     if not isinstance(header, dict):
         raise ArtifactError(f"{path}: the safetensors header must be a JSON object")
     buffer = memoryview(data)[8 + n :]
-    tensors: dict[str, np.ndarray] = {}
-    spans = []
+    declared: dict[str, tuple[TensorSpec, int, int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -457,17 +448,15 @@ def read_safetensors(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
             raise ArtifactError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise ArtifactError(f"{path}: tensor {name!r} has malformed data_offsets")
-        begin, end = offsets
-        if not 0 <= begin <= end <= len(buffer) or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ArtifactError(f"{path}: tensor {name!r}: data_offsets {offsets} do not fit its shape, dtype or the file")
-        spans.append((begin, end, name))
-        array = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
+        declared[name] = (TensorSpec(tuple(shape), dtype), *offsets)
+    # Every offset, length and overlap is checked before anything is copied: tensors aliasing the
+    # same bytes would otherwise cost a copy each.
+    spans = [(name, begin, end, spec.nbytes) for name, (spec, begin, end) in declared.items()]
+    check_spans(spans, len(buffer), what=str(path), error=ArtifactError)
+    tensors: dict[str, np.ndarray] = {}
+    for name, (spec, begin, end) in declared.items():
+        array = np.frombuffer(buffer[begin:end], dtype=spec.dtype).reshape(spec.shape)
         array = array.byteswap() if sys.byteorder == "big" else array.copy()  # the format is little-endian
-        if not np.all(np.isfinite(array.astype(np.float32))):
-            raise ArtifactError(f"{path}: tensor {name!r} has non-finite values")
+        check_finite(array, what=f"{path}: tensor {name!r}", error=ArtifactError, dtype=np.float32)
         tensors[name] = array
-    spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-        if begin < end:
-            raise ArtifactError(f"{path}: tensors {first!r} and {second!r} overlap")
     return tensors

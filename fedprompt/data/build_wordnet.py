@@ -4,11 +4,11 @@ The data set pairs the definition part of every WordNet 3.0 noun gloss with the 
 *supersense*: the lexicographer file the synset was filed in (``noun.animal``,
 ``noun.artifact``, ... 26 classes in all). It is built from the database files of Debian's
 ``wordnet-base`` package and written, with WordNet's licence beside it, into
-``fedprompt/simulation/data``::
+``fedprompt/data/wordnet``::
 
     apt-get install -y wordnet-base
-    python -m fedprompt.simulation.build_wordnet [--wordnet-dir /usr/share/wordnet] \
-        [--out fedprompt/simulation/data]
+    python -m fedprompt.data.build_wordnet [--wordnet-dir /usr/share/wordnet] \
+        [--out fedprompt/data/wordnet]
 
 The output is reproducible: the train/test split is decided by a hash of each text (so an
 example never changes sides between builds) and the gzip header carries no time stamp or
@@ -33,7 +33,7 @@ DATA_FILE_NAME = "wordnet_supersenses.jsonl.gz"
 LICENSE_FILE_NAME = "WORDNET_LICENSE.txt"
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 DEFAULT_COPYRIGHT_PATH = Path("/usr/share/doc/wordnet-base/copyright")
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "wordnet"
 
 #: Share of examples (in 1/10000ths of the hash range) that go to the test split.
 TEST_SHARE_PER_10000 = 2000
@@ -307,7 +307,7 @@ def license_text(copyright_text: str) -> str:
         "noun supersense, e.g. noun.animal). Definitions under three words and texts that\n"
         "occur under two supersenses were dropped; repeated texts were kept once. It was\n"
         "built from the database files of the Debian package wordnet-base by\n"
-        "fedprompt/simulation/build_wordnet.py. WordNet's licence, which must accompany\n"
+        "fedprompt/data/build_wordnet.py. WordNet's licence, which must accompany\n"
         "all copies of the database and works derived from it, follows.\n"
         "\n"
         "WordNet: https://wordnet.princeton.edu/\n"

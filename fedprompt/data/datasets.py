@@ -5,12 +5,14 @@ names of the classes. Data sets come from
 
 * :func:`load_wordnet_supersenses`: the built-in set shipped with the package, WordNet 3.0
   noun definitions labelled with one of 26 noun supersenses (``noun.animal``, ...), with a
-  fixed train/test split (see :mod:`fedprompt.simulation.build_wordnet`);
+  fixed train/test split (see :mod:`fedprompt.data.build_wordnet`);
 * :func:`load_text_file`: a user's ``.jsonl`` / ``.json`` or ``.csv`` file;
 * :func:`from_lists`: Python lists already in memory.
 
 Malformed input of any kind raises :class:`fedprompt.errors.DataError`, with a message
-naming the file, the line and the problem.
+naming the file, the line and the problem. A data set has at most
+:data:`fedprompt.wire.limits.MAX_CLASSES` (65,536) classes, checked before the class table is
+built, and at least two when the classes are inferred from the labels.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.wire.limits import MAX_CLASSES, check_class_count
 
 __all__ = [
     "TextDataset",
@@ -39,7 +42,7 @@ __all__ = [
     "train_test_split",
 ]
 
-WORDNET_RESOURCE = "data/wordnet_supersenses.jsonl.gz"
+WORDNET_RESOURCE = "wordnet/wordnet_supersenses.jsonl.gz"
 
 _JSON_SUFFIXES = (".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)
@@ -147,7 +150,7 @@ def load_wordnet_supersenses() -> tuple[TextDataset, TextDataset]:
     Raises:
         DataError: The data file is missing from the installed package or malformed.
     """
-    resource = importlib.resources.files("fedprompt.simulation").joinpath(WORDNET_RESOURCE)
+    resource = importlib.resources.files("fedprompt.data").joinpath(WORDNET_RESOURCE)
     try:
         raw = resource.read_bytes()
     except (FileNotFoundError, NotADirectoryError) as error:
@@ -186,9 +189,11 @@ def load_text_file(
     * ``.csv``: comma-separated with a header row naming the columns.
 
     Labels may be strings or integers, but not both in one file. Integer labels are class
-    indices; their names are ``"0"``..``"K-1"`` (K = largest label + 1) unless
-    ``label_names`` is given. String labels map to their sorted unique values, or to their
-    positions in ``label_names`` when it is given. CSV has no types: a label column whose
+    indices below 65,536 (:data:`~fedprompt.wire.limits.MAX_CLASSES`); their names are
+    ``"0"``..``"K-1"`` (K = largest label + 1) unless ``label_names`` is given. String labels
+    map to their sorted unique values (at most 65,536 of them), or to their positions in
+    ``label_names`` when it is given. Classes inferred from the labels must be at least two.
+    CSV has no types: a label column whose
     every value is a base-10 integer is read as integer indices, unless ``label_names``
     contains every one of those values, in which case they are names.
 
@@ -203,8 +208,10 @@ def load_text_file(
 
     Raises:
         DataError: The file is missing, has an unknown extension, holds no examples, or a
-            line has bad JSON, a missing key, an empty text, a label of the wrong type,
-            labels of mixed types, or a label not in ``label_names``.
+            line has bad JSON, a missing key, a null or non-string text, an empty text, a
+            label of the wrong type, labels of mixed types, or a label not in
+            ``label_names``; or the labels make more than 65,536 classes, or (inferred)
+            only one.
     """
     path = Path(path)
     source = str(path)
@@ -310,6 +317,7 @@ def _check_label_names(label_names: Sequence[str] | None, source: str) -> tuple[
         raise DataError(f"{source}: label_names must be non-empty strings, got {names!r}")
     if len(set(names)) != len(names):
         raise DataError(f"{source}: label_names has duplicates: {names!r}")
+    check_class_count(len(names), what=f"{source}: label_names makes", error=DataError)
     return names
 
 
@@ -326,10 +334,12 @@ def _parse_json_line(line: str, source: str, line_number: int) -> dict[str, Any]
     return record
 
 
-def _require(record: dict[str, Any], key: str, where: str) -> Any:
-    """Returns ``record[key]``, or raises a DataError naming the missing key."""
-    if key not in record or record[key] is None:
+def _require(record: dict[str, Any], key: str, where: str, expected: str) -> Any:
+    """Returns ``record[key]``, or raises a DataError naming the missing key or its null value."""
+    if key not in record:
         raise DataError(f"{where}: missing key {key!r}")
+    if record[key] is None:
+        raise DataError(f"{where}: {key!r} is null; expected {expected}")
     return record[key]
 
 
@@ -337,7 +347,8 @@ def _item(
     record: dict[str, Any], text_key: str, label_key: str, where: str
 ) -> tuple[str, Any, Any]:
     """Returns the ``(where, text, label)`` item of one record."""
-    return where, _require(record, text_key, where), _require(record, label_key, where)
+    text = _require(record, text_key, where, "a string")
+    return where, text, _require(record, label_key, where, "a string or an integer")
 
 
 def _read_json(
@@ -385,7 +396,8 @@ def _read_csv(
         items = []
         for row in reader:  # DictReader skips blank lines
             where = f"{source}, line {reader.line_num}"
-            items.append(_item(row, text_key, label_key, where))
+            present = {key: value for key, value in row.items() if value is not None}  # a short row lacks keys
+            items.append(_item(present, text_key, label_key, where))
     except csv.Error as error:
         raise DataError(f"{source}, line {reader.line_num}: bad CSV ({error})") from error
     raw_labels = [label.strip() for _, _, label in items]
@@ -441,7 +453,15 @@ def _assemble(
     if first_kind == "int":
         values = [int(label) for _, _, label in items]
         if label_names is None:
-            names = tuple(str(i) for i in range(max(values) + 1))
+            largest = max(values)
+            if largest >= MAX_CLASSES:
+                where = next(where for (where, _, _), value in zip(items, values) if value == largest)
+                raise DataError(
+                    f"{where}: label {largest} is too large: integer labels are class indices below "
+                    f"{MAX_CLASSES} (the most classes a data set may have); write the labels as strings (they "
+                    "are then mapped to their sorted distinct values) or give label_names"
+                )
+            names = tuple(str(i) for i in range(largest + 1))
         else:
             names = tuple(label_names)
             for (where, _, _), value in zip(items, values):
@@ -453,6 +473,7 @@ def _assemble(
     else:
         if label_names is None:
             names = tuple(sorted({label for _, _, label in items}))
+            check_class_count(len(names), what=f"{source}: the distinct labels make", error=DataError)
         else:
             names = tuple(label_names)
         position = {name: i for i, name in enumerate(names)}
@@ -461,6 +482,11 @@ def _assemble(
             if label not in position:
                 raise DataError(f"{where}: label {label!r} is not in label_names {names!r}")
             indices.append(position[label])
+    if label_names is None and len(names) < 2:
+        raise DataError(
+            f"{source}: only one distinct label ({items[0][2]!r}); a classification data set needs at least two "
+            "(give label_names to declare the others)"
+        )
     return TextDataset(
         texts=tuple(text for _, text, _ in items),
         labels=np.asarray(indices, dtype=np.int32),

@@ -1,12 +1,11 @@
-"""The data side of a run, shared by :func:`fedprompt.simulate` and the Flower demo deployment.
+"""A run's data, the same in both runtimes: its examples, their split over clients, one client's shard.
 
-The federation itself (prompt, task, algorithm, client program, server round, key schedule) is
-:func:`fedprompt.federation.plan.make_plan`'s; this module picks the run's examples, splits
-them over clients and builds the simulation engine of a run.
-
-A deployed client holds only its own rows (:func:`client_shard`), zero-padded to the largest
-client's size exactly as :func:`~fedprompt.simulation.engine.build_client_data` pads them, because
-the client update draws its batches from a random order over the padded rows.
+:func:`load_data` reads the built-in WordNet set or the user's files, :func:`select_examples`
+picks the run's subsets (the key schedule's ``train_subset`` / ``test_subset``),
+:func:`partition_clients` splits the training rows over clients (the demo partition a Flower
+deployment also uses), :func:`encode_dataset` tokenizes, and :func:`client_shard` pads one
+client's rows exactly as the simulation engine's ``build_client_data`` pads them, because the
+client update draws its batches from a random order over the padded rows.
 
 Example:
   >>> from fedprompt.config import RunConfig
@@ -19,16 +18,30 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedprompt.config import RunConfig
+from fedprompt.data import datasets, partition
 from fedprompt.errors import ConfigError
 from fedprompt.federation.keys import KeySchedule
-from fedprompt.federation.plan import FederationPlan
-from fedprompt.simulation import datasets, partition
-from fedprompt.simulation.attacks import AttackConfig
-from fedprompt.simulation.engine import ClientData, FederatedSimulation
+
+if TYPE_CHECKING:
+    from fedprompt.backbones.backbone import Backbone
+
+
+def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
+    """Train and test sets for a config: the built-in WordNet set, or the user's files."""
+    if config.data is None:
+        return datasets.load_wordnet_supersenses()
+    full = datasets.load_text_file(config.data, text_key=config.text_key, label_key=config.label_key)
+    if config.test_data is None:
+        return datasets.train_test_split(full, test_fraction=0.2, seed=config.seed)
+    test = datasets.load_text_file(
+        config.test_data, text_key=config.text_key, label_key=config.label_key, label_names=full.label_names
+    )
+    return full, test
 
 
 def select_examples(
@@ -54,6 +67,12 @@ def partition_clients(config: RunConfig, labels: np.ndarray) -> list[np.ndarray]
     )
 
 
+def encode_dataset(backbone: Backbone, dataset: datasets.TextDataset, max_length: int, num_virtual: int) -> dict[str, np.ndarray]:
+    """Tokenize a labelled text data set into fixed-shape NumPy columns."""
+    encoded = backbone.tokenize(list(dataset.texts), max_length, num_virtual=num_virtual)
+    return {**encoded, "labels": np.asarray(dataset.labels, np.int32)}
+
+
 def client_shard(rows: Mapping[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:
     """One client's encoded rows, zero-padded to ``capacity`` rows (the largest client's size).
 
@@ -68,15 +87,6 @@ def client_shard(rows: Mapping[str, np.ndarray], capacity: int) -> dict[str, np.
         padded[: len(column)] = column
         out[name] = padded
     return out
-
-
-def make_simulation(config: RunConfig, plan: FederationPlan, client_data: ClientData) -> FederatedSimulation:
-    """The :class:`~fedprompt.simulation.engine.FederatedSimulation` of a run: the plan, the
-    clients' data, and the simulation's own settings (client blocks, devices, attacks)."""
-    attack = None if config.attack is None else AttackConfig(
-        kind=config.attack, fraction=config.attack_fraction, scale=config.attack_scale)
-    devices = {} if config.devices == 1 else {"parallel": config.parallel_backend, "devices": config.devices or None}
-    return FederatedSimulation(plan, client_data, client_block=config.client_block, attack=attack, **devices)
 
 
 def synthetic_token_data(

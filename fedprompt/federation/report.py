@@ -1,11 +1,14 @@
 """The outputs of a federated run: metrics, summary, curves and a terminal progress bar.
 
 * :class:`MetricsWriter`: ``metrics.jsonl``, one JSON object per round, flushed line by line
-  so that a killed run keeps every round it finished.
+  so that a killed run keeps every round it finished; :func:`write_metrics` rewrites the
+  file atomically (a resumed run keeps exactly its completed rounds).
 * :func:`write_summary`: ``summary.json``, written atomically.
 * :func:`plot_curves`: ``curves.png``, accuracy and loss against rounds and against the bytes
   sent (matplotlib's Agg backend; matplotlib is imported only when plotting).
-* :class:`Progress`: a one-line progress bar, shown only on a terminal.
+* :class:`Progress`: a one-line progress bar on a terminal, or one log line per round
+  elsewhere (``round 3/15: accuracy 0.6100, loss 1.2034, 14.8 s``), and notes on the slow
+  steps before the first round (loading, compiling).
 * :func:`compare_runs`, :func:`plot_comparison`: several runs side by side (``fedprompt
   compare``): a table of accuracy and bytes, and accuracy against rounds and upload.
 
@@ -44,6 +47,7 @@ __all__ = [
     "plot_curves",
     "read_metrics",
     "to_json_value",
+    "write_metrics",
     "write_summary",
 ]
 
@@ -133,8 +137,7 @@ class MetricsWriter:
         """
         if self._file is None:
             raise ValueError(f"the metrics writer for {self.path} is closed")
-        line = json.dumps(to_json_value(dict(record), where="record"), allow_nan=False)
-        self._file.write(line + "\n")
+        self._file.write(_metrics_line(record))
         self._file.flush()
 
     def close(self) -> None:
@@ -148,6 +151,21 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _metrics_line(record: Mapping[str, Any]) -> str:
+    return json.dumps(to_json_value(dict(record), where="record"), allow_nan=False) + "\n"
+
+
+def write_metrics(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
+    """Replaces ``metrics.jsonl`` by exactly ``records``, atomically; a :class:`MetricsWriter`
+    then appends to it.
+
+    Raises:
+        TypeError: A value has no JSON form (nothing is written then).
+    """
+    text = "".join(_metrics_line(record) for record in records)
+    return write_atomic(path, text.encode("utf-8"))
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -396,24 +414,33 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress bar for a federated run, redrawn after each round.
+    """A federated run's progress: a bar on a terminal, log lines elsewhere, notes on slow steps.
 
-    The line reads, for example,
-    ``round 2/5 [########------------] | acc 0.8123 | 1.23 MB sent | 0:12 elapsed | ~0:18 left``.
-    The time left assumes the remaining rounds take as long as the finished ones on average.
+    On a terminal one line is redrawn after each round, for example
+    ``round 2/5 [########------------] | acc 0.8123 | 1.23 MB sent | 0:12 elapsed | ~0:18 left``
+    (the time left assumes the remaining rounds take as long as the finished ones on average).
+    Off a terminal (a log file, CI) and with ``lines``, each round prints one line instead,
+    ``round 2/5: accuracy 0.8123, loss 1.2034, 6.0 s``. :meth:`note` prints a line about a slow
+    step (loading the backbone, compiling the first round) in either style.
 
     Args:
         total_rounds: The number of rounds of the run.
-        stream: Where to draw; ``None`` means ``sys.stderr`` at construction time.
-        enabled: Whether to draw; ``None`` means only when ``stream.isatty()``, so that logs
-            and CI stay quiet.
+        stream: Where to write; ``None`` means ``sys.stderr`` at construction time.
+        enabled: ``True``: always draw the bar; ``False``: print nothing; ``None``: the bar on
+            a terminal (``stream.isatty()``), elsewhere log lines if ``lines``, else nothing.
+        lines: Off a terminal (with ``enabled=None``), print a log line per round rather than
+            staying quiet.
         clock: Seconds as a float, for elapsed time (``time.monotonic``; replaceable in tests).
 
     Example:
       >>> import io
-      >>> progress = Progress(5, stream=io.StringIO())  # not a terminal: draws nothing
+      >>> progress = Progress(5, stream=io.StringIO())  # not a terminal, no lines: prints nothing
       >>> progress.update(1, accuracy=0.5, cumulative_bytes=40_000)
       >>> progress.close()
+      >>> log = io.StringIO()
+      >>> Progress(5, stream=log, lines=True).update(1, accuracy=0.5, loss=1.25, seconds=14.8)
+      >>> log.getvalue()
+      'round 1/5: accuracy 0.5000, loss 1.2500, 14.8 s\\n'
     """
 
     BAR_WIDTH = 20
@@ -424,35 +451,70 @@ class Progress:
         *,
         stream: TextIO | None = None,
         enabled: bool | None = None,
+        lines: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total_rounds = max(0, int(total_rounds))
         self.stream = sys.stderr if stream is None else stream
-        self.enabled = _isatty(self.stream) if enabled is None else bool(enabled)
+        if enabled is None:
+            self.style = "bar" if _isatty(self.stream) else ("lines" if lines else None)
+        else:
+            self.style = "bar" if enabled else None
         self._clock = clock
         self._start = clock()
+        self._last = self._start
         self._width = 0
         self._open = False
 
-    def update(self, round_number: int, *, accuracy: float | None = None, cumulative_bytes: float | None = None) -> None:
-        """Redraws the line after round ``round_number`` (1-based) has finished.
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is printed."""
+        return self.style is not None
+
+    def update(
+        self,
+        round_number: int,
+        *,
+        accuracy: float | None = None,
+        cumulative_bytes: float | None = None,
+        loss: float | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Reports that round ``round_number`` (1-based) has finished.
 
         Args:
             round_number: The number of finished rounds.
             accuracy: The latest eval accuracy, if any.
-            cumulative_bytes: All bytes sent so far (up and down), if counted.
+            cumulative_bytes: All bytes sent so far (up and down), if counted (bar only).
+            loss: The round's loss, if any (log lines only).
+            seconds: How long the round took (log lines; default: the time since the last update).
         """
-        if not self.enabled:
+        now = self._clock()
+        took = now - self._last if seconds is None else seconds
+        self._last = now
+        if self.style == "lines":
+            self.stream.write(self.render_line(round_number, accuracy=accuracy, loss=loss, seconds=took) + "\n")
+            self.stream.flush()
+        elif self.style == "bar":
+            line = self.render(round_number, accuracy=accuracy, cumulative_bytes=cumulative_bytes)
+            padding = " " * max(0, self._width - len(line))
+            self.stream.write("\r" + line + padding)
+            self.stream.flush()
+            self._width = len(line)
+            self._open = True
+
+    def note(self, text: str) -> None:
+        """Prints ``text`` on a line of its own (above the bar, which the next round redraws)."""
+        if self.style is None:
             return
-        line = self.render(round_number, accuracy=accuracy, cumulative_bytes=cumulative_bytes)
-        padding = " " * max(0, self._width - len(line))
-        self.stream.write("\r" + line + padding)
+        padding = " " * max(0, self._width - len(text)) if self._open else ""
+        self.stream.write(("\r" if self._open else "") + text + padding + "\n")
         self.stream.flush()
-        self._width = len(line)
-        self._open = True
+        self._open = False
+        self._width = 0
 
     def render(self, round_number: int, *, accuracy: float | None = None, cumulative_bytes: float | None = None) -> str:
-        """The progress line's text (a pure function of its inputs and the clock)."""
+        """The progress bar's text (a pure function of its inputs and the clock)."""
         total = self.total_rounds
         done = min(max(0, round_number), total) if total else max(0, round_number)
         filled = round(self.BAR_WIDTH * done / total) if total else 0
@@ -468,8 +530,20 @@ class Progress:
             parts.append(f"~{format_duration(elapsed / done * (total - done))} left")
         return " | ".join(parts)
 
+    def render_line(self, round_number: int, *, accuracy: float | None = None, loss: float | None = None,
+                    seconds: float | None = None) -> str:
+        """A round's log line, ``round 3/15: accuracy 0.6100, loss 1.2034, 14.8 s`` (missing values left out)."""
+        parts = []
+        for name, value in (("accuracy", accuracy), ("loss", loss)):
+            number = _finite_or_none(value)
+            if number is not None:
+                parts.append(f"{name} {number:.4f}")
+        if seconds is not None:
+            parts.append(f"{seconds:.1f} s")
+        return f"round {round_number}/{self.total_rounds}" + (": " + ", ".join(parts) if parts else "")
+
     def close(self) -> None:
-        """Ends the progress line (a newline), once; harmless when nothing was drawn."""
+        """Ends the progress bar's line (a newline), once; harmless when nothing was drawn."""
         if self._open:
             self.stream.write("\n")
             self.stream.flush()

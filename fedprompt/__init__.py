@@ -18,7 +18,7 @@ from fedprompt.client.local import (
 from fedprompt.client.federated import ClientResult, make_client_update
 from fedprompt.client.program import ClientProgram, gradient_program
 from fedprompt.config import RunConfig
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import FedPromptError, RunFolderError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.federation.plan import FederationPlan, build_plan, make_plan
 from fedprompt.federation.records import RoundRecord
@@ -59,6 +59,7 @@ __all__ = [
     "BackboneOutput",
     "CausalLM",
     "FedPromptError",
+    "RunFolderError",
     "Prefix",
     "PromptConfig",
     "SequenceClassification",

@@ -190,7 +190,8 @@ def run_flags_markdown() -> str:
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in run_flags():
         default = "off" if f.type is bool else ("unset" if f.default is None else f"`{f.default}`")
-        rows.append(f"| `{f.flag}` | {default} | {f.help} |")
+        meaning = f.help.replace("|", "\\|")  # a literal bar inside a table cell
+        rows.append(f"| `{f.flag}` | {default} | {meaning} |")
     return "\n".join(rows)
 
 

@@ -149,6 +149,45 @@ def check_client_blocks(results, k, algorithm, scaffold_lr=None, hook_backend="s
     results[f"{label}/backends"] = max_diff(outs["shard_map"], outs["pmap"])
 
 
+def check_supernode_devices(results: dict[str, float]) -> None:
+    """A SuperNode with ``devices = 4`` splits its client's local batches over 4 devices; its
+    ClientApp reply equals the one-device reply."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprompt.flower import client_app, common
+    from fedprompt.server.rounds import GLOBAL_KIND
+    from fedprompt.wire import codec
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # the identity Flower gives a process
+        setattr(TaskIdentity, name, 1)
+    base = {"backbone": str(Path(__file__).parent / "fixtures" / "bert"), "synthetic-examples": 48,
+            "synthetic-labels": 3, "eval-examples": 16, "train-examples": "", "clients": 2, "clients-per-round": 2,
+            "partition": "iid", "rounds": 1, "local-steps": 3, "batch-size": 4, "max-length": 8,
+            "num-virtual-tokens": 2, "local-lr": 0.05, "seed": 3}
+    replies = {}
+    for devices in (1, 4):
+        run_config = {**base, "devices": devices}
+        settings = common.settings_from_run_config(run_config)
+        fed = common.build_federation(settings, common.load_run_backbone(settings), client=True)
+        state = fed.plan.init()
+        payload = codec.encode(jax.device_get(fed.plan.broadcast(state)), kind=GLOBAL_KIND, round=0,
+                               fingerprint=fed.backbone.fingerprint)
+        record = ConfigRecord({"global": payload, "round": 0, "client-id": 0})
+        message = Message(RecordDict({common.RECORD: record}), dst_node_id=1, message_type="train")
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                          state=RecordDict(), run_config=run_config)
+        reply = client_app.app(message, context)
+        replies[devices] = codec.decode(reply.content.config_records[common.RECORD]["update"]).tree["delta"]
+        rows, size = fed.client_rows(0)
+        params = state.params
+        hlo = jax.jit(fed.plan.program.update).lower(
+            params, fed.backbone.weights, rows, np.int32(size), fed.plan.client_keys(0)[0], params, params,
+        ).compile().as_text()
+        results[f"supernode/all-reduce-{devices}"] = float("all-reduce" in hlo)
+    results["supernode/devices-4-vs-1"] = max_diff(replies[4], replies[1])
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     results: dict[str, float] = {}
@@ -156,6 +195,7 @@ def main() -> None:
     check_train_step(results, "gpt2", "prompt", CausalLM(), 12)  # token-weighted loss, padded
     check_client_blocks(results, 5, algorithms.fedavg(), hook_backend="shard_map")
     check_client_blocks(results, 11, algorithms.scaffold(), scaffold_lr=0.5, hook_backend="pmap")
+    check_supernode_devices(results)
     print(json.dumps(results))
 
 

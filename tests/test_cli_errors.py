@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_run_folder import copy_run, snapshot, tiny  # noqa: F401 - `tiny` is a fixture
@@ -217,6 +218,9 @@ def test_run_help_has_a_flag_with_its_default_for_every_setting(capsys):
     assert "--rounds N federated rounds (default: 15)" in text and "--overwrite" in text
     table = run_flags_markdown().splitlines()
     assert len(table) == len(fields) + 2 and "| `--rounds` | `15` | federated rounds |" in table
+    assert all(row.count(" | ") == 2 for row in table)  # bars inside a cell are escaped
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert run_flags_markdown() in readme, "README's table of run flags is not the CLI's: paste run_flags_markdown()"
 
 
 # ----------------------------------------------------------------------------- progress

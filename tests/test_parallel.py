@@ -49,6 +49,13 @@ def test_parallel_train_step_equals_single_device_step(eight_devices, case, back
     assert eight_devices[f"train_step/{case}/{backend}"] <= TOLERANCE
 
 
+def test_a_supernode_with_several_devices_splits_its_batches_and_equals_one_device(eight_devices):
+    # devices = 4 in a deployment's run config: the ClientApp's gradient steps run data-parallel
+    # (the compiled update sums gradients across devices) and its reply equals one device's.
+    assert eight_devices["supernode/all-reduce-4"] == 1.0 and eight_devices["supernode/all-reduce-1"] == 0.0
+    assert eight_devices["supernode/devices-4-vs-1"] <= TOLERANCE
+
+
 @pytest.mark.parametrize("k", [5, 11])
 @pytest.mark.parametrize("backend", ["shard_map", "pmap"])
 def test_device_parallel_client_blocks_equal_the_engine(eight_devices, k, backend):

@@ -80,6 +80,7 @@ def make_client_update(
     batch_size: int,
     prox_mu: float = 0.0,
     scaffold_lr: float | None = None,
+    batch_sharding: Any = None,
 ) -> Callable[..., ClientResult]:
     """Build the pure client update.
 
@@ -92,6 +93,9 @@ def make_client_update(
       prox_mu: FedProx proximal coefficient (0: plain FedAvg objective).
       scaffold_lr: enables SCAFFOLD's gradient correction and control update; the local
         learning rate ``lr`` of option II (use it with ``optax.sgd(scaffold_lr)``).
+      batch_sharding: a ``jax.sharding.Sharding`` of each local batch along its examples (for
+        one client's data-parallel steps on several local devices: XLA splits the forward and
+        backward pass and sums the gradients); None: one device.
 
     Returns:
       ``client_update(global_params, weights, data, num_examples, key, control=None,
@@ -127,6 +131,8 @@ def make_client_update(
         def local_step(carry, step):
             params, opt_state = carry
             batch = local_batch(data, order, num_examples, step, batch_size)
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             grads, loss = jax.grad(objective, has_aux=True)(params, batch)
             if correction is not None:
                 grads = jax.tree.map(lambda g, c: g + c, grads, correction)

@@ -77,14 +77,17 @@ def gradient_program(
     local_steps: int,
     batch_size: int,
     scaffold_lr: float | None = None,
+    batch_sharding: Any = None,
 ) -> ClientProgram:
     """The gradient-based client of ``algorithm`` (FedProx's proximal term, SCAFFOLD's
-    correction and control variate) as a :class:`ClientProgram` whose payload is the update."""
+    correction and control variate) as a :class:`ClientProgram` whose payload is the update;
+    ``batch_sharding`` spreads each local batch over several devices
+    (:func:`~fedprompt.client.federated.make_client_update`)."""
     if algorithm.scaffold and scaffold_lr is None:
         raise ConfigError("SCAFFOLD needs scaffold_lr (the clients' SGD learning rate)")
     update = make_client_update(
         make_loss_fn(backbone, prompt_config, task.resolve(backbone)), local_optimizer,
         local_steps=local_steps, batch_size=batch_size, prox_mu=algorithm.prox_mu,
-        scaffold_lr=scaffold_lr if algorithm.scaffold else None,
+        scaffold_lr=scaffold_lr if algorithm.scaffold else None, batch_sharding=batch_sharding,
     )
     return ClientProgram(update=update, to_delta=identity_delta, client_state=algorithm.scaffold)

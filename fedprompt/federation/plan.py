@@ -95,9 +95,11 @@ def make_program(
     prompt_config: PromptConfig,
     task: SequenceClassification,
     algorithm: algorithms.Algorithm | None = None,
+    batch_sharding: Any = None,
 ) -> ClientProgram:
     """The :class:`~fedprompt.client.program.ClientProgram` of a run: the gradient client of the
-    algorithm, wrapped by ``compress``; or the gradient-free ``bbt`` / ``zo`` clients."""
+    algorithm, wrapped by ``compress``; or the gradient-free ``bbt`` / ``zo`` clients.
+    ``batch_sharding``: the gradient client's local batches spread over devices."""
     if config.method == "bbt":
         from fedprompt.client.bbt import make_bbt_program
 
@@ -113,12 +115,35 @@ def make_program(
     program = gradient_program(
         backbone, prompt_config, task, algorithm or make_algorithm(config), make_local_optimizer(config),
         local_steps=config.local_steps, batch_size=config.batch_size, scaffold_lr=config.resolved_local_lr,
+        batch_sharding=batch_sharding,
     )
     if config.compress is None:
         return program
     from fedprompt.client.compressed import compressed_program
 
     return compressed_program(program.update, config.compress, error_feedback=config.error_feedback)
+
+
+def local_batch_sharding(config: RunConfig) -> Any:
+    """For ``devices`` > 1 (or 0: all) on one client's machine, the sharding that splits each
+    local batch's examples over that many local devices; None for one device.
+
+    Raises:
+      ConfigError: a gradient-free method (its forward passes are not split), more devices than
+        this machine has, or a batch that does not split evenly.
+    """
+    available = jax.local_devices()
+    count = len(available) if config.devices == 0 else config.devices
+    if count == 1:
+        return None
+    if config.method in ("bbt", "zo"):
+        raise ConfigError(f"devices > 1 on one client splits gradient steps; method {config.method!r} has none")
+    if count > len(available):
+        raise ConfigError(f"devices = {count}, but this machine has {len(available)} local devices")
+    if config.batch_size % count:
+        raise ConfigError(f"batch_size {config.batch_size} does not split over {count} devices")
+    mesh = jax.sharding.Mesh(np.array(available[:count]), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,8 +374,12 @@ def build_plan(
     )
 
 
-def make_plan(config: RunConfig, backbone: Backbone, num_labels: int) -> FederationPlan:
+def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_sharding: Any = None) -> FederationPlan:
     """The :class:`FederationPlan` of a run on ``backbone`` with ``num_labels`` classes.
+
+    ``batch_sharding`` spreads a gradient client's local batches over this machine's devices
+    (a SuperNode with several accelerators, :func:`local_batch_sharding`); the server's plan
+    and the simulation's do without (the simulation spreads clients over devices instead).
 
     Raises:
       ConfigError: a combination the settings cannot run.
@@ -364,7 +393,7 @@ def make_plan(config: RunConfig, backbone: Backbone, num_labels: int) -> Federat
     return build_plan(
         backbone, prompt_config, task, algorithm, num_clients=config.clients,
         clients_per_round=config.clients_per_round, seed=config.seed, dropout=config.dropout,
-        program=make_program(config, backbone, prompt_config, task, algorithm),
+        program=make_program(config, backbone, prompt_config, task, algorithm, batch_sharding),
         aggregator=make_aggregator(config.aggregator, **config.aggregator_options()),
         dp_config=config.dp_config(), total_rounds=config.rounds, secagg=secagg,
     )

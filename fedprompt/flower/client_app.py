@@ -62,7 +62,8 @@ class _Client(NamedTuple):
 
 @functools.lru_cache(maxsize=2)
 def _federation(settings: common.FlowerSettings, backbone: str | None) -> tuple[common.Federation, Callable[..., Any]]:
-    fed = common.build_federation(settings, common.load_run_backbone(settings, common.NodeSettings(0, None, backbone)))
+    fed = common.build_federation(settings, common.load_run_backbone(settings, common.NodeSettings(0, None, backbone)),
+                                  client=True)
     return fed, jax.jit(fed.plan.program.update)
 
 

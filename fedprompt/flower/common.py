@@ -38,7 +38,7 @@ from fedprompt.backbones.loading import load_backbone
 from fedprompt.config import RunConfig
 from fedprompt.errors import ConfigError, FedPromptError
 from fedprompt.federation.keys import KeySchedule
-from fedprompt.federation.plan import FederationPlan, make_plan
+from fedprompt.federation.plan import FederationPlan, local_batch_sharding, make_plan
 from fedprompt.data import datasets, loading
 
 RECORD = "fedprompt"
@@ -89,8 +89,6 @@ class FlowerSettings:
 
 _FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name != "run"}
 
-# Settings of the simulation that the deployment does not implement yet, with the value it runs.
-_NOT_DEPLOYED = {"devices": 1}
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
@@ -123,11 +121,6 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
         raise ConfigError("baselines are computed by `fedprompt run`, not by a deployment (set false)")
     if run.attack is not None:
         raise ConfigError("attack simulates malicious clients; a deployment's clients are what they are (unset it)")
-    for name, default in _NOT_DEPLOYED.items():
-        if getattr(run, name, default) != default:
-            raise ConfigError(
-                f"{name} = {getattr(run, name)!r} is not supported by the Flower deployment yet (use {default!r})"
-            )
     for name, value in flower_values.items():
         if name == "overwrite":
             if not isinstance(value, bool):
@@ -251,8 +244,11 @@ class Federation:
         return self._encode(self._test)
 
 
-def build_federation(settings: FlowerSettings, backbone: Backbone) -> Federation:
-    """The run's plan and its demo data partition, exactly as :func:`fedprompt.simulate` builds them."""
+def build_federation(settings: FlowerSettings, backbone: Backbone, *, client: bool = False) -> Federation:
+    """The run's plan and its demo data partition, exactly as :func:`fedprompt.simulate` builds them.
+
+    ``client``: the plan of a SuperNode, whose gradient steps spread each batch over its
+    ``devices`` local devices (:func:`~fedprompt.federation.plan.local_batch_sharding`)."""
     cfg = settings.run
     if settings.synthetic_examples:
         shape = dict(max_length=cfg.max_length, vocab_size=backbone.config.vocab_size,
@@ -269,7 +265,7 @@ def build_federation(settings: FlowerSettings, backbone: Backbone) -> Federation
     parts = loading.partition_clients(cfg, labels)
     if min(len(p) for p in parts) < 1:
         raise ConfigError("every client needs at least one example")
-    plan = make_plan(cfg, backbone, len(label_names))
+    plan = make_plan(cfg, backbone, len(label_names), batch_sharding=local_batch_sharding(cfg) if client else None)
     return Federation(settings, plan, parts, label_names, train, test)
 
 

@@ -173,21 +173,23 @@ def test_sigint_after_the_first_round_says_how_to_resume(tiny, tmp_path):
 
 def test_apply_honours_top_with_json_and_warns_of_cut_texts(tiny, capsys):
     prompt = tiny.finished / "prompt.fpp"
-    code, out, err = run_cli(capsys, "apply", prompt, "--text", "w5 w20 w40", "--top", "2", "--json")
+    bb = ("--backbone", tiny.backbone)  # a prompt records its backbone's name, not its folder
+    code, out, err = run_cli(capsys, "apply", prompt, *bb, "--text", "w5 w20 w40", "--top", "2", "--json")
     assert code == 0 and err == ""
     probabilities = json.loads(out)[0]["probabilities"]
     assert len(probabilities) == 2
-    code, out, err = run_cli(capsys, "apply", prompt, "--text", "w5 w20 w40", "--json")
+    code, out, err = run_cli(capsys, "apply", prompt, *bb, "--text", "w5 w20 w40", "--json")
     every = json.loads(out)[0]["probabilities"]
     assert len(every) == 4 and probabilities == dict(list(every.items())[:2])
     long_text = " ".join(f"w{i}" for i in range(5, 25))
-    code, out, err = run_cli(capsys, "apply", prompt, "--text", "w5", "--text", long_text, "--max-length", "6")
+    code, out, err = run_cli(capsys, "apply", prompt, *bb, "--text", "w5", "--text", long_text, "--max-length", "6")
     assert code == 0
     assert one_line(err) == "fedprompt: warning: text 2 has 20 tokens and was cut to 6 (--max-length)"
 
 
 def test_apply_generate_on_an_encoder_says_it_cannot_generate(tiny, capsys):
-    code, _, err = run_cli(capsys, "apply", tiny.finished / "prompt.fpp", "--text", "w5", "--generate")
+    code, _, err = run_cli(capsys, "apply", tiny.finished / "prompt.fpp", "--backbone", tiny.backbone, "--text", "w5",
+                           "--generate")
     assert code == 2
     assert one_line(err) == f"fedprompt: error: --generate needs a decoder backbone: '{tiny.backbone.name}' is an encoder and cannot generate text"
 

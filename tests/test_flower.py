@@ -245,8 +245,11 @@ class LocalDeployment:
 
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> Path:
-    """One persistent XLA cache for every node of every test here (Flower starts a process per message)."""
-    return tmp_path_factory.mktemp("jax-cache")
+    """One persistent XLA cache for every node of every test here (Flower starts a process per
+    message): the test session's (conftest.py), so the nodes find what the in-process tests of
+    the same settings compiled."""
+    session = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return Path(session) if session else tmp_path_factory.mktemp("jax-cache")
 
 
 @pytest.fixture(scope="module")

@@ -427,6 +427,11 @@ class RunConfig:
             threshold = self.secagg_threshold
             if threshold is not None and not 2 <= threshold <= self.clients_per_round:
                 raise ConfigError(f"secagg_threshold must be in [2, clients_per_round], got {threshold}")
+            if threshold is not None and 2 * threshold <= self.clients_per_round:
+                # two disjoint groups of t could each rebuild a client's secrets: a server that
+                # shows them different survivor lists would learn that client's input
+                raise ConfigError(f"secagg_threshold must exceed half of clients_per_round "
+                                  f"({self.clients_per_round}), got {threshold}")
 
     def _check_compression_and_devices(self) -> None:
         if self.compress is not None:

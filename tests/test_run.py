@@ -45,6 +45,7 @@ def test_toml_then_flags_override(tmp_path):
         ({"parallel_backend": "xmap"}, "parallel_backend"),
         ({"tpt_views": 0}, "tpt_views"),
         ({"tpt_alpha": 0.0}, "tpt_alpha"),
+        ({"secagg": True, "clients_per_round": 8, "secagg_threshold": 4}, "exceed half"),
     ],
 )
 def test_bad_config_values_are_refused(values, match):

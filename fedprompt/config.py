@@ -32,6 +32,8 @@ SAMPLINGS = ("poisson", "fixed")
 ALGORITHM_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "scaffold")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
+HEAD_INITS = ("random", "class_means")
+"""How a classification head starts: random, or from the clients' class means (``head_init``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +260,11 @@ class RunConfig:
         assume plain SGD steps, so SCAFFOLD with adam is refused).
       local_lr: local learning rate; unset: 0.01 for adam, 0.5 for sgd. For ``zo`` the ZO-SGD
         learning rate (unset: 0.01), for ``bbt`` the Adam learning rate of the head (unset: 0.01).
+      head_init: how the classification head starts: ``random``, or ``class_means``: set once
+        before the first round from the clients' class means of the frozen features
+        (:mod:`fedprompt.client.class_means`; not with DP or secure aggregation, whose
+        guarantees it would bypass).
+      head_init_examples: with ``class_means``, rows per client the statistics are taken on.
       max_length: tokens per example (truncated/padded), not counting virtual tokens.
       train_examples: use at most this many training examples (None: all).
       eval_examples: evaluate on at most this many test examples (None: all).
@@ -317,6 +324,8 @@ class RunConfig:
     batch_size: int = 16
     local_optimizer: str | None = None
     local_lr: float | None = None
+    head_init: str = "random"
+    head_init_examples: int = 256
     max_length: int = 32
     train_examples: int | None = None
     eval_examples: int | None = 1024
@@ -358,7 +367,7 @@ class RunConfig:
         for field in dataclasses.fields(self):
             _check_type(field, getattr(self, field.name))
         positive = ("num_virtual_tokens", "rounds", "clients", "clients_per_round", "local_steps", "batch_size",
-                    "max_length", "eval_every", "labels_per_client")
+                    "max_length", "eval_every", "labels_per_client", "head_init_examples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -371,6 +380,10 @@ class RunConfig:
             raise ConfigError(f"method {self.method!r} sends seeds/low-dimensional vectors: DP, secure aggregation "
                               "and SCAFFOLD apply to gradient methods only")
         _choice("algorithm", self.algorithm, ALGORITHM_NAMES)
+        _choice("head_init", self.head_init, HEAD_INITS)
+        if self.head_init == "class_means" and (self.dp is not None or self.secagg):
+            raise ConfigError("head_init = 'class_means' sends each client's class means in the clear, outside "
+                              f"{'differential privacy' if self.dp else 'secure aggregation'}: use head_init = 'random'")
         _choice("partition", self.partition, PARTITIONS)
         if self.local_optimizer is not None:
             _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)

@@ -28,11 +28,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import FIXTURES
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt.client import zeroth_order
+from fedprompt.data import datasets, loading
 from fedprompt.errors import ConfigError
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.flower import client_app, common, server_app
@@ -346,11 +347,13 @@ class InProcessGrid(Grid):
 
     ``silent`` nodes (a set of client ids) never answer; ``tamper(client_id, reply)`` may
     replace a reply, or drop it (None). An exception in the ClientApp becomes an error reply, as in Flower.
+    ``node_config(i)``: more keys of node ``i``'s node config (its ``data-path``).
     """
 
-    def __init__(self, run_config: dict, nodes: int):
+    def __init__(self, run_config: dict, nodes: int, node_config=lambda i: {}):
         self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": nodes},
+            1000 + i: Context(run_id=1, node_id=1000 + i,
+                              node_config={"partition-id": i, "num-partitions": nodes, **node_config(i)},
                               state=RecordDict(), run_config=run_config)
             for i in range(nodes)
         }
@@ -632,6 +635,193 @@ def test_a_node_sending_garbage_or_going_silent_is_left_out(tmp_path, flower_tas
 
 def _sent(grid: InProcessGrid, reply: Message) -> Message:
     return next(m for m in grid.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
+
+
+# -- each SuperNode its own data; a server that holds none -------------------------------------
+
+LABELS = ("neg", "neu", "pos")
+NODE_RUN = {**RUN, "synthetic-examples": 0, "node-data": True, "label-names": ",".join(LABELS), "rounds": 2,
+            "eval-examples": ""}
+
+
+def _texts(rng, count):
+    """Word-level texts ("w3".."w99") labelled by their first word: a learnable toy task."""
+    ids = rng.integers(3, 100, (count, 6))
+    return [(" ".join(f"w{i}" for i in row), LABELS[row[0] % 3]) for row in ids]
+
+
+@pytest.fixture(scope="module")
+def node_files(tmp_path_factory):
+    """The tiny BERT with a word-level tokenizer, each node's own JSONL file, node 1's held-out
+    CSV file and the server operator's held-out JSONL file.
+
+    The largest node has as many rows as the largest client of RUN's demo partition: its client
+    update and the simulation's block of clients are then the very programs the tests above
+    compiled (one XLA cache per test session), which keeps these tests fast."""
+    from test_cli_artifact import _with_tokenizer
+
+    root = tmp_path_factory.mktemp("node-data")
+    _, demo = _settings(root / "demo")
+    sizes = (common.build_federation(demo, common.load_run_backbone(demo)).capacity, 9, 6)
+    rng = np.random.default_rng(7)
+    train = []
+    for i, size in enumerate(sizes):
+        train.append(root / f"node-{i}.jsonl")
+        train[-1].write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in _texts(rng, size)))
+    held_out = root / "node-1-test.csv"
+    held_out.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in _texts(rng, 7)))
+    server_test = root / "server-test.jsonl"
+    server_test.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in _texts(rng, 10)))
+    return {"backbone": _with_tokenizer(FIXTURES / "bert", root / "bert"), "train": train, "sizes": sizes,
+            "node_test": {1: held_out}, "server_test": server_test}
+
+
+def _node_run(out: Path, files, **extra) -> tuple[InProcessGrid, common.FlowerSettings]:
+    """A run whose nodes read their own files (node 1 evaluates on its own held-out file)."""
+    overrides = {**NODE_RUN, "backbone": str(files["backbone"]), "out": str(out),
+                 "node-capacity": max(files["sizes"]), **extra}
+    config = _app_config(overrides)
+    assert len(config) == len(_app_config({})), "flwr run refuses keys the app's config does not have"
+
+    def node_config(i):
+        test = files["node_test"].get(i)
+        return {"data-path": str(files["train"][i]), **({"test-path": str(test)} if test else {})}
+
+    return InProcessGrid(config, NODES, node_config), common.settings_from_run_config(config)
+
+
+def _encoded_file(settings, backbone, path):
+    cfg = settings.run
+    return loading.encode_dataset(backbone, datasets.load_text_file(path, label_names=LABELS), cfg.max_length,
+                                  cfg.num_virtual_tokens)
+
+
+def test_nodes_with_their_own_files_and_a_server_without_data_equal_the_simulation(
+        tmp_path, flower_task, node_files, monkeypatch):
+    def no_shared_data(*args, **kwargs):
+        raise AssertionError("no one loads or partitions a shared data set")
+
+    monkeypatch.setattr(loading, "load_data", no_shared_data)
+    monkeypatch.setattr(loading, "partition_clients", no_shared_data)
+    grid, settings = _node_run(tmp_path / "out", node_files, **{"test-data": str(node_files["server_test"]),
+                                                                "federated-eval": True})
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+
+    # The simulation of the same per-client rows: each node's file, stacked and padded to the largest.
+    plan = common.build_federation(settings, common.load_run_backbone(settings)).plan
+    rows = [_encoded_file(settings, plan.backbone, path) for path in node_files["train"]]
+    columns = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+    bounds = np.cumsum([0, *node_files["sizes"]])
+    parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    sim = FederatedSimulation(plan, build_client_data(columns, parts, len(LABELS)))
+    test = _encoded_file(settings, plan.backbone, node_files["server_test"])
+    state, _, expected = run_rounds(sim, settings.run.rounds, test)
+    _assert_close(result.state.server.params, state.server.params)
+    for got, want in zip(result.metrics, expected, strict=True):
+        for key in ("participants", "clients", "bytes_up", "bytes_down"):
+            assert got[key] == want[key], key
+        np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
+    assert result.summary["client_sizes"] == list(node_files["sizes"])
+
+    # Federated evaluation: each node's own evaluation (node 1 on its held-out file), weighted by its count.
+    node_rows = [rows[0], _encoded_file(settings, plan.backbone, node_files["node_test"][1]), rows[2]]
+    own = [plan.evaluate(result.state.server.params, r) for r in node_rows]
+    counts = np.array([len(r["labels"]) for r in node_rows])
+    last = result.metrics[-1]
+    assert last["federated_eval_clients"] == NODES and last["federated_eval_examples"] == counts.sum()
+    for key in ("accuracy", "loss"):
+        want = np.sum([m[f"eval_{key}"] * n for m, n in zip(own, counts)]) / counts.sum()
+        np.testing.assert_allclose(last[f"federated_eval_{key}"], want, rtol=1e-5)
+    assert result.summary["final_federated_accuracy"] == last["federated_eval_accuracy"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["federated_eval_accuracy"] for line in lines] == [m["federated_eval_accuracy"] for m in result.metrics]
+
+
+def _with_metrics(grid: InProcessGrid, reply: Message, **changes) -> Message:
+    """The reply with some of its metrics replaced (what a lying node sends)."""
+    content = reply.content
+    metrics = MetricRecord({**dict(content.metric_records[common.METRICS]), **changes})
+    records = {name: record for name, record in content.config_records.items()}
+    return Message(RecordDict({**records, common.METRICS: metrics}), reply_to=_sent(grid, reply))
+
+
+@pytest.mark.parametrize("weighting", ["reported", "uniform"])
+def test_reported_counts_are_capped_uniform_weighs_equally_and_bad_counts_are_rejections(
+        tmp_path, flower_task, node_files, weighting):
+    cap = 10
+    grid, settings = _node_run(tmp_path / "out", node_files, rounds=1, **{
+        "client-weighting": weighting, "max-client-examples": cap, "federated-eval": True})
+    bad_count = -3 if weighting == "reported" else 2.5
+    deltas, evaluations = {}, {}
+
+    def tamper(client, reply):
+        kind = reply.metadata.message_type
+        if kind == "train":
+            deltas[client] = codec.decode(reply.content.config_records[common.RECORD]["update"]).tree["delta"]
+            if client == 0:  # claims 10^9 examples (it has more than the cap, not that many)
+                return _with_metrics(grid, reply, **{"num-examples": 10**9})
+            if client == 1:
+                return _with_metrics(grid, reply, **{"num-examples": bad_count})
+        if kind == "evaluate":
+            metrics = reply.content.metric_records[common.METRICS]
+            evaluations[client] = (metrics["eval-accuracy"], metrics["num-examples"])
+            if client == 0:
+                return _with_metrics(grid, reply, **{"num-examples": 10**9})
+            if client == 1:
+                return _with_metrics(grid, reply, **{"eval-accuracy": 1.5})
+        return reply
+
+    grid.tamper = tamper
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    (line,) = result.metrics
+    assert line["participants"] == [0, 2] and line["rejections"] == {"bad example count": 1}
+    assert line["eval_accuracy"] is None  # the server holds no test set
+
+    # FedAvg (server lr 1): the new global is the initial one plus the weighted mean of the deltas.
+    weights = {0: cap, 2: node_files["sizes"][2]} if weighting == "reported" else {0: 1, 2: 1}
+    initial = jax.device_get(common.build_federation(settings, common.load_run_backbone(settings)).plan.init().params)
+    total = sum(weights.values())
+    want = jax.tree.map(lambda p, a, b: p + (weights[0] * a.astype(np.float64) + weights[2] * b) / total,
+                        initial, deltas[0], deltas[2])
+    _assert_close(result.state.server.params, want)
+    # The evaluations: client 1's accuracy of 1.5 is refused, client 0 counts at most the cap.
+    assert line["federated_eval_rejected"] == 1 and line["federated_eval_clients"] == 2
+    assert line["federated_eval_examples"] == cap + evaluations[2][1]
+    eval_weights = {0: cap, 2: evaluations[2][1]} if weighting == "reported" else {0: 1, 2: 1}
+    np.testing.assert_allclose(line["federated_eval_accuracy"], sum(
+        eval_weights[c] * evaluations[c][0] for c in (0, 2)) / sum(eval_weights.values()), rtol=1e-6)
+
+
+def test_node_data_settings_and_a_node_whose_file_has_an_unknown_label(tmp_path, flower_task, node_files):
+    with pytest.raises(ConfigError, match="node-data needs label-names"):
+        common.settings_from_run_config(_app_config({"node-data": True}))
+    with pytest.raises(ConfigError, match="unset data"):
+        common.settings_from_run_config(_app_config({"node-data": True, "label-names": "a,b",
+                                                     "data": str(node_files["server_test"])}))
+    with pytest.raises(ConfigError, match="label-names must be distinct"):
+        common.settings_from_run_config(_app_config({"node-data": True, "label-names": "a,a"}))
+    with pytest.raises(ConfigError, match="client-weighting must be one of"):
+        common.settings_from_run_config(_app_config({"client-weighting": "claimed"}))
+    with pytest.raises(ConfigError, match="max-client-examples must be >= 1"):
+        common.settings_from_run_config(_app_config({"max-client-examples": 0}))
+    bad = tmp_path / "node-2.jsonl"
+    bad.write_text(json.dumps({"text": "w3 w4", "label": "neg"}) + "\n" + json.dumps({"text": "w5", "label": "bird"}))
+    files = {**node_files, "train": [*node_files["train"][:2], bad]}
+    grid, settings = _node_run(tmp_path / "out", files)
+    assert settings.label_names == LABELS and settings.test_data is None
+    fed = common.build_federation(settings, common.load_run_backbone(settings))
+    assert fed.test_set() is None and fed.client_sizes is None
+    with pytest.raises(common.FederationError, match=rf"{bad}, line 2: label 'bird' is not in"):
+        fed.node_rows(common.node_settings(grid.contexts[1002].node_config))
+    with pytest.raises(common.FederationError, match="node-data = true: start this SuperNode with"):
+        common.check_node(settings, common.node_settings({"partition-id": 0}))
+    # The bad node fails its hello (an error reply naming the file and the label) and is left out.
+    logs = []
+    nodes = server_app.NodeDirectory(grid, fed.backbone.fingerprint, NODES, log=logs.append)
+    nodes.refresh(timeout=10)
+    assert sorted(nodes.node_of) == [0, 1] and nodes.examples == dict(enumerate(node_files["sizes"][:2]))
+    assert any("could not say which client" in text and str(bad) in text and "'bird'" in text for text in logs)
 
 
 def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(deployment):

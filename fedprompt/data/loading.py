@@ -7,6 +7,9 @@ deployment also uses), :func:`encode_dataset` tokenizes, and :func:`client_shard
 client's rows exactly as the simulation engine's ``build_client_data`` pads them, because the
 client update draws its batches from a random order over the padded rows.
 
+:func:`load_labelled_file` reads one party's own file against the run's agreed classes (a
+Flower SuperNode's own training or held-out rows, or the server operator's held-out set).
+
 Example:
   >>> from fedprompt.config import RunConfig
   >>> cfg = RunConfig(clients=3, clients_per_round=2, partition="iid")
@@ -17,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,6 +54,20 @@ def select_examples(
     keys = KeySchedule(config.seed)
     train = _subsample(train, config.train_examples, keys.train_subset)
     return train, _subsample(test, config.eval_examples, keys.test_subset)
+
+
+def load_labelled_file(config: RunConfig, path: str, label_names: Sequence[str]) -> datasets.TextDataset:
+    """One party's own file of labelled texts (a SuperNode's training or held-out rows, a
+    server's held-out set): JSONL or CSV, read with the run's ``text_key`` / ``label_key``, every
+    label one of the agreed ``label_names`` (a label outside them raises a DataError naming the
+    file, the line and the label)."""
+    return datasets.load_text_file(path, text_key=config.text_key, label_key=config.label_key,
+                                   label_names=label_names)
+
+
+def select_test_examples(config: RunConfig, test: datasets.TextDataset) -> datasets.TextDataset:
+    """The run's test subset of ``test`` (``eval_examples``, seeded as in :func:`select_examples`)."""
+    return _subsample(test, config.eval_examples, KeySchedule(config.seed).test_subset)
 
 
 def _subsample(ds: datasets.TextDataset, limit: int | None, seed: int) -> datasets.TextDataset:

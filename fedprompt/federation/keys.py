@@ -17,6 +17,7 @@ stream                 derivation                                    used for
 ``test_subset``        ``seed + 1``                                  the ``eval_examples`` subset
 ``baseline_local(i)``  ``fold_in(key(seed), 10_000 + i)``            local-only baseline client i
 ``baseline_central``   ``default_rng([seed, 7])``                    centralized baseline batches
+``head_statistics(i)`` ``fold_in(key(seed), 3_000_000 + i)``         client i's class-means rows
 ``tpt_split``          ``seed + 2``                                  TPT's label-shifted test split
 ``tpt_adapt``          ``key(seed + 3)``                             TPT's augmented views
 =====================  ============================================  ==============================
@@ -47,6 +48,7 @@ import numpy as np
 _ROUND_NOISE = 2_000_000
 _BASELINE_LOCAL = 10_000
 _SECAGG_STRIDE = 100_003
+_HEAD_STATISTICS = 3_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +100,11 @@ class KeySchedule:
     def baseline_central(self) -> np.random.Generator:
         """The generator of the centralized baseline's batches."""
         return np.random.default_rng([self.seed, 7])
+
+    def head_statistics(self, client: int) -> jax.Array:
+        """The key with which client ``client`` draws the rows of its class statistics
+        (:mod:`fedprompt.client.class_means`)."""
+        return jax.random.fold_in(self._root, _HEAD_STATISTICS + client)
 
     @property
     def tpt_split(self) -> int:

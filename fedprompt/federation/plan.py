@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from fedprompt.backbones.backbone import Backbone
+from fedprompt.client import class_means
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step
 from fedprompt.client.program import ClientProgram, gradient_program, identity_delta
 from fedprompt.config import DPConfig, RunConfig
@@ -227,6 +228,9 @@ class FederationPlan:
       num_clients, clients_per_round: the federation's and a round's clients.
       dropout: the probability that a sampled client drops out (simulation only).
       secagg: secure aggregation's settings, None without it.
+      head_statistics: with ``head_init = "class_means"``, the clients' class statistics
+        ``(trainable, weights, rows, n, key) -> ClassStatistics``
+        (:func:`~fedprompt.client.class_means.make_class_statistics`); None: a random head.
     """
 
     backbone: Backbone
@@ -243,10 +247,30 @@ class FederationPlan:
     dropout: float
     secagg: SecureAggregationSettings | None
     _eval_step: Callable[..., Any] = dataclasses.field(repr=False)
+    head_statistics: Callable[..., class_means.ClassStatistics] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def scaffold(self) -> bool:
         return self.algorithm.scaffold
+
+    # -- the one-time class-means head (before the first round) ------------------------------
+
+    def class_statistics(self, params: Pytree, rows: Mapping[str, Any], num_examples: Any, key: jax.Array):
+        """Client side: the class statistics of a client's rows seen through ``params``' prompt
+        (``key``: :meth:`~fedprompt.federation.keys.KeySchedule.head_statistics` of the client)."""
+        return self.head_statistics(self.trainable(params), self.backbone.weights, rows, num_examples, key)
+
+    def class_statistics_template(self) -> class_means.ClassStatistics:
+        """Shapes and dtypes of one client's :meth:`class_statistics` (what the server decodes)."""
+        labels, width = self.task.num_labels, self.backbone.width
+        return class_means.ClassStatistics(
+            jax.ShapeDtypeStruct((labels, width), np.float32), jax.ShapeDtypeStruct((labels,), np.float32),
+            jax.ShapeDtypeStruct((labels,), np.float32),
+        )
+
+    def with_class_means_head(self, params: Pytree, total: class_means.ClassStatistics) -> Pytree:
+        """Server side: ``params`` with the head set from the federation's summed statistics."""
+        return {**params, "head": class_means.class_means_head(total)}
 
     def sample(self, round_index: int) -> tuple[np.ndarray, np.ndarray]:
         """The sampled client ids of a round (sorted) and which of them drop out (simulated)."""
@@ -329,6 +353,8 @@ def build_plan(
     dp_config: DPConfig | None = None,
     total_rounds: int | None = None,
     secagg: SecureAggregationSettings | None = None,
+    head_init: str = "random",
+    head_init_examples: int = 256,
 ) -> FederationPlan:
     """A :class:`FederationPlan` from its parts (what :func:`make_plan` does for a RunConfig).
 
@@ -344,6 +370,9 @@ def build_plan(
       dp_config, total_rounds: client-level differential privacy (a target epsilon is
         calibrated over ``total_rounds``).
       secagg: secure aggregation (only the sum of the round's updates is revealed).
+      head_init, head_init_examples: ``"class_means"`` sets the head once before the first
+        round from the clients' class statistics on up to ``head_init_examples`` rows each
+        (:mod:`fedprompt.client.class_means`).
 
     Raises:
       ConfigError: a combination that cannot run.
@@ -366,11 +395,22 @@ def build_plan(
     encode = None
     if privacy.mode == "local":
         encode = dp.local_dp_stage(privacy.config.clip, privacy.noise_multiplier)
+    head_statistics = None
+    if head_init == "class_means":
+        if privacy.mode is not None or secagg is not None:
+            raise ConfigError("class-means head initialisation sends class means in the clear: not with DP or "
+                              "secure aggregation")
+        if task.verbalizer is not None:
+            raise ConfigError("a verbalizer task has no head to initialise from class means")
+        head_statistics = class_means.make_class_statistics(backbone, prompt_config, task,
+                                                            max_examples=head_init_examples)
+    elif head_init != "random":
+        raise ConfigError(f"head_init must be 'random' or 'class_means', got {head_init!r}")
     return FederationPlan(
         backbone=backbone, prompt_config=prompt_config, task=task, algorithm=algorithm, program=program,
         server=server, privacy=privacy, encode=encode, keys=KeySchedule(seed), num_clients=num_clients,
         clients_per_round=clients_per_round, dropout=dropout, secagg=secagg,
-        _eval_step=make_eval_step(backbone, prompt_config, task),
+        _eval_step=make_eval_step(backbone, prompt_config, task), head_statistics=head_statistics,
     )
 
 
@@ -396,4 +436,5 @@ def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_s
         program=make_program(config, backbone, prompt_config, task, algorithm, batch_sharding),
         aggregator=make_aggregator(config.aggregator, **config.aggregator_options()),
         dp_config=config.dp_config(), total_rounds=config.rounds, secagg=secagg,
+        head_init=config.head_init, head_init_examples=config.head_init_examples,
     )

@@ -4,8 +4,9 @@ On a ``train`` message the client
 
 1. reads which client it is from its node config (``partition-id``) and builds the run's
    :class:`~fedprompt.flower.common.Federation` from the run config, as the simulation does:
-   the frozen backbone (loaded here, never sent), and its own rows of the partitioned training
-   set, padded as in the simulation;
+   the frozen backbone (loaded here, never sent), and its rows: those of its own ``data-path``
+   file (``node-data = true``), or its rows of the partitioned demo set, padded as in the
+   simulation;
 2. decodes the server's message with the wire codec, as hostile input, and checks its kind,
    round, backbone fingerprint and tree (shapes, dtypes, finite values);
 3. runs the plan's client program (``FederationPlan.program.update``: the gradient client,
@@ -14,6 +15,10 @@ On a ``train`` message the client
    (``FederationPlan.encode``: local DP clips and noises the payload, with noise drawn from
    this machine's entropy, never from the run's seed);
 4. replies with its payload encoded by the wire codec, and its loss and number of examples.
+
+On an ``evaluate`` message (``federated-eval = true``) it checks the global state the same way
+and replies with its loss and accuracy on its own held-out rows (its ``test-path`` file, else
+its training rows) and their number.
 
 A program's client state (SCAFFOLD's control variate, compression's error-feedback residual)
 stays on the node, in the run's ``context.state`` (itself codec bytes), and is replaced when
@@ -58,6 +63,7 @@ class _Client(NamedTuple):
     update: Callable[..., Any]
     rows: dict[str, np.ndarray]
     size: int
+    evaluation: dict[str, np.ndarray]
 
 
 @functools.lru_cache(maxsize=2)
@@ -73,8 +79,8 @@ def _client(settings: common.FlowerSettings, node: common.NodeSettings) -> _Clie
     deployment starts a process per message; its simulation runtime reuses processes)."""
     common.check_node(settings, node)
     fed, update = _federation(settings, node.backbone)
-    rows, size = fed.client_rows(node.partition_id)
-    return _Client(fed, update, rows, size)
+    rows = fed.node_rows(node)
+    return _Client(fed, update, rows.train, rows.size, rows.evaluation)
 
 
 def _this_client(context: Context) -> tuple[_Client, int]:
@@ -86,22 +92,23 @@ def _this_client(context: Context) -> tuple[_Client, int]:
 def hello(message: Message, context: Context) -> Message:
     """Tells the server which client this node is and which backbone it holds.
 
-    It builds the node's federation, so a bad run config, a missing backbone or data file, or a
-    node that does not fit the run fails here, before the first round.
+    It builds the node's federation, so a bad run config, a missing backbone or data file, a
+    label outside the run's classes, or a node that does not fit the run fails here, before the
+    first round.
     """
     client, client_id = _this_client(context)
     record = ConfigRecord({
         "partition-id": client_id,
         "num-partitions": client.federation.settings.run.clients,
         "fingerprint": client.federation.backbone.fingerprint,
+        "num-examples": client.size,
     })
     return Message(RecordDict({common.RECORD: record}), reply_to=message)
 
 
-def _local_result(message: Message, context: Context) -> tuple[_Client, int, int, Any, float]:
-    """This node's round of local training on the server's ``train`` message: the client, its
-    id, the round, its (encoded) ``ClientResult`` on the host and the start time."""
-    start = time.perf_counter()
+def _global_state(message: Message, context: Context) -> tuple[_Client, int, int, dict[str, Any]]:
+    """The client, its id, the round and the global state of a ``train`` or ``evaluate`` message,
+    checked as hostile input (kind, round, backbone fingerprint, tree)."""
     client, client_id = _this_client(context)
     fields = _fields(message)
     round_index = fields["round"]
@@ -109,14 +116,22 @@ def _local_result(message: Message, context: Context) -> tuple[_Client, int, int
         raise common.FederationError(
             f"the server addressed client {fields['client-id']}, this node is client {client_id}"
         )
+    plan = client.federation.plan
+    received = codec.check_message(
+        codec.decode(fields["global"]), kind=GLOBAL_KIND, round=round_index,
+        fingerprint=client.federation.backbone.fingerprint,
+    )
+    return client, client_id, round_index, codec.check_template(received.tree, plan.broadcast_template())
 
+
+def _local_result(message: Message, context: Context) -> tuple[_Client, int, int, Any, float]:
+    """This node's round of local training on the server's ``train`` message: the client, its
+    id, the round, its (encoded) ``ClientResult`` on the host and the start time."""
+    start = time.perf_counter()
+    client, client_id, round_index, broadcast = _global_state(message, context)
     fed = client.federation
     plan = fed.plan
     fingerprint = fed.backbone.fingerprint
-    received = codec.check_message(
-        codec.decode(fields["global"]), kind=GLOBAL_KIND, round=round_index, fingerprint=fingerprint
-    )
-    broadcast = codec.check_template(received.tree, plan.broadcast_template())
 
     params = broadcast["params"]
     zeros = jax.tree.map(np.zeros_like, params)
@@ -150,6 +165,16 @@ def train(message: Message, context: Context) -> Message:
     client, _, round_index, result, start = _local_result(message, context)
     return _reply(message, client, client_message(result, client.federation.plan.scaffold), round_index,
                   result.loss, start)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Federated evaluation: the global state's loss and accuracy on this node's held-out rows."""
+    client, _, _, broadcast = _global_state(message, context)
+    result = client.federation.plan.evaluate(broadcast["params"], client.evaluation)
+    metrics = MetricRecord({"eval-loss": result["eval_loss"], "eval-accuracy": result["eval_accuracy"],
+                            "num-examples": len(client.evaluation["labels"])})
+    return Message(RecordDict({common.METRICS: metrics}), reply_to=message)
 
 
 # -- secure aggregation (fedprompt.flower.secure): one handler per protocol step ------------------
@@ -217,7 +242,7 @@ def secagg_unmask(message: Message, context: Context) -> Message:
 
 
 def _fields(message: Message) -> dict[str, Any]:
-    """The server's fields of a ``train`` message, type-checked."""
+    """The server's fields of a ``train`` or ``evaluate`` message, type-checked."""
     record = message.content.config_records.get(common.RECORD) if message.has_content() else None
     if record is None:
         raise WireError(f"the message has no {common.RECORD!r} record")

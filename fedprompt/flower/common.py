@@ -5,41 +5,59 @@ Settings come from the Flower app's run config (``[tool.flwr.app.config]`` in it
 :class:`~fedprompt.config.RunConfig` field, spelled with ``-`` or ``_`` (``clients-per-round``),
 with ``""`` for an unset optional value, plus the deployment's own keys (:class:`FlowerSettings`).
 Each SuperNode's node config (``flower-supernode --node-config``) says which client it is:
-``partition-id`` (required), ``num-partitions`` (checked against ``clients``) and optionally
-``backbone``, this node's path to the checkpoint.
+``partition-id`` (required), ``num-partitions`` (checked against ``clients``), optionally
+``backbone`` (this node's path to the checkpoint), ``data-path`` (this node's own training file,
+with ``node-data = true``) and ``test-path`` (its own held-out file, for federated evaluation).
 
-Both apps build the same :class:`Federation` from the settings: the run's
-:class:`~fedprompt.federation.plan.FederationPlan` (:func:`~fedprompt.federation.plan.make_plan`,
-as :func:`fedprompt.simulate` builds it) and the demo partition of the data, so a client's rows,
-its PRNG key in a round, the sampled clients, the initial prompt, the client program, its
-encode stage and the server's round are those of the in-process simulation with the same
-settings.
+Where the data come from:
+
+* ``node-data = false`` (the demo, and the tests' option): every node builds the run's demo
+  partition of one data set (``data``, the built-in WordNet set, or ``synthetic-examples``) and
+  trains on its ``partition-id``'s rows; the server holds the same data and knows every
+  client's size, so a client's rows, its PRNG key in a round, the sampled clients, the initial
+  prompt, the client program, its encode stage and the server's round are those of the
+  in-process simulation with the same settings.
+* ``node-data = true``: each node reads its own ``data-path`` (JSONL or CSV, read with
+  ``text-key`` / ``label-key``), whose labels must lie in the run's ``label-names``, and trains
+  on exactly that file's rows; the server loads no training data. It weighs a client's update
+  by the example count the client reports, capped at ``max-client-examples``
+  (``client-weighting = "reported"``), or weighs every client the same (``"uniform"``), and
+  evaluates on ``test-data`` only if its operator gives one.
 
 Messages (all payloads are :mod:`fedprompt.wire.codec` bytes, the simulation's wire format):
 
 * ``query`` server -> client: ``{"fedprompt": {"ask": "hello"}}``; the reply says
-  ``partition-id``, ``num-partitions`` and the node's backbone ``fingerprint``.
+  ``partition-id``, ``num-partitions``, the node's backbone ``fingerprint`` and its
+  ``num-examples``.
 * ``train`` server -> client: ``{"fedprompt": {"global": <codec kind "global">, "round": r,
   "client-id": i}}``; the reply is ``{"fedprompt": {"update": <codec kind "update">},
   "metrics": {"loss", "num-examples", "seconds"}}``.
+* ``evaluate`` server -> client (``federated-eval = true``): the fields of ``train``, the
+  global state after ``round`` rounds; the reply is ``{"metrics": {"eval-loss",
+  "eval-accuracy", "num-examples"}}``, the node's evaluation on its ``test-path`` rows (else
+  on its training rows).
+
+A reported ``num-examples`` that is not a positive int (or, with the demo partition, not the
+client's size) makes the reply a rejected one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from fedprompt.backbones.backbone import Backbone
 from fedprompt.backbones.loading import load_backbone
 from fedprompt.config import RunConfig
-from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.errors import ConfigError, DataError, FedPromptError, WireError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.federation.plan import FederationPlan, local_batch_sharding, make_plan
 from fedprompt.data import datasets, loading
+from fedprompt.wire.limits import MAX_CLASSES
 
 RECORD = "fedprompt"
 """The name of the ConfigRecord that carries fedprompt's fields in every message."""
@@ -48,6 +66,9 @@ METRICS = "metrics"
 """The name of the MetricRecord of a client's reply."""
 
 HELLO = "hello"
+
+WEIGHTINGS = ("reported", "uniform")
+"""How the server weighs a client's update (``client-weighting``)."""
 
 _RUN_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
 
@@ -72,6 +93,22 @@ class FlowerSettings:
       min_nodes: start when this many clients have a node (0: every client).
       node_wait_timeout: seconds to wait for ``min_nodes`` nodes at the start.
       overwrite: replace a run that ``out`` already holds (else the run is refused).
+      node_data: each SuperNode trains on its own ``data-path`` file; the server loads no
+        training data (else: the demo partition of one data set, on every node).
+      label_names: the classes every node's file uses, in index order (required with
+        ``node_data``; ``label-names = "neg,pos"`` in the run config).
+      test_data: with ``node_data``, the server's own held-out file (JSONL/CSV, at most
+        ``eval_examples`` of its rows, seeded); None: no server-side evaluation. Without
+        ``node_data``, ``test-data`` is the run's (:class:`~fedprompt.config.RunConfig`).
+      client_weighting: ``"reported"``: a client's update weighs its reported example count,
+        capped at ``max_client_examples``; ``"uniform"``: every client weighs the same.
+      max_client_examples: the most examples a client's weight counts.
+      federated_eval: in every evaluated round, every node evaluates the global state on its
+        own rows and the server averages their loss and accuracy (``federated_eval_*`` in the
+        metrics), weighted as the updates are.
+      node_capacity: the rows a node pads its own training rows to (0: its own count). The
+        simulation pads every client to the largest client's count, and the client update's
+        random batch order depends on it: set this to that count to reproduce a simulation.
     """
 
     run: RunConfig
@@ -81,14 +118,71 @@ class FlowerSettings:
     min_nodes: int = 0
     node_wait_timeout: float = 120.0
     overwrite: bool = False
+    node_data: bool = False
+    label_names: tuple[str, ...] = ()
+    test_data: str | None = None
+    client_weighting: str = "reported"
+    max_client_examples: int = 10_000
+    federated_eval: bool = False
+    node_capacity: int = 0
 
     @property
     def required_nodes(self) -> int:
         return self.min_nodes or self.run.clients
 
 
-_FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name != "run"}
+# How each deployment key of the run config is read (``test_data`` is RunConfig's key, taken
+# over by the server with node_data).
+_FLOWER_KINDS: dict[str, Any] = {
+    "synthetic_examples": int, "synthetic_labels": int, "min_nodes": int, "node_capacity": int,
+    "max_client_examples": int, "round_timeout": float, "node_wait_timeout": float,
+    "overwrite": bool, "node_data": bool, "federated_eval": bool,
+    "client_weighting": WEIGHTINGS, "label_names": tuple,
+}
+_FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name in _FLOWER_KINDS}
 
+
+def _flower_value(name: str, value: Any) -> Any:
+    """One deployment setting, type-checked (raises ConfigError)."""
+    key, kind = name.replace("_", "-"), _FLOWER_KINDS[name]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kind is tuple:
+        return parse_label_names(value)
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, kind))}, got {value!r}")
+        return value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+    minimum = 1 if name == "max_client_examples" else 0
+    if value < minimum or (kind is float and value == 0):
+        raise ConfigError(f"{key} must be {'> 0' if kind is float else f'>= {minimum}'}, got {value!r}")
+    return kind(value)
+
+
+def parse_label_names(value: Any) -> tuple[str, ...]:
+    """``label-names``: a comma-separated string (``"neg,pos"``; ``""``: none) or a list of str.
+
+    Raises:
+      ConfigError: an empty or repeated name, or a single class.
+    """
+    if isinstance(value, str):
+        names = tuple(name.strip() for name in value.split(",")) if value.strip() else ()
+    elif isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        names = tuple(name.strip() for name in value)
+    else:
+        raise ConfigError(f"label-names must be a comma-separated string of class names, got {value!r}")
+    if not names:
+        return ()
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"label-names must be distinct, non-empty names, got {value!r}")
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise ConfigError(f"label-names must name between 2 and {MAX_CLASSES} classes, got {len(names)}")
+    return names
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
@@ -97,19 +191,26 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
     Raises:
       ConfigError: an unknown key (with a suggestion), a value of the wrong type or out of
         range, or a setting a deployment cannot honour (``dropout``: a deployment's clients
-        drop out for real; ``baselines``: ``fedprompt run`` computes them).
+        drop out for real; ``baselines``: ``fedprompt run`` computes them); with ``node-data``,
+        a shared ``data`` or ``synthetic-examples``, no ``label-names``, or ``tpt`` without
+        ``test-data``.
     """
     run_values: dict[str, Any] = {}
     flower_values: dict[str, Any] = {}
     for key, value in run_config.items():
         name = str(key).replace("-", "_")
         if name in _FLOWER_FIELDS:
-            flower_values[name] = value
+            flower_values[name] = _flower_value(name, value)
             continue
         field = _RUN_FIELDS.get(name)
         if field is not None and value == "" and "None" in str(field.type):
             value = None
         run_values[name] = value
+    if flower_values.get("node_data"):  # the server's own held-out file, not the demo's split
+        test_data = run_values.pop("test_data", None)
+        if test_data is not None and (not isinstance(test_data, str) or not test_data):
+            raise ConfigError(f"test-data must be a path, got {test_data!r}")
+        flower_values["test_data"] = test_data
     run = RunConfig.from_sources(overrides={k: v for k, v in run_values.items()})
     for name, value in run_values.items():
         if value is None and getattr(run, name) is not None:  # from_sources drops None: unset it
@@ -121,37 +222,38 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
         raise ConfigError("baselines are computed by `fedprompt run`, not by a deployment (set false)")
     if run.attack is not None:
         raise ConfigError("attack simulates malicious clients; a deployment's clients are what they are (unset it)")
-    for name, value in flower_values.items():
-        if name == "overwrite":
-            if not isinstance(value, bool):
-                raise ConfigError(f"overwrite must be true or false, got {value!r}")
-            continue
-        kind = int if name in ("synthetic_examples", "synthetic_labels", "min_nodes") else float
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (kind is int and not isinstance(value, int)):
-            raise ConfigError(f"{name.replace('_', '-')} must be {kind.__name__}, got {value!r}")
-        if value < 0 or (kind is float and value == 0):
-            raise ConfigError(f"{name.replace('_', '-')} must be {'> 0' if kind is float else '>= 0'}, got {value!r}")
-        flower_values[name] = kind(value)
     settings = FlowerSettings(run=run, **flower_values)
     if settings.synthetic_examples and settings.synthetic_labels < 2:
         raise ConfigError(f"synthetic-labels must be >= 2, got {settings.synthetic_labels}")
     if settings.required_nodes > run.clients:
         raise ConfigError(f"min-nodes ({settings.min_nodes}) exceeds clients ({run.clients})")
+    if settings.node_data:
+        if run.data is not None or settings.synthetic_examples:
+            raise ConfigError("with node-data each SuperNode reads its own data-path: unset data (\"\") and "
+                              "synthetic-examples (0)")
+        if not settings.label_names:
+            raise ConfigError("node-data needs label-names, the classes of every node's file (\"neg,pos\")")
+        if run.tpt and settings.test_data is None:
+            raise ConfigError("tpt adapts the prompt on the server's test set: with node-data, give test-data")
+    elif settings.label_names:
+        raise ConfigError("label-names is the class set of node-data = true; the demo data set names its own")
     return settings
 
 
 @dataclasses.dataclass(frozen=True)
 class NodeSettings:
-    """A SuperNode's node config: which client it is, and where its backbone is."""
+    """A SuperNode's node config: which client it is, where its backbone and its own data are."""
 
     partition_id: int
     num_partitions: int | None = None
     backbone: str | None = None
+    data_path: str | None = None
+    test_path: str | None = None
 
 
 def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
-    """Reads ``context.node_config`` (``partition-id``, ``num-partitions``, ``backbone``).
+    """Reads ``context.node_config`` (``partition-id``, ``num-partitions``, ``backbone``,
+    ``data-path``, ``test-path``).
 
     Raises:
       ConfigError: no ``partition-id``, or a value of the wrong type.
@@ -166,25 +268,64 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"node config {key} must be a non-negative int, got {value!r}")
         values[key.replace("-", "_")] = value
-    backbone = node_config.get("backbone")
-    if backbone is not None and (not isinstance(backbone, str) or not backbone):
-        raise ConfigError(f"node config backbone must be a non-empty str, got {backbone!r}")
-    return NodeSettings(values["partition_id"], values["num_partitions"], backbone)
+    for key in ("backbone", "data-path", "test-path"):
+        value = node_config.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"node config {key} must be a non-empty str, got {value!r}")
+        values[key.replace("-", "_")] = value
+    return NodeSettings(**values)
 
 
 def check_node(settings: FlowerSettings, node: NodeSettings) -> None:
-    """Raises :class:`FederationError` if a node's client id does not fit the federation."""
+    """Raises :class:`FederationError` if a node's client id or data do not fit the federation."""
     clients = settings.run.clients
     if node.num_partitions is not None and node.num_partitions != clients:
         raise FederationError(f"the node says num-partitions={node.num_partitions}, the run has clients={clients}")
     if not 0 <= node.partition_id < clients:
         raise FederationError(f"partition-id {node.partition_id} is not a client of a run with {clients} clients")
+    if settings.node_data and node.data_path is None:
+        raise FederationError("the run says node-data = true: start this SuperNode with --node-config "
+                              "\"partition-id=<i> data-path='<its training file>'\"")
+    if not settings.node_data and node.data_path is not None:
+        raise FederationError(f"this SuperNode names data-path {node.data_path!r}, but the run trains on the demo "
+                              "partition (node-data = false)")
+
+
+def check_examples(value: Any, expected: int | None = None) -> int:
+    """A client's reported example count: a positive int (and ``expected``, when the server knows it).
+
+    Raises:
+      WireError: anything else (the reply is rejected).
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise WireError(f"bad example count: {value!r} is not a positive int")
+    if expected is not None and value != expected:
+        raise WireError(f"wrong number of examples: {value}, the client has {expected}")
+    return value
+
+
+def example_weights(settings: FlowerSettings, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The clients' weights in the mean: their counts capped at ``max_client_examples``
+    (``client_weighting = "reported"``), or ones (``"uniform"``)."""
+    counts = np.asarray(counts, np.float64)
+    if settings.client_weighting == "uniform":
+        return np.ones(len(counts), np.float32)
+    return np.minimum(counts, settings.max_client_examples).astype(np.float32)
 
 
 def load_run_backbone(settings: FlowerSettings, node: NodeSettings | None = None) -> Backbone:
     """The frozen backbone: the node's own path if its node config names one, else the run's."""
     name = node.backbone if node is not None and node.backbone else settings.run.backbone
     return load_backbone(name)
+
+
+class NodeRows(NamedTuple):
+    """A node's data: its training rows padded for the client update, their number, and the
+    (unpadded) rows it evaluates the global state on."""
+
+    train: dict[str, np.ndarray]
+    size: int
+    evaluation: dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -195,13 +336,13 @@ class Federation:
       settings: the run's settings.
       plan: the run's :class:`~fedprompt.federation.plan.FederationPlan` (backbone, client
         program, encode stage, server round, key schedule).
-      parts: every client's training rows (the demo partition).
+      parts: every client's training rows (the demo partition); None with node data.
       label_names: the task's class names.
     """
 
     settings: FlowerSettings
     plan: FederationPlan
-    parts: list[np.ndarray]
+    parts: list[np.ndarray] | None
     label_names: tuple[str, ...]
     _train: Any
     _test: Any
@@ -212,13 +353,19 @@ class Federation:
 
     @property
     def capacity(self) -> int:
-        """The largest client's size: every client's rows are padded to it."""
-        return max(len(p) for p in self.parts)
+        """The largest client's size: every client's rows are padded to it (the demo partition)."""
+        return max(len(p) for p in self._parts())
 
     @property
-    def client_sizes(self) -> np.ndarray:
-        """Every client's number of training examples."""
-        return np.array([len(p) for p in self.parts], np.int32)
+    def client_sizes(self) -> np.ndarray | None:
+        """Every client's number of training examples (the demo partition); None with node data,
+        where only the nodes know them."""
+        return None if self.parts is None else np.array([len(p) for p in self.parts], np.int32)
+
+    def _parts(self) -> list[np.ndarray]:
+        if self.parts is None:
+            raise FederationError("with node-data the clients' rows are on their nodes")
+        return self.parts
 
     def _encode(self, data: Any) -> dict[str, np.ndarray]:
         if isinstance(data, datasets.TextDataset):
@@ -227,43 +374,87 @@ class Federation:
         return dict(data)
 
     def client_rows(self, client_id: int) -> tuple[dict[str, np.ndarray], int]:
-        """A client's encoded rows, padded to :attr:`capacity`, and its number of real rows."""
-        part = self.parts[client_id]
+        """A client's encoded rows of the demo partition, padded to :attr:`capacity`, and its
+        number of real rows."""
+        part = self._parts()[client_id]
         if isinstance(self._train, datasets.TextDataset):
             rows = self._encode(self._train.subset(part))
         else:
             rows = {name: column[part] for name, column in self._train.items()}
         return loading.client_shard(rows, self.capacity), len(part)
 
+    def node_rows(self, node: NodeSettings) -> NodeRows:
+        """A node's rows: its ``data-path``'s (padded to ``node_capacity`` or its own count) or
+        its demo partition's; it evaluates on its ``test-path``'s rows, else on its training rows.
+
+        Raises:
+          FederationError: a file that cannot be read or holds a label outside the run's classes.
+        """
+        if node.data_path is not None:
+            rows = self._encode(self._read(node.data_path, "data-path"))
+            size = len(rows["labels"])
+            train = loading.client_shard(rows, max(size, self.settings.node_capacity))
+        else:
+            train, size = self.client_rows(node.partition_id)
+            rows = {name: column[:size] for name, column in train.items()}
+        evaluation = rows if node.test_path is None else self._encode(self._read(node.test_path, "test-path"))
+        return NodeRows(train, size, evaluation)
+
+    def _read(self, path: str, key: str) -> datasets.TextDataset:
+        try:
+            return loading.load_labelled_file(self.settings.run, path, self.label_names)
+        except DataError as err:
+            raise FederationError(f"this SuperNode's {key} does not fit the run (label-names "
+                                  f"{','.join(self.label_names)}): {err}") from err
+
     def training_set(self) -> dict[str, np.ndarray]:
         """Every client's rows, encoded (what the in-process simulation holds; a node needs only its own)."""
+        if self._train is None:
+            raise FederationError("with node-data the training rows are on the nodes")
         return self._encode(self._train)
 
-    def test_set(self) -> dict[str, np.ndarray]:
-        """The encoded test set the server evaluates the global prompt on."""
-        return self._encode(self._test)
+    def test_set(self) -> dict[str, np.ndarray] | None:
+        """The encoded test set the server evaluates the global prompt on; None when it has none
+        (node data without ``test-data``)."""
+        return None if self._test is None else self._encode(self._test)
+
+    def template_rows(self) -> dict[str, np.ndarray]:
+        """One encoded example: the columns and dtypes that fix the shape of a client's update."""
+        if self._test is None:
+            return self._encode(datasets.from_lists(["template"], [0], self.label_names))
+        if isinstance(self._test, datasets.TextDataset):
+            return self._encode(self._test.subset([0]))
+        return {name: column[:1] for name, column in self._test.items()}
 
 
 def build_federation(settings: FlowerSettings, backbone: Backbone, *, client: bool = False) -> Federation:
-    """The run's plan and its demo data partition, exactly as :func:`fedprompt.simulate` builds them.
+    """The run's plan and its data: the demo partition, exactly as :func:`fedprompt.simulate` builds
+    them; with ``node_data`` none but the server's ``test_data`` (each node reads its own rows,
+    :meth:`Federation.node_rows`).
 
     ``client``: the plan of a SuperNode, whose gradient steps spread each batch over its
-    ``devices`` local devices (:func:`~fedprompt.federation.plan.local_batch_sharding`)."""
+    ``devices`` local devices (:func:`~fedprompt.federation.plan.local_batch_sharding`); a node
+    never reads the server's ``test_data``."""
     cfg = settings.run
-    if settings.synthetic_examples:
+    parts = None
+    if settings.node_data:
+        label_names = settings.label_names
+        train = test = None
+        if settings.test_data is not None and not client:
+            test = loading.select_test_examples(cfg, loading.load_labelled_file(cfg, settings.test_data, label_names))
+    elif settings.synthetic_examples:
         shape = dict(max_length=cfg.max_length, vocab_size=backbone.config.vocab_size,
                      num_labels=settings.synthetic_labels)
         keys = KeySchedule(cfg.seed)
-        train: Any = loading.synthetic_token_data(settings.synthetic_examples, seed=keys.train_subset, **shape)
-        test: Any = loading.synthetic_token_data(cfg.eval_examples or 1024, seed=keys.test_subset, **shape)
-        labels = train["labels"]
+        train = loading.synthetic_token_data(settings.synthetic_examples, seed=keys.train_subset, **shape)
+        test = loading.synthetic_token_data(cfg.eval_examples or 1024, seed=keys.test_subset, **shape)
         label_names = tuple(f"label_{i}" for i in range(settings.synthetic_labels))
+        parts = loading.partition_clients(cfg, train["labels"])
     else:
         train, test = loading.select_examples(cfg, *loading.load_data(cfg))
-        labels = train.labels
         label_names = train.label_names
-    parts = loading.partition_clients(cfg, labels)
-    if min(len(p) for p in parts) < 1:
+        parts = loading.partition_clients(cfg, train.labels)
+    if parts is not None and min(len(p) for p in parts) < 1:
         raise ConfigError("every client needs at least one example")
     plan = make_plan(cfg, backbone, len(label_names), batch_sharding=local_batch_sharding(cfg) if client else None)
     return Federation(settings, plan, parts, label_names, train, test)

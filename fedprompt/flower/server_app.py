@@ -1,19 +1,29 @@
 """The Flower ServerApp: the server of a federated prompt-tuning run over SuperNodes.
 
 It builds the run's :class:`~fedprompt.flower.common.Federation` from the run config as the
-simulation does, then
+simulation does (with ``node-data = true`` it loads no training data: each SuperNode reads its
+own file), then
 
-1. waits for the SuperNodes and asks each (a ``query`` message) which client it is and which
-   backbone it holds; a node whose backbone fingerprint differs is left out;
+1. waits for the SuperNodes and asks each (a ``query`` message) which client it is, which
+   backbone it holds and how many examples it has; a node whose backbone fingerprint differs,
+   or that cannot build its client (a bad data file), is left out;
 2. every round, samples clients exactly as the simulation (``FederationPlan.sample``),
    sends each sampled client that has a node the global state encoded by the wire codec, and
    waits up to ``round-timeout`` seconds for the replies (``grid.send_and_receive``);
 3. decodes and validates the replies and ends the round with the plan's server round, the one
    the simulation calls (:class:`~fedprompt.server.rounds.ServerRound`: the robust rule or
    central DP, the optax step, the privacy ledger, whose epsilon goes into the metrics): a
-   client that died, timed out, answered with an error or sent a bad update is left out and the
-   other clients' weights renormalize;
-4. evaluates the global prompt on the test set, and appends the round's metrics to
+   client that died, timed out, answered with an error or sent a bad update or example count
+   is left out and the other clients' weights renormalize. A client's weight is its example
+   count (reported by the client, checked against the demo partition's when the server has
+   it) capped at ``max-client-examples``, or 1 for every client (``client-weighting =
+   "uniform"``); secure aggregation's mean is uniform (the server sees only the sum);
+4. evaluates the global prompt on the test set (if the server has one), and with
+   ``federated-eval = true`` sends every client that has a node an ``evaluate`` message and
+   averages the nodes' own loss and accuracy, weighted as the updates are
+   (``federated_eval_loss``, ``federated_eval_accuracy``, ``federated_eval_clients``,
+   ``federated_eval_examples``: the capped counts, ``federated_eval_rejected``: refused
+   replies), and appends the round's metrics to
    ``<out>/metrics.jsonl``: the simulation's fields (``bytes_up``/``bytes_down`` are the
    lengths of the codec payloads that crossed) plus ``wire_bytes_up``/``wire_bytes_down``
    (the Flower messages' objects as pushed, records and metadata included), ``participants``
@@ -43,6 +53,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedprompt.errors import WireError
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.federation.keys import fresh_key
 from fedprompt.federation.records import RoundRecord, build_summary, evaluate_now, save_run_prompt, sum_metric
@@ -56,6 +67,10 @@ from fedprompt.wire import artifact, codec
 
 FINAL_STATE_FILE = "global_state.msgpack"
 """The final global state as the server would broadcast it (wire codec, float32 as trained)."""
+
+FEDERATED_EVAL_KEYS = ("federated_eval_loss", "federated_eval_accuracy", "federated_eval_clients",
+                       "federated_eval_examples", "federated_eval_rejected")
+"""The metrics of federated evaluation (``federated-eval = true``); None in rounds not evaluated."""
 
 app = ServerApp()
 
@@ -85,7 +100,8 @@ class NodeDirectory:
     """Which SuperNode holds which client, kept up to date as nodes come and go.
 
     A node is asked once (a ``query`` message); its answer maps its ``partition-id`` to its node
-    id. Nodes that leave (no longer online at the SuperLink) are forgotten.
+    id, and says its number of examples (``examples``, as reported). Nodes that leave (no longer
+    online at the SuperLink) are forgotten.
     """
 
     def __init__(self, grid: Grid, fingerprint: str, clients: int, *, log: Callable[[str], None]):
@@ -94,6 +110,7 @@ class NodeDirectory:
         self.clients = clients
         self.log = log
         self.node_of: dict[int, int] = {}
+        self.examples: dict[int, int] = {}
         self._asked: set[int] = set()
         self._unanswered: dict[int, int] = {}
 
@@ -137,7 +154,10 @@ class NodeDirectory:
                 self.log(f"node {node} also says it is client {client} (node {self.node_of[client]}); left out")
                 continue
             self.node_of[client] = node
-            self.log(f"node {node} is client {client}")
+            examples = record.get("num-examples")
+            if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
+                self.examples[client] = examples
+            self.log(f"node {node} is client {client} ({examples} examples)")
 
     def wait_for(self, required: int, timeout: float) -> None:
         """Waits until ``required`` clients have a node.
@@ -168,7 +188,7 @@ def run_federation(
     fed = common.build_federation(settings, common.load_run_backbone(settings))
     plan = fed.plan
     fingerprint = fed.backbone.fingerprint
-    test = fed.test_set()
+    test = fed.test_set()  # None: no server-side evaluation (node data without test-data)
     with open_run_folder(out, overwrite=settings.overwrite) as folder:
         log(f"{cfg.algorithm} · {cfg.method} · {cfg.clients} clients ({cfg.clients_per_round}/round) · "
             f"{cfg.rounds} rounds · backbone {fed.backbone.name} ({fingerprint[:12]}) · out {out.resolve()}")
@@ -176,35 +196,40 @@ def run_federation(
         nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
 
         state = plan.init()
-        template = plan.update_template({name: column[:1] for name, column in test.items()})
+        template = plan.update_template(fed.template_rows())
         metrics: list[dict[str, Any]] = []
         with report.MetricsWriter(out / report.METRICS_FILE) as writer:
             for r in range(cfg.rounds):
                 start = time.perf_counter()
                 state, record = (secure_round if plan.secagg else _round)(grid, settings, fed, nodes, state, r,
                                                                           template)
-                evaluation = None
-                if evaluate_now(r, cfg.eval_every, cfg.rounds):
-                    evaluation = plan.evaluate(state.server.params, test)
+                evaluation = _evaluate(grid, settings, fed, nodes, state, r, test)
                 line = record.to_dict(evaluation, seconds=time.perf_counter() - start)
                 metrics.append(line)
                 writer.write(line)
                 folder.keep_on_failure()  # a failure from here on keeps the rounds' metrics
+                federated = (f", federated eval accuracy {line['federated_eval_accuracy']}"
+                             if settings.federated_eval else "")
                 log(f"round {line['round']}: {line['clients']}/{line['sampled']} clients, "
-                    f"train loss {line['train_loss']:.4f}, eval accuracy {line['eval_accuracy']}, "
+                    f"train loss {line['train_loss']:.4f}, eval accuracy {line['eval_accuracy']}{federated}, "
                     f"up {line['bytes_up']} B, down {line['bytes_down']} B, {line['seconds']:.1f} s")
 
         artifact.write_atomic(out / FINAL_STATE_FILE, codec.encode(
             jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=cfg.rounds, fingerprint=fingerprint,
         ))
+        sizes = fed.client_sizes  # with node data: what the nodes reported (0: no node)
+        if sizes is None:
+            sizes = [nodes.examples.get(client, 0) for client in range(cfg.clients)]
         summary = build_summary(metrics, runtime="flower", config=cfg, plan=plan, state=state,
-                                label_names=fed.label_names, client_sizes=fed.client_sizes)
+                                label_names=fed.label_names, client_sizes=sizes)
         summary.update({
             "total_wire_bytes_up": sum_metric(metrics, "wire_bytes_up"),
             "total_wire_bytes_down": sum_metric(metrics, "wire_bytes_down"),
             "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
             "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
         })
+        if settings.federated_eval:
+            summary["final_federated_accuracy"] = metrics[-1]["federated_eval_accuracy"]
         if cfg.tpt:
             summary["tpt"] = evaluate_tpt(cfg, plan, plan.trainable(state.server.params), test)
         summary["wall_seconds"] = time.perf_counter() - started
@@ -239,7 +264,8 @@ def _round(grid, settings, fed, nodes, state, r, template):
     # for a node that went offline comes from the SuperLink, not from that node).
     slot_of = {m.metadata.message_id: slot for m, slot in zip(messages, slot_of_message)}
 
-    sizes = fed.client_sizes[ids]
+    known = fed.client_sizes  # the demo partition's sizes; None: only the nodes know theirs
+    counts = np.zeros(len(ids), np.int64)
     updates: list[bytes | None] = [None] * len(ids)
     answered = np.zeros(len(ids), bool)
     losses = np.full(len(ids), np.nan)
@@ -253,17 +279,18 @@ def _round(grid, settings, fed, nodes, state, r, template):
         if reply.has_error():
             errors += 1
             continue
-        update, loss, reason = _reply_fields(reply, int(sizes[slot]))
+        update, loss, count, reason = _reply_fields(reply, None if known is None else int(known[ids[slot]]))
         if update is not None:
             bytes_up += len(update)
         if reason is not None:
             extra_rejections[reason] = extra_rejections.get(reason, 0) + 1
             continue
-        updates[slot], losses[slot] = update, loss
+        updates[slot], losses[slot], counts[slot] = update, loss, count
 
     received = rounds.receive_updates(updates, round_index=r, fingerprint=fingerprint, template=template)
     # Central DP's noise comes from this machine's entropy: nobody who knows the seed can remove it.
-    state, outcome = plan.server.apply(state, received, sizes, key=fresh_key(), losses=losses, participants=ids)
+    weights = common.example_weights(settings, counts)
+    state, outcome = plan.server.apply(state, received, weights, key=fresh_key(), losses=losses, participants=ids)
     rejections = dict(received.rejections)
     for reason, count in extra_rejections.items():
         rejections[reason] = rejections.get(reason, 0) + count
@@ -283,20 +310,92 @@ def _round(grid, settings, fed, nodes, state, r, template):
     return state, record
 
 
-def _reply_fields(reply: Message, expected_examples: int) -> tuple[bytes | None, float, str | None]:
-    """A reply's update bytes and loss, or the reason it is refused."""
+def _reply_fields(reply: Message, expected_examples: int | None) -> tuple[bytes | None, float, int, str | None]:
+    """A reply's update bytes, loss and example count, or the reason it is refused."""
     if not reply.has_content():
-        return None, float("nan"), "empty reply"
+        return None, float("nan"), 0, "empty reply"
     record = reply.content.config_records.get(common.RECORD)
     update = record.get("update") if record is not None else None
     if not isinstance(update, bytes):
-        return None, float("nan"), "reply without an update"
+        return None, float("nan"), 0, "reply without an update"
     metrics = reply.content.metric_records.get(common.METRICS)
     if metrics is None:
-        return update, float("nan"), "reply without metrics"
-    examples, loss = metrics.get("num-examples"), metrics.get("loss")
-    if examples != expected_examples:
-        return update, float("nan"), "wrong number of examples"
+        return update, float("nan"), 0, "reply without metrics"
+    try:
+        examples = common.check_examples(metrics.get("num-examples"), expected_examples)
+    except WireError as err:
+        return update, float("nan"), 0, rounds.rejection_reason(err)
+    loss = metrics.get("loss")
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
-        return update, float("nan"), "non-finite loss"
-    return update, float(loss), None
+        return update, float("nan"), 0, "non-finite loss"
+    return update, float(loss), examples, None
+
+
+def _evaluate(grid, settings, fed, nodes, state, r, test) -> dict[str, Any] | None:
+    """Round ``r``'s evaluation: on the server's test set (if any) and, with ``federated_eval``,
+    on the nodes' own rows; None in a round that is not evaluated (and no federated keys)."""
+    cfg = settings.run
+    federated = dict.fromkeys(FEDERATED_EVAL_KEYS) if settings.federated_eval else {}
+    if not evaluate_now(r, cfg.eval_every, cfg.rounds):
+        return {"eval_loss": None, "eval_accuracy": None, **federated} if federated else None
+    evaluation = {"eval_loss": None, "eval_accuracy": None}
+    if test is not None:
+        evaluation = fed.plan.evaluate(state.server.params, test)
+    if settings.federated_eval:
+        federated = federated_evaluation(grid, settings, fed, nodes, state, r + 1)
+    return {**evaluation, **federated}
+
+
+def federated_evaluation(grid, settings, fed, nodes, state, completed: int) -> dict[str, Any]:
+    """Every client that has a node evaluates the global state after ``completed`` rounds on its
+    own rows (an ``evaluate`` message each); their loss and accuracy, weighted as the updates
+    are (:func:`~fedprompt.flower.common.example_weights` of their counts). A reply with a bad
+    count, a non-finite loss or an accuracy outside [0, 1] is refused (``federated_eval_rejected``)."""
+    fingerprint = fed.backbone.fingerprint
+    payload = codec.encode(jax.device_get(fed.plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=completed,
+                           fingerprint=fingerprint)
+    clients = sorted(nodes.node_of)
+    messages = [
+        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "round": completed, "client-id": c})}),
+                dst_node_id=nodes.node_of[c], message_type="evaluate", group_id=str(completed - 1),
+                ttl=settings.round_timeout + 60.0)
+        for c in clients
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
+    results: dict[int, tuple[float, float, int]] = {}
+    rejected = 0
+    for reply in replies:
+        client = client_of.get(reply.metadata.reply_to_message_id)
+        if client is None or client in results or reply.has_error():
+            continue
+        try:
+            results[client] = _evaluation_fields(reply)
+        except WireError:
+            rejected += 1
+    if not results:
+        return {**dict.fromkeys(FEDERATED_EVAL_KEYS), "federated_eval_clients": 0, "federated_eval_rejected": rejected}
+    loss, accuracy, counts = (np.array(column) for column in zip(*results.values()))
+    weights = common.example_weights(settings, counts).astype(np.float64)
+    return {
+        "federated_eval_loss": float(np.average(loss, weights=weights)),
+        "federated_eval_accuracy": float(np.average(accuracy, weights=weights)),
+        "federated_eval_clients": len(results),
+        "federated_eval_examples": int(np.minimum(counts, settings.max_client_examples).sum()),
+        "federated_eval_rejected": rejected,
+    }
+
+
+def _evaluation_fields(reply: Message) -> tuple[float, float, int]:
+    """A node's evaluation reply: its loss, accuracy and example count (raises ``WireError``)."""
+    metrics = reply.content.metric_records.get(common.METRICS) if reply.has_content() else None
+    if metrics is None:
+        raise WireError("evaluation reply without metrics")
+    loss, accuracy = metrics.get("eval-loss"), metrics.get("eval-accuracy")
+    count = common.check_examples(metrics.get("num-examples"))
+    for name, value in (("eval-loss", loss), ("eval-accuracy", accuracy)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+            raise WireError(f"bad {name}: {value!r}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise WireError(f"bad eval-accuracy: {accuracy!r} is outside [0, 1]")
+    return float(loss), float(accuracy), count

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedprompt.backbones.backbone import Backbone
+from fedprompt.client import class_means
 from fedprompt.client.federated import ClientResult
 from fedprompt.errors import ConfigError, OutOfMemoryError, SecureAggregationError
 from fedprompt.federation.plan import FederationPlan, build_plan
@@ -156,6 +157,14 @@ class FederatedSimulation:
         else:  # blocks of clients spread over the devices: pmap/shard_map x vmap
             self._train_block = make_parallel_train_clients(update, axis=self.parallel).train_block
         self._encode = None if plan.encode is None else jax.jit(jax.vmap(plan.encode))
+        self._statistics = None
+        if plan.head_statistics is not None:
+            def statistics(params, weights, columns, sizes, ids, keys):
+                rows = {name: column[ids] for name, column in columns.items()}
+                return jax.vmap(plan.head_statistics, in_axes=(None, None, 0, 0, 0))(
+                    plan.trainable(params), weights, rows, sizes[ids], keys)
+
+            self._statistics = jax.jit(statistics)
         self._sizes = jnp.asarray(client_data.sizes)
         template_rows = {name: column[0, :1] for name, column in client_data.columns.items()}
         self._template = plan.update_template(template_rows) if template_rows else None
@@ -199,13 +208,46 @@ class FederatedSimulation:
 
     # -- state -------------------------------------------------------------------------------
 
-    def init(self, key: jax.Array | None = None) -> tuple[RoundState, Pytree]:
-        """Initial server state and the (zero) per-client states ``[C, ...]``."""
-        state = self.plan.init(key)
+    def init(self, key: jax.Array | None = None, *, head: bool = True) -> tuple[RoundState, Pytree]:
+        """Initial server state and the (zero) per-client states ``[C, ...]``.
+
+        With the plan's class-means head (``head_init = "class_means"``) and ``head``, every
+        client's class statistics set the head first (:meth:`class_statistics`); ``head=False``
+        skips that (a resumed run's checkpoint holds the head)."""
+        params = self.plan.init_params(key)
+        if head and self._statistics is not None:
+            params = self.plan.with_class_means_head(params, class_means.combine(self.class_statistics(params)))
+        state = self.plan.server.init(params)
         client_states = jax.tree.map(
             lambda x: jnp.zeros((self.client_data.num_clients, *x.shape), x.dtype), state.server.params
         )
         return state, client_states
+
+    def class_statistics(self, params: Pytree) -> class_means.ClassStatistics:
+        """Every client's class statistics ``[C, ...]`` under ``params`` (in blocks of
+        clients), as each client sends them before the first round."""
+        num_clients = self.client_data.num_clients
+        keys = jnp.stack([self.plan.keys.head_statistics(i) for i in range(num_clients)])
+        blocks = []
+        for start in range(0, num_clients, self.block):
+            ids = np.arange(start, min(start + self.block, num_clients))
+            padded = jnp.asarray(np.concatenate([ids, np.full(self.block - len(ids), ids[0])]), jnp.int32)
+            out = self._statistics(params, self.backbone.weights, self.client_data.columns, self._sizes, padded,
+                                   keys[padded])
+            blocks.append(jax.tree.map(lambda x: x[: len(ids)], out))
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *blocks)
+
+    def setup_bytes(self) -> dict[str, int]:
+        """Bytes of the one-time set-up before the first round, per client: the initial state
+        down and the class statistics up (zero without a class-means head)."""
+        if self._statistics is None:
+            return {"bytes_up": 0, "bytes_down": 0}
+        plan = self.plan
+        zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), plan.class_statistics_template())
+        down = jax.device_get({"params": plan.init_params()})
+        return {"bytes_up": codec.encoded_size(dict(zeros._asdict()), kind=class_means.STATISTICS_KIND,
+                                               fingerprint=self.backbone.fingerprint),
+                "bytes_down": codec.encoded_size(down, kind=rounds.GLOBAL_KIND, fingerprint=self.backbone.fingerprint)}
 
     # -- one round ---------------------------------------------------------------------------
 

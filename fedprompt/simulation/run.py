@@ -104,7 +104,13 @@ def simulate(
     encoded_test = encode_dataset(backbone, test, config.max_length, config.num_virtual_tokens)
     client_data = build_client_data(encoded_train, parts, train.num_labels)
     simulation = FederatedSimulation.from_config(config, plan, client_data)
-    state, client_states = simulation.init()
+    state, client_states = simulation.init(head=not resume)
+    initial_params = state.server.params
+    setup = None
+    if plan.head_statistics is not None:
+        setup = {"head_init": config.head_init, "clients": client_data.num_clients, **simulation.setup_bytes()}
+        if not resume:
+            setup["initial_accuracy"] = simulation.evaluate(initial_params, encoded_test)["eval_accuracy"]
     completed = 0
     if resume:
         completed, (state, client_states) = checkpoint.load_checkpoint(
@@ -125,8 +131,13 @@ def simulate(
                             label_names=train.label_names, client_sizes=client_data.sizes)
     summary.update({"train_examples": len(train), "test_examples": len(test),
                     "client_label_histograms": client_data.label_histograms.tolist()})
+    if setup is not None:
+        summary["setup"] = setup
     if config.baselines:
-        summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test)
+        if resume:  # the checkpoint holds the trained state only: rebuild the starting point
+            initial_params = simulation.init()[0].server.params
+        summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test,
+                                                 initial_params=initial_params)
     trainable = plan.trainable(state.server.params)
     if config.tpt:
         summary["tpt"] = evaluate_tpt(config, plan, trainable, encoded_test)
@@ -143,8 +154,14 @@ def compute_baselines(
     simulation: FederatedSimulation,
     encoded_train: Mapping[str, np.ndarray],
     encoded_test: Mapping[str, np.ndarray],
+    *,
+    initial_params: Any = None,
 ) -> dict[str, float]:
     """Centralized and local-only references with the same training budget as the federation.
+
+    Both start from the federation's starting point ``initial_params`` (default: the plan's
+    initial parameters); with a class-means head, a local-only client sets its head from its
+    own class statistics only (it sees no other client's).
 
     * centralized: one model on the pooled training data, seeing as many examples as all
       federated clients together (``rounds * clients_per_round * local_steps * batch_size``),
@@ -156,7 +173,7 @@ def compute_baselines(
     plan = simulation.plan
     backbone, prompt_config, task = plan.backbone, plan.prompt_config, plan.task
     optimizer = make_local_optimizer(config)
-    init_params = plan.init_params()
+    init_params = plan.init_params() if initial_params is None else initial_params
 
     # Centralized.
     steps = config.rounds * config.local_steps
@@ -176,12 +193,19 @@ def compute_baselines(
     loss_fn = make_loss_fn(backbone, prompt_config, task)
     update = jax.jit(make_client_update(loss_fn, optimizer, local_steps=local_steps, batch_size=config.batch_size))
     data = simulation.client_data
+    own_statistics = None
+    if plan.head_statistics is not None:
+        random_start = plan.init_params()
+        own_statistics = simulation.class_statistics(random_start)
     accuracies = []
     for client in range(data.num_clients):
+        start = init_params
+        if own_statistics is not None:
+            start = plan.with_class_means_head(random_start, jax.tree.map(lambda x: x[client], own_statistics))
         columns = {k: v[client] for k, v in data.columns.items()}
         key = plan.keys.baseline_local(client)
-        result = update(init_params, backbone.weights, columns, int(data.sizes[client]), key)
-        trained = jax.tree.map(lambda p, d: p + d, init_params, result.delta)
+        result = update(start, backbone.weights, columns, int(data.sizes[client]), key)
+        trained = jax.tree.map(lambda p, d: p + d, start, result.delta)
         accuracies.append(simulation.evaluate(trained, encoded_test)["eval_accuracy"])
     return {
         "centralized_accuracy": centralized,

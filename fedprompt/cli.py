@@ -118,6 +118,7 @@ RUN_HELP: dict[str, str] = {
     "local_lr": "local learning rate (unset: 0.01 for adam, 0.5 for sgd)",
     "head_init": "random | class_means (the head set once from the clients' class means)",
     "head_init_examples": "class_means: rows per client the class means are taken on",
+    "logit_adjustment": "tau: local loss on logits + tau x log(own label frequencies), against label skew (0: off)",
     "max_length": "tokens per example",
     "train_examples": "use at most this many training examples (unset: all)",
     "eval_examples": "evaluate on at most this many test examples",

@@ -265,6 +265,8 @@ class RunConfig:
         (:mod:`fedprompt.client.class_means`; not with DP or secure aggregation, whose
         guarantees it would bypass).
       head_init_examples: with ``class_means``, rows per client the statistics are taken on.
+      logit_adjustment: tau >= 0; gradient clients train on logits shifted by tau x the log
+        of their own label frequencies (FedLC-style calibration against label skew; 0: off).
       max_length: tokens per example (truncated/padded), not counting virtual tokens.
       train_examples: use at most this many training examples (None: all).
       eval_examples: evaluate on at most this many test examples (None: all).
@@ -326,6 +328,7 @@ class RunConfig:
     local_lr: float | None = None
     head_init: str = "random"
     head_init_examples: int = 256
+    logit_adjustment: float = 0.0
     max_length: int = 32
     train_examples: int | None = None
     eval_examples: int | None = 1024
@@ -402,6 +405,10 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.prox_mu < 0:
             raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        if not self.logit_adjustment >= 0:
+            raise ConfigError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
+        if self.logit_adjustment and self.method in ("bbt", "zo"):
+            raise ConfigError(f"logit_adjustment calibrates gradient clients' loss; method {self.method!r} has none")
         self._check_robustness_and_privacy()
         self._check_compression_and_devices()
         if self.test_data is not None and self.data is None:

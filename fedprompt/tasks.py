@@ -121,8 +121,11 @@ class SequenceClassification:
         return pool(output, self.pooling or "mean") @ head["w"] + head["b"]
 
     def loss(self, head: dict[str, Any], output: BackboneOutput, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean cross-entropy over real examples, with accuracy and example count."""
+        """Mean cross-entropy over real examples, with accuracy and example count; a batch's
+        ``logit_offset`` ``[B, C]`` (logit-adjusted training) is added to the logits first."""
         logits = self.logits(head, output)
+        if "logit_offset" in batch:
+            logits = logits + batch["logit_offset"]
         labels = jnp.asarray(batch["labels"], jnp.int32)
         weights = _example_mask(batch)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

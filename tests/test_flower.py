@@ -32,9 +32,9 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.client import zeroth_order
+from fedprompt.client import class_means, zeroth_order
 from fedprompt.data import datasets, loading
-from fedprompt.errors import ConfigError
+from fedprompt.errors import ConfigError, WireError
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.flower import client_app, common, server_app
 from fedprompt.federation.records import client_message
@@ -635,6 +635,144 @@ def test_a_node_sending_garbage_or_going_silent_is_left_out(tmp_path, flower_tas
 
 def _sent(grid: InProcessGrid, reply: Message) -> Message:
     return next(m for m in grid.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
+
+
+# -- the class-means head, set once before round one --------------------------------------------
+
+CLASS_MEANS = {"head-init": "class_means", "head-init-examples": 8}
+STATISTICS_QUERY = f"query.{common.CLASS_STATISTICS}"
+
+
+def _initial_params(grid: InProcessGrid):
+    """The global params the server sent in round 1 (the head it set before it)."""
+    first = next(m for m in grid.sent if m.metadata.message_type == "train")
+    return codec.decode(first.content.config_records[common.RECORD]["global"]).tree["params"]
+
+
+def test_class_means_head_over_flower_equals_the_simulation(tmp_path, flower_task):
+    overrides, settings = _settings(tmp_path / "out", rounds=2, **CLASS_MEANS)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds[NODES:2 * NODES] == [STATISTICS_QUERY] * NODES  # after the hellos, before round 1
+    assert STATISTICS_QUERY not in kinds[2 * NODES:]
+
+    fed, sim = _reference(settings)
+    start, controls = sim.init()  # every client's statistics, vmapped
+    _assert_close(_initial_params(grid), start.server.params)
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set(), state=start, client_states=controls)
+    _assert_close(result.state.server.params, state.server.params)
+    for got, want in zip(result.metrics, expected, strict=True):
+        for key in ("bytes_up", "bytes_down", "clients", "participants"):
+            assert got[key] == want[key], key
+        np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
+    setup = result.summary["setup"]
+    assert {k: setup[k] for k in ("head_init", "clients", "bytes_up", "bytes_down")} == {
+        "head_init": "class_means", "clients": NODES, **sim.setup_bytes()}
+    assert setup["rejected"] == setup["missing"] == 0 and setup["contributors"] == list(range(NODES))
+    np.testing.assert_allclose(setup["initial_accuracy"],
+                               sim.evaluate(start.server.params, fed.test_set())["eval_accuracy"], atol=1e-6)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["setup"] == setup
+
+
+def _with_statistics(grid: InProcessGrid, reply: Message, change) -> Message:
+    """The class-statistics reply with its statistics changed by ``change(tree)`` (a hostile node)."""
+    message = codec.decode(reply.content.config_records[common.RECORD]["statistics"])
+    tree = change(message.tree)
+    data = tree if isinstance(tree, bytes) else codec.encode(tree, kind=message.kind, fingerprint=message.fingerprint)
+    return Message(RecordDict({common.RECORD: ConfigRecord({"statistics": data})}), reply_to=_sent(grid, reply))
+
+
+def _set(tree, name, index, value):
+    tree[name][index] = value
+    return tree
+
+
+HOSTILE_STATISTICS = {
+    "nan": (lambda t: _set(t, "sums", (0, 0), np.nan), "non-finite class statistics"),
+    "counts-of-a-billion": (lambda t: _set(t, "counts", 0, 1e9), "bad class counts"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_STATISTICS))
+def test_hostile_class_statistics_are_left_out_of_the_head(tmp_path, flower_task, name):
+    change, reason = HOSTILE_STATISTICS[name]
+    overrides, settings = _settings(tmp_path / "out", rounds=1, **CLASS_MEANS)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    grid.tamper = lambda client, reply: (_with_statistics(grid, reply, change) if client == 1
+                                         and reply.metadata.message_type == STATISTICS_QUERY else reply)
+    logs = []
+    result = server_app.run_federation(grid, settings, log=logs.append)
+    setup = result.summary["setup"]
+    assert setup["clients"] == NODES - 1 and setup["contributors"] == [0, 2] and setup["rejected"] == 1
+    assert setup["rejections"] == {reason: 1}
+    assert any("client 1's class statistics are refused" in text for text in logs)
+    # The head is the one the other clients' statistics alone define.
+    fed, sim = _reference(settings)
+    random_start = sim.plan.init_params()
+    others = jax.tree.map(lambda x: x[np.array([0, 2])], sim.class_statistics(random_start))
+    want = sim.plan.with_class_means_head(random_start, class_means.combine(others))
+    _assert_close(_initial_params(grid), want)
+    assert result.metrics[0]["participants"] == [0, 1, 2]  # statistics refused, its updates are not
+
+
+def test_without_any_valid_class_statistics_the_run_fails_clearly(tmp_path, flower_task):
+    overrides, settings = _settings(tmp_path / "out", rounds=1, **CLASS_MEANS)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+
+    def tamper(client, reply):  # client 0 never answers, the others send negative squared norms
+        if reply.metadata.message_type != STATISTICS_QUERY:
+            return reply
+        return None if client == 0 else _with_statistics(grid, reply, lambda t: _set(t, "squares", 0, -1.0))
+
+    grid.tamper = tamper
+    with pytest.raises(common.FederationError, match=r"no client sent valid class statistics.*3 asked, 2 refused "
+                                                     r"\(bad squared norms: 2\), 1 without an answer"):
+        server_app.run_federation(grid, settings, log=lambda text: None)
+    assert not any(m.metadata.message_type == "train" for m in grid.sent)
+
+
+def test_a_reply_over_the_message_limit_is_a_counted_rejection(tmp_path, flower_task):
+    overrides, settings = _settings(tmp_path / "out", rounds=1)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    fed = common.build_federation(settings, common.load_run_backbone(settings))
+    fingerprint = fed.backbone.fingerprint
+    limit = common.message_limit(fed.plan.update_template(fed.template_rows()), kind=rounds.UPDATE_KIND, round=0,
+                                 fingerprint=fingerprint)
+    sizes = {}
+
+    def padded(reply, total):
+        """The reply's update with meta padding to ``total`` bytes (a valid update, just large)."""
+        update = codec.decode(reply.content.config_records[common.RECORD]["update"])
+        blob = lambda n: codec.encode(update.tree, kind=update.kind, round=update.round,
+                                      fingerprint=update.fingerprint, meta={"pad": b"\0" * n})
+        n = total - len(blob(0))
+        while len(data := blob(n)) != total:  # the blob's own length header grows with it
+            n -= len(data) - total
+        sizes[len(data)] = True
+        content = RecordDict({common.RECORD: ConfigRecord({"update": data}),
+                              common.METRICS: reply.content.metric_records[common.METRICS]})
+        return Message(content, reply_to=_sent(grid, reply))
+
+    def tamper(client, reply):
+        if reply.metadata.message_type == "train" and client < 2:
+            honest = len(reply.content.config_records[common.RECORD]["update"])
+            assert limit == 2 * honest + common.MESSAGE_SLACK  # an honest update is the template's size
+            return padded(reply, limit + 1 if client == 0 else limit)
+        return reply
+
+    grid.tamper = tamper
+    (line,) = server_app.run_federation(grid, settings, log=lambda text: None).metrics
+    assert sorted(sizes) == [limit, limit + 1]
+    assert line["participants"] == [1, 2] and line["rejections"] == {server_app.OVER_LIMIT: 1}
+    # The class statistics have their own limit, from their template: one byte more is refused.
+    template = dict(fed.plan.class_statistics_template()._asdict())
+    kwargs = {"kind": class_means.STATISTICS_KIND, "fingerprint": fingerprint}
+    stats_limit = common.message_limit(template, **kwargs)
+    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), template)
+    big = codec.encode(zeros, meta={"pad": b"\0" * stats_limit}, **kwargs)
+    with pytest.raises(WireError, match=server_app.OVER_LIMIT):
+        server_app.check_class_statistics(big, template, fingerprint=fingerprint, limit=stats_limit, max_examples=8)
 
 
 # -- each SuperNode its own data; a server that holds none -------------------------------------

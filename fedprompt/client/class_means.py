@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedprompt.client.federated import random_order
 from fedprompt.prompts import PromptConfig, materialize
 from fedprompt.tasks import SequenceClassification, pool
 
@@ -91,9 +92,7 @@ def make_class_statistics(
         take = min(capacity, max_examples)
         chunks = -(-take // min(batch_size, take))
         size = -(-take // chunks)
-        # real rows score in [0, 1), padding in [1, 2): the first `take` of the order are real rows first
-        scores = jax.random.uniform(key, (capacity,)) + (jnp.arange(capacity) >= num_examples)
-        order = jnp.argsort(scores)[:take]
+        order = random_order(key, num_examples, capacity)[:take]  # real rows first, shuffled
         valid = jnp.arange(take) < jnp.minimum(num_examples, take)
         pad = chunks * size - take
         order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(chunks, size)

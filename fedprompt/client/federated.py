@@ -64,6 +64,13 @@ def random_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax.
     return jnp.argsort(jnp.where(jnp.arange(capacity) < num_examples, u, 2.0))
 
 
+def label_log_prior(labels: jax.Array, num_examples: jax.Array, num_labels: int) -> jax.Array:
+    """``[num_labels]`` log frequencies of the first ``num_examples`` labels, add-one smoothed."""
+    real = (jnp.arange(labels.shape[0]) < num_examples).astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(labels, num_labels, dtype=jnp.float32) * real[:, None], axis=0)
+    return jnp.log((counts + 1.0) / (jnp.sum(counts) + num_labels))
+
+
 def local_batch(
     data: Mapping[str, jax.Array], order: jax.Array, num_examples: jax.Array, step: jax.Array, batch_size: int
 ) -> dict[str, jax.Array]:
@@ -81,6 +88,8 @@ def make_client_update(
     prox_mu: float = 0.0,
     scaffold_lr: float | None = None,
     batch_sharding: Any = None,
+    logit_adjustment: float = 0.0,
+    num_labels: int | None = None,
 ) -> Callable[..., ClientResult]:
     """Build the pure client update.
 
@@ -96,6 +105,11 @@ def make_client_update(
       batch_sharding: a ``jax.sharding.Sharding`` of each local batch along its examples (for
         one client's data-parallel steps on several local devices: XLA splits the forward and
         backward pass and sums the gradients); None: one device.
+      logit_adjustment, num_labels: tau > 0 trains on logits shifted by tau times the log of
+        the client's own label frequencies (``batch["logit_offset"]``; logit-calibrated local
+        training for label skew, Zhang et al. 2022, FedLC; Menon et al. 2021): the classifier
+        then models the classes' evidence, not the client's prior, and local steps no longer
+        pull it towards the client's own classes. Evaluation uses the plain logits.
 
     Returns:
       ``client_update(global_params, weights, data, num_examples, key, control=None,
@@ -105,6 +119,9 @@ def make_client_update(
         raise ConfigError(f"local_steps and batch_size must be >= 1, got {local_steps}, {batch_size}")
     if prox_mu < 0:
         raise ConfigError(f"prox_mu must be >= 0, got {prox_mu}")
+    if logit_adjustment < 0 or (logit_adjustment and not num_labels):
+        raise ConfigError(f"logit_adjustment must be >= 0 and needs num_labels, got {logit_adjustment}, {num_labels}")
+
     def client_update(
         global_params: Pytree,
         weights: Pytree,
@@ -116,6 +133,8 @@ def make_client_update(
     ) -> ClientResult:
         capacity = next(iter(data.values())).shape[0]
         order = random_order(key, num_examples, capacity)
+        if logit_adjustment:
+            offset = logit_adjustment * label_log_prior(data["labels"], num_examples, num_labels)
         correction = None
         if scaffold_lr is not None:
             correction = jax.tree.map(lambda c, ci: c - ci, control, client_control)
@@ -131,6 +150,8 @@ def make_client_update(
         def local_step(carry, step):
             params, opt_state = carry
             batch = local_batch(data, order, num_examples, step, batch_size)
+            if logit_adjustment:
+                batch["logit_offset"] = jnp.broadcast_to(offset, (batch_size, num_labels))
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             grads, loss = jax.grad(objective, has_aux=True)(params, batch)

@@ -78,16 +78,23 @@ def gradient_program(
     batch_size: int,
     scaffold_lr: float | None = None,
     batch_sharding: Any = None,
+    logit_adjustment: float = 0.0,
 ) -> ClientProgram:
     """The gradient-based client of ``algorithm`` (FedProx's proximal term, SCAFFOLD's
     correction and control variate) as a :class:`ClientProgram` whose payload is the update;
-    ``batch_sharding`` spreads each local batch over several devices
+    ``batch_sharding`` spreads each local batch over several devices, ``logit_adjustment``
+    calibrates the local loss to the client's label frequencies
     (:func:`~fedprompt.client.federated.make_client_update`)."""
     if algorithm.scaffold and scaffold_lr is None:
         raise ConfigError("SCAFFOLD needs scaffold_lr (the clients' SGD learning rate)")
+    task = task.resolve(backbone)
+    num_labels = getattr(task, "num_labels", None)
+    if logit_adjustment and (num_labels is None or getattr(task, "verbalizer", None) is not None):
+        raise ConfigError("logit_adjustment needs a classification task with a trained head")
     update = make_client_update(
-        make_loss_fn(backbone, prompt_config, task.resolve(backbone)), local_optimizer,
+        make_loss_fn(backbone, prompt_config, task), local_optimizer,
         local_steps=local_steps, batch_size=batch_size, prox_mu=algorithm.prox_mu,
         scaffold_lr=scaffold_lr if algorithm.scaffold else None, batch_sharding=batch_sharding,
+        logit_adjustment=logit_adjustment, num_labels=num_labels,
     )
     return ClientProgram(update=update, to_delta=identity_delta, client_state=algorithm.scaffold)

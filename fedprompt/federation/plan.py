@@ -116,7 +116,7 @@ def make_program(
     program = gradient_program(
         backbone, prompt_config, task, algorithm or make_algorithm(config), make_local_optimizer(config),
         local_steps=config.local_steps, batch_size=config.batch_size, scaffold_lr=config.resolved_local_lr,
-        batch_sharding=batch_sharding,
+        batch_sharding=batch_sharding, logit_adjustment=config.logit_adjustment,
     )
     if config.compress is None:
         return program

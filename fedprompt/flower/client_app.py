@@ -20,6 +20,12 @@ On an ``evaluate`` message (``federated-eval = true``) it checks the global stat
 and replies with its loss and accuracy on its own held-out rows (its ``test-path`` file, else
 its training rows) and their number.
 
+With ``head-init = "class_means"``, once before the first round, a ``query.class_statistics``
+message carries the initial global params; the node replies with the class statistics of up to
+``head-init-examples`` of its rows seen through that prompt
+(:meth:`~fedprompt.federation.plan.FederationPlan.class_statistics`, drawn with the key the
+simulation gives this client, ``KeySchedule.head_statistics``), encoded by the wire codec.
+
 A program's client state (SCAFFOLD's control variate, compression's error-feedback residual)
 stays on the node, in the run's ``context.state`` (itself codec bytes), and is replaced when
 the client replies (the simulation replaces it when the server accepts the update: the two
@@ -43,6 +49,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedprompt.client import class_means
 from fedprompt.errors import WireError
 from fedprompt.federation.keys import fresh_key
 from fedprompt.federation.records import client_message
@@ -71,6 +78,13 @@ def _federation(settings: common.FlowerSettings, backbone: str | None) -> tuple[
     fed = common.build_federation(settings, common.load_run_backbone(settings, common.NodeSettings(0, None, backbone)),
                                   client=True)
     return fed, jax.jit(fed.plan.program.update)
+
+
+@functools.lru_cache(maxsize=2)
+def _statistics(settings: common.FlowerSettings, backbone: str | None) -> Callable[..., Any]:
+    """The plan's class statistics, compiled once per process (the weights are an argument)."""
+    fed, _ = _federation(settings, backbone)
+    return jax.jit(fed.plan.head_statistics)
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,6 +118,35 @@ def hello(message: Message, context: Context) -> Message:
         "num-examples": client.size,
     })
     return Message(RecordDict({common.RECORD: record}), reply_to=message)
+
+
+@app.query(common.CLASS_STATISTICS)
+def class_statistics(message: Message, context: Context) -> Message:
+    """Once before the first round: the class statistics of this node's rows under the initial
+    global params of the message (checked as hostile input), for the class-means head."""
+    node = common.node_settings(context.node_config)
+    settings = common.settings_from_run_config(context.run_config)
+    client, client_id = _client(settings, node), node.partition_id
+    fed = client.federation
+    plan, fingerprint = fed.plan, fed.backbone.fingerprint
+    if plan.head_statistics is None:
+        raise common.FederationError("this run's head does not start from class means (head-init = \"random\")")
+    record = message.content.config_records.get(common.RECORD) if message.has_content() else None
+    if record is None:
+        raise WireError(f"the message has no {common.RECORD!r} record")
+    data, addressed = record.get("global"), record.get("client-id")
+    if not isinstance(data, bytes) or not isinstance(addressed, int) or isinstance(addressed, bool):
+        raise WireError("the message must hold the global params (bytes) and a client-id (int)")
+    if addressed != client_id:
+        raise common.FederationError(f"the server addressed client {addressed}, this node is client {client_id}")
+    received = codec.check_message(codec.decode(data), kind=GLOBAL_KIND, fingerprint=fingerprint)
+    template = {"params": plan.broadcast_template()["params"]}
+    params = codec.check_template(received.tree, template)["params"]
+    stats = _statistics(settings, node.backbone)(plan.trainable(params), fed.backbone.weights, client.rows,
+                                                 np.int32(client.size), plan.keys.head_statistics(client_id))
+    payload = codec.encode(dict(jax.device_get(stats)._asdict()), kind=class_means.STATISTICS_KIND,
+                           fingerprint=fingerprint)
+    return Message(RecordDict({common.RECORD: ConfigRecord({"statistics": payload})}), reply_to=message)
 
 
 def _global_state(message: Message, context: Context) -> tuple[_Client, int, int, dict[str, Any]]:

@@ -37,8 +37,16 @@ Messages (all payloads are :mod:`fedprompt.wire.codec` bytes, the simulation's w
   "eval-accuracy", "num-examples"}}``, the node's evaluation on its ``test-path`` rows (else
   on its training rows).
 
+* ``query.class_statistics`` server -> client, once before round 1 with ``head-init =
+  "class_means"``: ``{"fedprompt": {"global": <codec kind "global", no round: the initial
+  params>, "client-id": i}}``; the reply is ``{"fedprompt": {"statistics": <codec kind
+  "class_statistics">}}``, the node's
+  :meth:`~fedprompt.federation.plan.FederationPlan.class_statistics` of its rows.
+
 A reported ``num-examples`` that is not a positive int (or, with the demo partition, not the
-client's size) makes the reply a rejected one.
+client's size) makes the reply a rejected one. The server decodes a client's codec payload with
+a limit of :func:`message_limit` of what it expects (twice its encoded size, plus
+:data:`MESSAGE_SLACK`), never the codec's 64 MiB default: a larger reply is a rejection.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from fedprompt.backbones.backbone import Backbone
@@ -57,6 +66,7 @@ from fedprompt.errors import ConfigError, DataError, FedPromptError, WireError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.federation.plan import FederationPlan, local_batch_sharding, make_plan
 from fedprompt.data import datasets, loading
+from fedprompt.wire import codec
 from fedprompt.wire.limits import MAX_CLASSES
 
 RECORD = "fedprompt"
@@ -66,6 +76,12 @@ METRICS = "metrics"
 """The name of the MetricRecord of a client's reply."""
 
 HELLO = "hello"
+
+CLASS_STATISTICS = "class_statistics"
+"""The ``query`` of the one-time class statistics (message type ``query.class_statistics``)."""
+
+MESSAGE_SLACK = 4096
+"""Bytes a reply's codec payload may exceed twice its template's encoded size by (headers, meta)."""
 
 WEIGHTINGS = ("reported", "uniform")
 """How the server weighs a client's update (``client-weighting``)."""
@@ -302,6 +318,18 @@ def check_examples(value: Any, expected: int | None = None) -> int:
     if expected is not None and value != expected:
         raise WireError(f"wrong number of examples: {value}, the client has {expected}")
     return value
+
+
+def message_limit(template: Any, **header: Any) -> int:
+    """The most bytes the server decodes of a client's payload that should match ``template``:
+    twice the encoded size of the template's tree (zeros, with ``header``: ``kind``,
+    ``round``, ``fingerprint``), plus :data:`MESSAGE_SLACK`.
+
+    An honest payload is exactly the template's size, so a hostile one can make the decoder
+    walk at most about twice that, not the codec's 64 MiB default.
+    """
+    zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.dtype(x.dtype)), template)
+    return 2 * codec.encoded_size(zeros, **header) + MESSAGE_SLACK
 
 
 def example_weights(settings: FlowerSettings, counts: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -170,6 +170,8 @@ def secure_round(grid, settings, fed, nodes, state, r: int, template) -> tuple[A
         replies = send(u2, f"train.{MASKED}", lambda s: {
             **meta(s, inbox={str(u): c for u, c in inbox[s].items()}, u2=u2), "global": broadcast})
         masked = {}
+        masked_template = {"masked": np.zeros(spec_template.size, np.uint32)}
+        limit = common.message_limit(masked_template, kind=rounds.UPDATE_KIND, round=r, fingerprint=fingerprint)
         for s, reply in replies.items():
             update = _field(reply, "update")
             metrics = reply.content.metric_records.get(common.METRICS)
@@ -177,9 +179,11 @@ def secure_round(grid, settings, fed, nodes, state, r: int, template) -> tuple[A
                 if metrics is None:
                     raise WireError("reply without the client's metrics")
                 common.check_examples(metrics.get("num-examples"), None if known is None else int(known[present[s]]))
-                received = codec.check_message(codec.decode(update), kind=rounds.UPDATE_KIND, round=r,
-                                               fingerprint=fingerprint)
-                vector = codec.check_template(received.tree, {"masked": np.zeros(spec_template.size, np.uint32)})
+                if not isinstance(update, bytes) or len(update) > limit:
+                    raise WireError("the masked update is missing or over the message limit")
+                received = codec.check_message(codec.decode(update, max_bytes=limit), kind=rounds.UPDATE_KIND,
+                                               round=r, fingerprint=fingerprint)
+                vector = codec.check_template(received.tree, masked_template)
             except (WireError, TypeError):
                 continue
             bytes_up += len(update)

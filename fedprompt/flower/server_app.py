@@ -7,6 +7,11 @@ own file), then
 1. waits for the SuperNodes and asks each (a ``query`` message) which client it is, which
    backbone it holds and how many examples it has; a node whose backbone fingerprint differs,
    or that cannot build its client (a bad data file), is left out;
+   with ``head-init = "class_means"``, before the first round, sends every client that has a
+   node the initial params (a ``query.class_statistics`` message) and sets the head from the
+   sum of the valid replies' class statistics (:func:`class_means_setup`, the simulation's
+   head when every client answers); a reply that is missing, an error, over the size limit or
+   not plausible statistics is left out and counted (``summary["setup"]``);
 2. every round, samples clients exactly as the simulation (``FederationPlan.sample``),
    sends each sampled client that has a node the global state encoded by the wire codec, and
    waits up to ``round-timeout`` seconds for the replies (``grid.send_and_receive``);
@@ -36,7 +41,12 @@ run``: locked while the run goes, and a folder that holds another run is refused
 config says ``overwrite = true`` (the old run is replaced only once the new one has finished).
 At the end it writes ``<out>/prompt.fpp`` (the prompt artifact of ``fedprompt run``),
 ``<out>/global_state.msgpack`` (the final global state in the wire codec, exactly as trained)
-and ``<out>/summary.json``. ``out`` is a path on the SuperLink's machine, relative to the directory
+and ``<out>/summary.json`` (with a class-means head, its ``setup`` entry is the simulation's:
+``head_init``, ``clients`` that contributed, ``bytes_up``/``bytes_down`` per client, the
+``initial_accuracy`` when the server has a test set, and ``rejected``, ``rejections``,
+``missing``). A client's payload is decoded with a limit of about twice the encoded size of what
+the server expects (:func:`~fedprompt.flower.common.message_limit`); a larger one is the
+rejection ``"over the message limit"``. ``out`` is a path on the SuperLink's machine, relative to the directory
 the SuperLink was started in unless absolute.
 """
 
@@ -53,6 +63,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedprompt.client import class_means
 from fedprompt.errors import WireError
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.federation.keys import fresh_key
@@ -71,6 +82,13 @@ FINAL_STATE_FILE = "global_state.msgpack"
 FEDERATED_EVAL_KEYS = ("federated_eval_loss", "federated_eval_accuracy", "federated_eval_clients",
                        "federated_eval_examples", "federated_eval_rejected")
 """The metrics of federated evaluation (``federated-eval = true``); None in rounds not evaluated."""
+
+OVER_LIMIT = "over the message limit"
+"""The rejection of a payload larger than :func:`~fedprompt.flower.common.message_limit` allows."""
+
+MAX_FEATURE_SQUARE = 1e12
+"""The largest mean squared feature norm a client's class statistics may claim (features of
+norm up to 10^6: far above any backbone's pooled features, far below float32's overflow)."""
 
 app = ServerApp()
 
@@ -195,7 +213,10 @@ def run_federation(
         nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log)
         nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
 
-        state = plan.init()
+        params, setup = plan.init_params(), None
+        if plan.head_statistics is not None:  # the class-means head, once before round 1
+            params, setup = class_means_setup(grid, settings, fed, nodes, params, test, log=log)
+        state = plan.server.init(params)
         template = plan.update_template(fed.template_rows())
         metrics: list[dict[str, Any]] = []
         with report.MetricsWriter(out / report.METRICS_FILE) as writer:
@@ -228,6 +249,8 @@ def run_federation(
             "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
             "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
         })
+        if setup is not None:
+            summary["setup"] = setup
         if settings.federated_eval:
             summary["final_federated_accuracy"] = metrics[-1]["federated_eval_accuracy"]
         if cfg.tpt:
@@ -237,6 +260,125 @@ def run_federation(
         report.write_summary(out / "summary.json", summary)
     log(f"done: final accuracy {summary['final_accuracy']}, prompt in {(out / 'prompt.fpp').resolve()}")
     return FlowerRunResult(state, metrics, summary, out)
+
+
+def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable[[str], None] = _log):
+    """The class-means head, once before the first round: ``params`` with the head set from the
+    clients' class statistics, and the summary's ``setup`` entry.
+
+    Every client that has a node gets the initial ``params`` (a ``query.class_statistics``
+    message, codec kind "global") and replies with its class statistics
+    (:meth:`~fedprompt.federation.plan.FederationPlan.class_statistics`); each reply is checked
+    (:func:`check_class_statistics`); the valid ones are stacked in client-id order and summed
+    (:func:`~fedprompt.client.class_means.combine`), exactly as the simulation does with every
+    client's. A missing, error or refused reply is left out, logged and counted.
+
+    Raises:
+      FederationError: no client sent valid statistics.
+    """
+    plan, cfg = fed.plan, settings.run
+    fingerprint = fed.backbone.fingerprint
+    payload = codec.encode(jax.device_get({"params": params}), kind=rounds.GLOBAL_KIND, fingerprint=fingerprint)
+    template = dict(plan.class_statistics_template()._asdict())
+    limit = common.message_limit(template, kind=class_means.STATISTICS_KIND, fingerprint=fingerprint)
+    clients = sorted(nodes.node_of)
+    messages = [
+        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "client-id": c})}),
+                dst_node_id=nodes.node_of[c], message_type=f"query.{common.CLASS_STATISTICS}",
+                ttl=settings.round_timeout + 60.0)
+        for c in clients
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
+    known = fed.client_sizes
+    valid: dict[int, class_means.ClassStatistics] = {}
+    answered: set[int] = set()
+    rejections: dict[str, int] = {}
+    sizes_up: list[int] = []
+    for reply in replies:
+        client = client_of.get(reply.metadata.reply_to_message_id)
+        if client is None or client in answered:
+            continue
+        answered.add(client)
+        if reply.has_error():
+            log(f"client {client} could not send its class statistics: {reply.error.reason}")
+            rejections["error reply"] = rejections.get("error reply", 0) + 1
+            continue
+        record = reply.content.config_records.get(common.RECORD) if reply.has_content() else None
+        data = record.get("statistics") if record is not None else None
+        size = int(known[client]) if known is not None else nodes.examples.get(client, cfg.head_init_examples)
+        try:
+            valid[client] = check_class_statistics(
+                data, template, fingerprint=fingerprint, limit=limit,
+                max_examples=min(cfg.head_init_examples, size))
+        except WireError as err:
+            reason = rounds.rejection_reason(err)
+            rejections[reason] = rejections.get(reason, 0) + 1
+            log(f"client {client}'s class statistics are refused ({err}); left out of the head")
+            continue
+        sizes_up.append(len(data))
+    rejected, missing = sum(rejections.values()), len(clients) - len(answered)
+    if missing:
+        log(f"{missing} of {len(clients)} clients sent no class statistics within {settings.round_timeout:.0f} s")
+    if not valid:
+        raise common.FederationError(
+            f"no client sent valid class statistics for the class-means head: {len(clients)} asked, "
+            f"{rejected} refused ({', '.join(f'{k}: {v}' for k, v in rejections.items()) or 'none'}), "
+            f"{missing} without an answer")
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *(valid[c] for c in sorted(valid)))
+    params = plan.with_class_means_head(params, class_means.combine(stacked))
+    if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params["head"])):
+        raise common.FederationError("the class statistics give a non-finite head")
+    setup = {
+        "head_init": cfg.head_init, "clients": len(valid), "bytes_up": max(sizes_up), "bytes_down": len(payload),
+        "initial_accuracy": None if test is None else plan.evaluate(params, test)["eval_accuracy"],
+        "rejected": rejected, "rejections": rejections, "missing": missing,
+        "contributors": sorted(valid),
+    }
+    log(f"class-means head from {len(valid)} of {len(clients)} clients' statistics ({rejected} refused, "
+        f"{missing} missing); initial accuracy {setup['initial_accuracy']}")
+    return params, setup
+
+
+def check_class_statistics(
+    data: Any, template: Any, *, fingerprint: str, limit: int, max_examples: int
+) -> class_means.ClassStatistics:
+    """One client's class statistics, checked as hostile input.
+
+    ``data``: the reply's codec bytes, at most ``limit`` long, of kind ``class_statistics``
+    for this backbone, matching ``template`` (shapes, dtypes, finite values); counts must be
+    non-negative integers summing to between 1 and ``max_examples``; squares non-negative and at
+    most :data:`MAX_FEATURE_SQUARE` per example; a class with no example has zero sums and
+    squares, and no class's sum is longer than its squares allow (``|sum|^2 <= count * squares``,
+    Cauchy-Schwarz).
+
+    Raises:
+      WireError: the first check that fails (its text before the colon is the counted reason).
+    """
+    if not isinstance(data, bytes):
+        raise WireError("reply without class statistics")
+    if len(data) > limit:
+        raise WireError(f"{OVER_LIMIT}: {len(data)} bytes, the limit is {limit}")
+    message = codec.check_message(codec.decode(data, max_bytes=limit), kind=class_means.STATISTICS_KIND,
+                                  fingerprint=fingerprint)
+    try:
+        stats = class_means.ClassStatistics(**codec.check_template(message.tree, template))
+    except WireError as err:
+        what = "non-finite" if "not finite" in str(err) else "malformed"
+        raise WireError(f"{what} class statistics: {err}") from err
+    sums, squares, counts = (np.asarray(x, np.float64) for x in stats)
+    total = counts.sum()
+    if np.any(counts < 0) or np.any(counts != np.round(counts)) or not 1 <= total <= max_examples:
+        raise WireError(f"bad class counts: {total:g} examples (expected non-negative integers summing to "
+                        f"1..{max_examples})")
+    if np.any(squares < 0) or np.any(squares > MAX_FEATURE_SQUARE * counts):
+        raise WireError("bad squared norms: negative, or larger than the counts allow")
+    unseen = counts == 0
+    if np.any(sums[unseen] != 0) or np.any(squares[unseen] != 0):
+        raise WireError("inconsistent class statistics: a class without examples has features")
+    if np.any(np.sum(sums * sums, axis=1) > counts * squares * (1 + 1e-3) + 1e-6):
+        raise WireError("inconsistent class statistics: a class's sum is longer than its squares allow")
+    return stats
 
 
 def _round(grid, settings, fed, nodes, state, r, template):
@@ -265,6 +407,7 @@ def _round(grid, settings, fed, nodes, state, r, template):
     slot_of = {m.metadata.message_id: slot for m, slot in zip(messages, slot_of_message)}
 
     known = fed.client_sizes  # the demo partition's sizes; None: only the nodes know theirs
+    limit = common.message_limit(template, kind=rounds.UPDATE_KIND, round=r, fingerprint=fingerprint)
     counts = np.zeros(len(ids), np.int64)
     updates: list[bytes | None] = [None] * len(ids)
     answered = np.zeros(len(ids), bool)
@@ -282,6 +425,8 @@ def _round(grid, settings, fed, nodes, state, r, template):
         update, loss, count, reason = _reply_fields(reply, None if known is None else int(known[ids[slot]]))
         if update is not None:
             bytes_up += len(update)
+            if reason is None and len(update) > limit:  # never decoded: at most ~2x an honest update
+                reason = OVER_LIMIT
         if reason is not None:
             extra_rejections[reason] = extra_rejections.get(reason, 0) + 1
             continue

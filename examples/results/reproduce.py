@@ -1,0 +1,767 @@
+"""Every measured table of the README, from one script and the JSON files kept beside it.
+
+    python examples/results/reproduce.py run NAME [NAME ...]     # measure, write examples/results/NAME.json
+    python examples/results/reproduce.py run NAME --quick --out DIR   # the whole pipeline, shrunk
+    python examples/results/reproduce.py render [--check]        # README.md tables from the JSON
+
+``run`` measures experiment NAME with the installed fedprompt and writes ``NAME.json``:
+``fedprompt`` (the version), ``machine`` (:func:`fedprompt.bench.machine`, with the load average
+sampled at the start and again at the end), ``command``, ``measured`` (the UTC date) and
+``rows``, one dict of raw numbers per measured row (a table row; for the robustness table, one
+cell of it), each with its label texts and every setting it ran with (``config``).
+
+``render`` rewrites what lies between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+in README.md: the table and a one-line caption naming the fedprompt version, CPU, core count
+and load average it was measured with. ``--check`` writes nothing and exits 1, naming the
+tables, when README.md differs from what the JSON renders.
+
+An experiment is data (:data:`EXPERIMENTS`): the settings its rows share, one entry per row
+(its label texts and its own settings: :class:`fedprompt.RunConfig` fields for federated runs,
+the bench function's arguments for the benchmarks) and the table's columns. A new table, say a
+sweep of the server learning rate, is one more entry; a change of the library's defaults
+needs no change here, since every row states its settings.
+
+Example (a table of two server learning rates on the default task would be):
+
+    Experiment("server_lr", "simulate", DEFAULT_TASK,
+               rows=(run_row({"server lr": "0.01"}, server_lr=0.01), run_row({"server lr": "0.03"}, server_lr=0.03)),
+               columns=(text("server lr"), value("final accuracy", "final_accuracy", accuracy)))
+
+``--quick`` shrinks every row (federated runs: 1 round, 512 training and 64 test examples, at
+most 8 clients and 4 per round; benchmarks: one repeat, smaller batches and client counts) and
+writes only into ``--out DIR``: it exercises the whole pipeline in minutes, and its captions
+say so. ``--backbone`` runs every row on another backbone (a name or checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent
+"""Where ``run`` writes ``NAME.json`` and ``render`` reads it."""
+README = RESULTS.parents[1] / "README.md"
+SCRIPT = "examples/results/reproduce.py"
+
+Row = Mapping[str, Any]
+"""One measured row as the JSON holds it: ``label``, ``config``, optional ``emphasis``, numbers."""
+
+
+class ResultsError(Exception):
+    """A results file or README marker that cannot be used (missing, unknown, malformed)."""
+
+
+# ----------------------------------------------------------------------------- cell formats
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant figures, in fixed notation: 0.0123, 1.23, 12.3, 123, 1230."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:.0f}" if x == 0 else str(x)
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    text = f"{x:.{decimals}f}"
+    if decimals and abs(float(text)) >= 10 ** (digits - decimals):  # rounded up into the next decade
+        text = f"{x:.{decimals - 1}f}"
+    return text
+
+
+def accuracy(x: float) -> str:
+    """An accuracy (a fraction) to three decimals: ``0.716``."""
+    return f"{x:.3f}"
+
+
+def decimal_bytes(n: float) -> str:
+    """A byte count in decimal units to three significant figures: ``254 B``, ``71.0 KB``, ``8.52 MB``."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit, scale in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if n / scale < 999.5 or unit == "GB":
+            return f"{significant(n / scale)} {unit}"
+    raise AssertionError("unreachable")
+
+
+def mib(n: float) -> str:
+    """Bytes in MiB to one decimal: ``337.8 MiB``."""
+    return f"{n / 2**20:.1f} MiB"
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB to three significant figures: ``1.70 GiB``, ``106 GiB``."""
+    return f"{significant(n / 2**30)} GiB"
+
+
+def duration(seconds: float) -> str:
+    """A short time: ``0.02 ms`` (two decimals below 1 ms), ``20.3 ms``, ``1.20 s`` (three figures)."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    if seconds < 0.9995:
+        return f"{significant(seconds * 1e3)} ms"
+    return f"{significant(seconds)} s"
+
+
+def lookup(row: Row, field: str) -> Any:
+    """``row[field]``, where ``field`` may be a dotted path into nested dicts (``seconds.numpy``);
+    None when any part is missing."""
+    value: Any = row
+    for part in field.split("."):
+        if not isinstance(value, Mapping) or value.get(part) is None:
+            return None
+        value = value[part]
+    return value
+
+
+# ----------------------------------------------------------------------------- columns
+
+
+Cell = Callable[[Row, Sequence[Row]], str]
+"""``cell(row, rows)``: a row's markdown cell ("" when it has no value); ``rows`` is the whole
+table, for cells relative to another row or to the column."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of a table.
+
+    Attributes:
+      header: the header text, as the README shows it.
+      cell: how a measured row becomes this column's cell.
+      key: the name a row's ``emphasis`` list uses to print this cell in bold.
+    """
+
+    header: str
+    cell: Cell
+    key: str = ""
+
+
+def text(key: str, header: str | None = None) -> Column:
+    """A column of the rows' label texts ``row["label"][key]`` (headed ``key`` unless ``header``)."""
+    return Column(header or key, lambda row, rows: str(row["label"].get(key, "")), key)
+
+
+def value(header: str, field: str, fmt: Callable[[Any], str], key: str = "") -> Column:
+    """A column of one measured number (``field``, dotted for nested dicts) in format ``fmt``."""
+    def cell(row: Row, rows: Sequence[Row]) -> str:
+        number = lookup(row, field)
+        return "" if number is None else fmt(number)
+
+    return Column(header, cell, key or field)
+
+
+def column_max(header: str, field: str, fmt: Callable[[Any], str]) -> Column:
+    """:func:`value`, with the column's largest value in bold."""
+    def cell(row: Row, rows: Sequence[Row]) -> str:
+        number = lookup(row, field)
+        if number is None:
+            return ""
+        top = max(x for x in (lookup(r, field) for r in rows) if x is not None)
+        shown = fmt(number)
+        return f"**{shown}**" if shown == fmt(top) else shown
+
+    return Column(header, cell, field)
+
+
+def _index(row: Row, rows: Sequence[Row]) -> int:
+    return next(i for i, r in enumerate(rows) if r is row)
+
+
+def _bytes_against_first(row: Row, rows: Sequence[Row]) -> str:
+    """Bytes up, with how many times fewer than the first row's where they differ from the row above."""
+    i = _index(row, rows)
+    shown = decimal_bytes(row["total_bytes_up"])
+    if i and shown != decimal_bytes(rows[i - 1]["total_bytes_up"]):
+        shown += f" ({rows[0]['total_bytes_up'] / row['total_bytes_up']:.1f}x less)"
+    return shown
+
+
+def _final_and_best(row: Row, rows: Sequence[Row]) -> str:
+    return f"{accuracy(row['final_accuracy'])} ({accuracy(row['best_accuracy'])})"
+
+
+def _step_time(row: Row, rows: Sequence[Row]) -> str:
+    """The median step time, or the range an earlier measurement reported (``317–447 ms``)."""
+    if row.get("step_seconds_range"):
+        low, high = row["step_seconds_range"]
+        return f"{low * 1e3:.0f}–{high * 1e3:.0f} ms"
+    return duration(row["step_seconds_median"])
+
+
+def _block_memory(row: Row, rows: Sequence[Row]) -> str:
+    shown = gib(row["memory"]["compiled_temporaries_bytes"])
+    block = row["config"].get("client_block")
+    if block and row["config"]["clients_per_round"] > block:
+        shown += " (as one block)"
+    return shown
+
+
+def _attack_cell(row: Row, rows: Sequence[Row]) -> str:
+    """The accuracy under attack: in bold with its share of the clean run's where it is the best
+    rule against this attack, marked ``(collapse)`` at or below chance (one over the labels)."""
+    acc = row["final_accuracy"]
+    rivals = [r["final_accuracy"] for r in rows if r["label"]["attack"] == row["label"]["attack"]]
+    clean = next((r["final_accuracy"] for r in rows if r["config"].get("attack") is None), None)
+    if len(rivals) > 1 and acc == max(rivals) and clean:
+        return f"**{accuracy(acc)}** ({100 * acc / clean:.0f}% of clean)"
+    if acc <= 1 / row["num_labels"]:
+        return f"{accuracy(acc)} (collapse)"
+    return accuracy(acc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pivot:
+    """A table whose cells are rows: one table row per value of label ``rows_by``, one column
+    per value of label ``columns_by`` (both in order of first appearance)."""
+
+    corner: str
+    rows_by: str
+    columns_by: str
+    cell: Cell
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One README table: how its rows are measured and how they are shown.
+
+    Attributes:
+      name: the JSON file's stem and the README markers' name.
+      kind: how a row is measured, a key of :data:`KINDS`.
+      settings: what every row shares (RunConfig fields, or the bench function's arguments).
+      rows: one dict per measured row: ``label`` (texts by column), ``config`` (this row's own
+        settings over ``settings``) and optionally ``emphasis`` (column keys shown in bold).
+      columns: the table's columns (unless ``pivot``).
+      pivot: the table's layout when its cells are rows.
+    """
+
+    name: str
+    kind: str
+    settings: Mapping[str, Any]
+    rows: tuple[Mapping[str, Any], ...]
+    columns: tuple[Column, ...] = ()
+    pivot: Pivot | None = None
+
+
+def run_row(label: Mapping[str, str], emphasis: Sequence[str] = (), **config: Any) -> dict[str, Any]:
+    """A row: its label texts, its settings and the columns it shows in bold."""
+    row: dict[str, Any] = {"label": dict(label), "config": config}
+    if emphasis:
+        row["emphasis"] = list(emphasis)
+    return row
+
+
+DEFAULT_TASK: dict[str, Any] = {
+    "backbone": "minilm", "data": None, "method": "prompt", "num_virtual_tokens": 20, "algorithm": "fedadam",
+    "server_lr": 0.03, "rounds": 15, "clients": 16, "clients_per_round": 8, "partition": "dirichlet", "alpha": 0.5,
+    "local_steps": 8, "batch_size": 16, "local_optimizer": "adam", "local_lr": 0.01, "max_length": 32,
+    "train_examples": None, "eval_examples": 1024, "seed": 0,
+}
+"""The README's default task: WordNet supersenses on MiniLM, 16 clients (Dirichlet 0.5), 8 per
+round, 8 local Adam steps (lr 0.01) of 16 examples, FedAdam (server lr 0.03), 15 rounds, seed 0."""
+
+FEDAVG = {**DEFAULT_TASK, "algorithm": "fedavg", "server_lr": None}
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    Experiment(
+        "default_task", "simulate", DEFAULT_TASK,
+        rows=(
+            run_row({"method": "soft prompt (20 tokens) + head", "algorithm": "FedAvg"},
+                    algorithm="fedavg", server_lr=None, baselines=True),
+            run_row({"method": "deep prefix (20 tokens) + head", "algorithm": "FedAvg"},
+                    method="prefix", algorithm="fedavg", server_lr=None, baselines=True),
+            run_row({"method": "soft prompt + head", "algorithm": "FedAvgM (lr 1, momentum 0.9)"},
+                    algorithm="fedavgm", server_lr=1.0, server_momentum=0.9),
+            run_row({"method": "soft prompt + head", "algorithm": "**FedAdam (server lr 0.03), the default**"},
+                    emphasis=["final_accuracy"]),
+            run_row({"method": "soft prompt + head", "algorithm": "FedAvg, local lr 0.005"},
+                    algorithm="fedavg", server_lr=None, local_lr=0.005),
+        ),
+        columns=(
+            text("method"), text("algorithm"),
+            value("final accuracy", "final_accuracy", accuracy),
+            value("bytes sent (up + down)", "total_bytes", decimal_bytes),
+            value("centralized", "centralized_accuracy", accuracy),
+            value("local-only", "local_only_accuracy", accuracy),
+        ),
+    ),
+    Experiment(
+        "compression", "simulate", DEFAULT_TASK,
+        rows=(
+            run_row({"compression": "none (float32)"}),
+            run_row({"compression": "`--compress int8`"}, compress="int8"),
+            run_row({"compression": "`--compress int4`"}, compress="int4"),
+            run_row({"compression": "`--compress int4 --error-feedback`"}, compress="int4", error_feedback=True),
+        ),
+        columns=(
+            text("compression"),
+            value("final accuracy", "final_accuracy", accuracy),
+            Column("bytes up, all rounds", _bytes_against_first, "total_bytes_up"),
+            value("up per client and round", "bytes_up_per_client_round", decimal_bytes),
+        ),
+    ),
+    Experiment(
+        "gradient_free", "simulate", FEDAVG,
+        rows=(
+            run_row({"method": "gradient soft prompt + head", "sends": "the prompt + head delta (17,690 floats)",
+                     "work": "8 forward + backward passes"}, method="prompt"),
+            run_row({"method": "BBT / FedBPT (CMA-ES, d = 500)", "sends": "z (500 floats), sigma, head delta",
+                     "work": "8 generations x 21 forwards"}, method="bbt"),
+            run_row({"method": "ZO / FedKSeed (K = 4096 seeds)", "sends": "8 (seed index, scalar) pairs",
+                     "work": "8 x 2 forwards"}, emphasis=["up_per_client"], method="zo"),
+            run_row({"method": "ZO, `--local-steps 32`", "sends": "32 pairs", "work": "32 x 2 forwards"},
+                    emphasis=["up_per_client"], method="zo", local_steps=32),
+        ),
+        columns=(
+            text("method"), text("sends", "what a client sends"),
+            Column("final accuracy (best)", _final_and_best, "final_accuracy"),
+            value("bytes up, all rounds", "total_bytes_up", decimal_bytes),
+            value("up per client and round", "bytes_up_per_client_round", decimal_bytes, "up_per_client"),
+            value("bytes down, all rounds", "total_bytes_down", decimal_bytes),
+            text("work", "local work per round"),
+        ),
+    ),
+    Experiment(
+        "attacks", "simulate",
+        {**FEDAVG, "rounds": 8, "train_examples": 16000, "eval_examples": 512, "attack_fraction": 0.2,
+         "attack_scale": 10.0},
+        rows=(
+            run_row({"attack": "none", "aggregator": "mean"}, aggregator="mean"),
+            run_row({"attack": "sign flip", "aggregator": "mean"}, attack="sign_flip", aggregator="mean"),
+            run_row({"attack": "sign flip", "aggregator": "median"}, attack="sign_flip", aggregator="median"),
+            run_row({"attack": "sign flip", "aggregator": "trimmed mean (beta 0.2)"}, attack="sign_flip",
+                    aggregator="trimmed_mean", trim_beta=0.2),
+            run_row({"attack": "scaling", "aggregator": "mean"}, attack="scaling", aggregator="mean"),
+            run_row({"attack": "scaling", "aggregator": "median"}, attack="scaling", aggregator="median"),
+        ),
+        pivot=Pivot("attack (x10)", rows_by="attack", columns_by="aggregator", cell=_attack_cell),
+    ),
+    Experiment(
+        "memory", "memory", {"backbone": "minilm", "batch_size": 16, "tokens": 64},
+        rows=(
+            run_row({"step": "inference (forward + loss)"}, step="inference"),
+            run_row({"step": "ZO step (two forwards + the update)"}, step="zo_step"),
+            run_row({"step": "BBT fitness evaluation"}, step="bbt_fitness"),
+            run_row({"step": "BBT generation (20 candidates one by one + CMA-ES tell + head step)"}, step="bbt_generation"),
+            run_row({"step": "gradient step (Adam, backprop through the backbone)"}, step="gradient_step"),
+        ),
+        columns=(
+            text("step"),
+            value("temporaries", "compiled_temporaries_bytes", mib),
+            value("peak (arguments + outputs + temporaries)", "compiled_peak_bytes", mib),
+        ),
+    ),
+    Experiment(
+        "train_step", "train_step", {"backbone": "minilm", "batch_size": 16, "tokens": 64, "virtual_tokens": 20, "steps": 10},
+        rows=(run_row({"method": "soft prompt"}, method="prompt"), run_row({"method": "deep prefix"}, method="prefix")),
+        columns=(
+            text("method"),
+            value("trainable floats", "trainable_floats", lambda n: f"{n:,}"),
+            Column("step time", _step_time, "step_seconds_median"),
+            value("compiled temporaries", "compiled_temporaries_bytes", mib),
+            value("compiled peak (args + outputs + temps)", "compiled_peak_bytes", mib),
+        ),
+    ),
+    Experiment(
+        "aggregate", "aggregate", {"repeats": 5},
+        rows=tuple(
+            run_row({"size": f"{k} x {math.prod(shape):,}"}, clients=k, shape=list(shape))
+            for shape in ((20, 384), (100, 4096)) for k in (10, 100, 1000)
+        ),
+        columns=(
+            text("size", "clients x floats"),
+            value("NumPy", "seconds.numpy", duration),
+            value("`kernels.make_clipped_mean` (jit)", "seconds.kernel_mean", duration),
+            column_max("speed-up", "speedup_vs_numpy.kernel_mean", lambda x: f"{x:.1f}x"),
+            value("GB/s", "gb_per_second.kernel_mean", lambda x: f"{x:.1f}"),
+            column_max("of bandwidth", "fraction_of_bandwidth.kernel_mean", lambda x: f"{100 * x:.0f}%"),
+            value("clip + sum", "seconds.fused_clip", duration),
+            value("engine path from K host updates", "seconds.aggregation", duration),
+        ),
+    ),
+    Experiment(
+        "simulate", "bench_simulate",
+        {"backbone": "minilm", "local_steps": 1, "client_block": 32, "repeats": 3},
+        rows=tuple(run_row({"clients": str(k)}, clients_per_round=k) for k in (8, 32, 128))
+        + (run_row({"clients": "512"}, clients_per_round=512, timed=False),),
+        columns=(
+            text("clients", "clients per round"),
+            value("engine (vmapped blocks of <= 32)", "seconds.vmapped", duration),
+            value("per-client loop", "seconds.per_client", duration),
+            value("per-step loop", "seconds.per_step", duration),
+            Column("compiled block temporaries", _block_memory, "memory"),
+        ),
+    ),
+)}
+"""Every measured README table, by name."""
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclasses.dataclass
+class Context:
+    """What the rows of one ``run`` share: every row's settings and loaded things (backbones,
+    a report that measures several rows at once)."""
+
+    configs: list[dict[str, Any]]
+    cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+    def backbone(self, name: str) -> Any:
+        if ("backbone", name) not in self.cache:
+            from fedprompt.backbones.loading import load_backbone
+
+            self.cache[("backbone", name)] = load_backbone(name)
+        return self.cache[("backbone", name)]
+
+
+def _plain(x: Any) -> Any:
+    """NumPy scalars and tuples as JSON values."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        return x.item()
+    return x
+
+
+def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One federated run through ``fedprompt.simulate(RunConfig(**config))``: its final and best
+    accuracy, bytes (from :func:`fedprompt.federation.report.compare_runs`, as ``fedprompt
+    compare`` prints them) and, with ``baselines``, the centralized and local-only accuracies."""
+    import fedprompt
+    from fedprompt.federation.report import compare_runs
+
+    run_config = fedprompt.RunConfig(**config)
+    result = fedprompt.simulate(run_config, backbone=context.backbone(run_config.backbone))
+    summary = result.summary
+    compared = compare_runs({"run": result.metrics})[0]
+    numbers = {
+        "final_accuracy": summary["final_accuracy"],
+        "best_accuracy": compared["best_accuracy"],
+        "final_eval_loss": summary["final_eval_loss"],
+        "total_bytes_up": summary["total_bytes_up"],
+        "total_bytes_down": summary["total_bytes_down"],
+        "total_bytes": summary["total_bytes_up"] + summary["total_bytes_down"],
+        "bytes_up_per_client_round": compared["bytes_up_per_client_round"],
+        "rounds": summary["rounds"],
+        "num_labels": len(result.label_names),
+        "train_examples": summary["train_examples"],
+        "test_examples": summary["test_examples"],
+        "wall_seconds": summary["wall_seconds"],
+    }
+    if "baselines" in summary:
+        numbers["centralized_accuracy"] = summary["baselines"]["centralized_accuracy"]
+        numbers["local_only_accuracy"] = summary["baselines"]["local_only_accuracy"]
+    return _plain(numbers)
+
+
+def measure_memory(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One step of ``fedprompt bench memory``
+    (:func:`fedprompt.client.memory.gradient_free_memory_report`, computed once for all rows)."""
+    from fedprompt.client.memory import gradient_free_memory_report
+
+    key = ("memory", config["backbone"], config["batch_size"], config["tokens"])
+    if key not in context.cache:
+        backbone = context.backbone(config["backbone"])
+        context.cache[key] = (gradient_free_memory_report(backbone, batch_size=config["batch_size"],
+                                                          max_length=config["tokens"]), backbone.weight_bytes())
+    report, weights_bytes = context.cache[key]
+    return {"weights_bytes": weights_bytes, **{f"compiled_{k}_bytes": v for k, v in report[config["step"]].items()}}
+
+
+def measure_train_step(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One method of ``fedprompt bench train-step`` (:func:`fedprompt.bench.train_step`)."""
+    from fedprompt import bench
+
+    rows = bench.train_step(context.backbone(config["backbone"]), methods=(config["method"],),
+                            batch_size=config["batch_size"], tokens=config["tokens"],
+                            virtual_tokens=config["virtual_tokens"], steps=config["steps"])
+    return _plain(rows[0])
+
+
+def measure_aggregate(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One size of ``fedprompt bench aggregate`` (:func:`fedprompt.bench.aggregate`), with the
+    copy bandwidth measured beside it."""
+    from fedprompt import bench
+
+    result = bench.aggregate(clients=(config["clients"],), shapes=(tuple(config["shape"]),), repeats=config["repeats"])
+    return _plain({**result["rows"][0], "bandwidth": result["bandwidth"]})
+
+
+def measure_bench_simulate(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One round size of ``fedprompt bench simulate`` (:func:`fedprompt.bench.simulate_round`)
+    and its block's compiled memory (:func:`fedprompt.bench.block_memory`, compiled once for
+    every row's size over the same simulation, as the command does)."""
+    from fedprompt import bench
+
+    backbone = context.backbone(config["backbone"])
+    key = ("block_memory", config["backbone"], config["local_steps"])
+    if key not in context.cache:
+        sizes = tuple(sorted({c["clients_per_round"] for c in context.configs}))
+        context.cache[key] = {r["clients"]: r for r in bench.block_memory(backbone, clients=sizes,
+                                                                            local_steps=config["local_steps"])}
+    numbers: dict[str, Any] = {"clients_per_round": config["clients_per_round"]}
+    if config.get("timed", True):
+        numbers.update(bench.simulate_round(backbone, clients_per_round=config["clients_per_round"],
+                                            local_steps=config["local_steps"], repeats=config["repeats"],
+                                            client_block=config["client_block"]))
+    numbers["memory"] = context.cache[key][config["clients_per_round"]]
+    return _plain(numbers)
+
+
+def _check_run(config: Mapping[str, Any]) -> None:
+    from fedprompt.config import RunConfig
+
+    RunConfig(**config)  # raises ConfigError naming the bad setting
+
+
+def _quick_run(config: dict[str, Any]) -> dict[str, Any]:
+    from fedprompt.config import RunConfig
+
+    full = dataclasses.asdict(RunConfig(**{k: v for k, v in config.items() if k != "out"}))
+    clients = min(full["clients"], 8)
+    return {**config, "rounds": 1, "train_examples": min(512, full["train_examples"] or 512), "eval_examples": 64,
+            "clients": clients, "clients_per_round": min(full["clients_per_round"], 4, clients)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How a kind of row is measured, how ``--quick`` shrinks its settings, and how they are
+    checked before the first row starts (so a bad row fails in seconds, not after an hour)."""
+
+    measure: Callable[[Mapping[str, Any], Context], dict[str, Any]]
+    quick: Callable[[dict[str, Any]], dict[str, Any]]
+    check: Callable[[Mapping[str, Any]], None] = lambda config: None
+
+
+KINDS: dict[str, Kind] = {
+    "simulate": Kind(measure_run, _quick_run, _check_run),
+    "memory": Kind(measure_memory, lambda c: {**c, "batch_size": 4, "tokens": 16}),
+    "train_step": Kind(measure_train_step, lambda c: {**c, "steps": 1, "batch_size": 4, "tokens": 16}),
+    "aggregate": Kind(measure_aggregate, lambda c: {**c, "repeats": 1, "clients": min(c["clients"], 10)}),
+    "bench_simulate": Kind(measure_bench_simulate,
+                           lambda c: {**c, "repeats": 1, "clients_per_round": min(c["clients_per_round"], 2)}),
+}
+
+
+def row_config(experiment: Experiment, row: Mapping[str, Any], *, quick: bool = False,
+               backbone: str | None = None) -> dict[str, Any]:
+    """Every setting ``row`` runs with: the experiment's, then the row's own, then ``backbone``
+    (a name or checkpoint folder replacing the experiment's), then ``--quick``'s shrinking."""
+    config = {**experiment.settings, **row["config"]}
+    if backbone is not None:
+        config["backbone"] = str(backbone)
+    return KINDS[experiment.kind].quick(config) if quick else config
+
+
+def label_line(row: Mapping[str, Any]) -> str:
+    """A row's label texts on one line, for progress."""
+    return " | ".join(str(v) for v in row["label"].values())
+
+
+def say(line: str) -> None:
+    """Prints a progress line at once (a long run's log is read while it goes)."""
+    print(line, flush=True)
+
+
+def run_experiment(experiment: Experiment, *, quick: bool = False, backbone: str | None = None,
+                   log: Callable[[str], None] = say) -> dict[str, Any]:
+    """Measure every row of ``experiment`` with the installed fedprompt.
+
+    Returns the JSON document (see the module docstring); ``log`` gets one line as each row
+    starts and one as it ends, with its seconds.
+    """
+    import fedprompt
+    from fedprompt import bench
+
+    machine = bench.machine()
+    configs = [row_config(experiment, row, quick=quick, backbone=backbone) for row in experiment.rows]
+    for config in configs:
+        KINDS[experiment.kind].check(config)
+    context = Context(configs)
+    rows = []
+    for i, (row, config) in enumerate(zip(experiment.rows, configs), 1):
+        where = f"[{experiment.name} {i}/{len(configs)}] {label_line(row)}"
+        log(f"{where}: started")
+        start = time.perf_counter()
+        numbers = KINDS[experiment.kind].measure(config, context)
+        seconds = time.perf_counter() - start
+        log(f"{where}: done in {seconds:.1f} s")
+        rows.append({"label": dict(row["label"]), "config": _plain(config),
+                     **({"emphasis": list(row["emphasis"])} if row.get("emphasis") else {}),
+                     **numbers, "row_seconds": seconds})
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    command = f"python {SCRIPT} run {experiment.name}" + (" --quick" if quick else "")
+    if backbone is not None:
+        command += f" --backbone {backbone}"
+    return {
+        "experiment": experiment.name,
+        "fedprompt": fedprompt.__version__,
+        "machine": machine,
+        "command": command,
+        "measured": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "quick": quick,
+        "rows": rows,
+    }
+
+
+def write_result(document: Mapping[str, Any], folder: str | os.PathLike[str] = RESULTS) -> Path:
+    """Writes ``document`` as ``folder/NAME.json`` (atomically) and returns the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{document['experiment']}.json"
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    partial.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+MARKERS = re.compile(r"<!-- results:(?P<name>[a-z0-9_]+) -->\n.*?<!-- /results:(?P=name) -->", re.S)
+
+
+def _markdown_row(cells: Sequence[str]) -> str:
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def table_lines(experiment: Experiment, rows: Sequence[Row]) -> list[list[str]]:
+    """The table as cells: the header, then one list per table row."""
+    if experiment.pivot is not None:
+        p = experiment.pivot
+        row_keys = list(dict.fromkeys(r["label"][p.rows_by] for r in rows))
+        column_keys = list(dict.fromkeys(r["label"][p.columns_by] for r in rows))
+        cells = {(r["label"][p.rows_by], r["label"][p.columns_by]): p.cell(r, rows) for r in rows}
+        return [[p.corner, *column_keys]] + [[k, *(cells.get((k, c), "") for c in column_keys)] for k in row_keys]
+    body = []
+    for row in rows:
+        bold = set(row.get("emphasis", ()))
+        cells = [column.cell(row, rows) for column in experiment.columns]
+        body.append([f"**{c}**" if column.key in bold and c else c for column, c in zip(experiment.columns, cells)])
+    return [[column.header for column in experiment.columns]] + body
+
+
+def caption(document: Mapping[str, Any]) -> str:
+    """The line under a table: the fedprompt version, CPU, cores and load it was measured with."""
+    m = document["machine"]
+    device = "" if m.get("platform", "cpu") == "cpu" else f", {m['platform']}:{m['device_kind']}"
+    where = f"fedprompt {document['fedprompt']}, {m['cpu']} ({m['cpu_count']} cores{device}), JAX {m['jax']}"
+    rerun = f"`python {SCRIPT} run {document['experiment']}`"
+    if document.get("transcribed"):
+        return f"_{where}, load average not recorded (transcribed from an earlier measurement; rerun with {rerun})._"
+    start, end = m.get("load_average"), m.get("load_average_end")
+    load = "load average not recorded" if not start else (
+        f"load average {start[0]:.1f}" + (f" at the start, {end[0]:.1f} at the end" if end else ""))
+    quick = " (a `--quick` run: shrunk settings, not the table's)" if document.get("quick") else ""
+    return f"_Measured with {where}, {load}, on {document['measured']}: `{document['command']}`{quick}._"
+
+
+def render_block(experiment: Experiment, document: Mapping[str, Any]) -> str:
+    """Everything between (and including) the markers of ``experiment``'s table."""
+    lines = table_lines(experiment, document["rows"])
+    table = "\n".join([_markdown_row(lines[0]), "|" + "---|" * len(lines[0]), *map(_markdown_row, lines[1:])])
+    name = experiment.name
+    return f"<!-- results:{name} -->\n\n{table}\n\n{caption(document)}\n\n<!-- /results:{name} -->"
+
+
+def load_result(name: str, folder: str | os.PathLike[str] = RESULTS) -> dict[str, Any]:
+    """``folder/NAME.json``; ResultsError when it is missing or not a results document."""
+    path = Path(folder) / f"{name}.json"
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path} is missing: run `python {SCRIPT} run {name}`") from None
+    except (OSError, ValueError) as err:
+        raise ResultsError(f"cannot read {path}: {err}") from None
+    missing = [k for k in ("fedprompt", "machine", "command", "rows") if k not in document]
+    if missing:
+        raise ResultsError(f"{path} lacks {', '.join(missing)}")
+    document.setdefault("experiment", name)
+    return document
+
+
+def render_readme(text: str, folder: str | os.PathLike[str] = RESULTS) -> tuple[str, list[str]]:
+    """``text`` (README.md) with every marked table rendered from ``folder``'s JSON.
+
+    Returns the new text and the names of the tables that changed. Raises ResultsError for a
+    marker naming no experiment, a missing JSON file, or a JSON file of an experiment whose
+    markers are not in ``text``.
+    """
+    changed: list[str] = []
+    found: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in EXPERIMENTS:
+            raise ResultsError(f"README marker results:{name} names no experiment of {SCRIPT}")
+        found.append(name)
+        block = render_block(EXPERIMENTS[name], load_result(name, folder))
+        if block != match[0]:
+            changed.append(name)
+        return block
+
+    new = MARKERS.sub(replace, text)
+    unmarked = [n for n in EXPERIMENTS if n not in found and (Path(folder) / f"{n}.json").exists()]
+    if unmarked:
+        raise ResultsError(f"README.md has no <!-- results:NAME --> markers for {', '.join(unmarked)}")
+    return new, changed
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``run`` and ``render``; returns the exit status (1: ``--check`` found differences, 2: bad input)."""
+    parser = argparse.ArgumentParser(prog=SCRIPT, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure experiments, write NAME.json")
+    run.add_argument("names", nargs="+", metavar="NAME", choices=sorted(EXPERIMENTS),
+                     help=", ".join(EXPERIMENTS))
+    run.add_argument("--quick", action="store_true",
+                     help="shrink every run (1 round, 512 training and 64 test examples, at most 8 clients, bench repeats 1); needs --out")
+    run.add_argument("--out", metavar="DIR", help=f"write the JSON here (default: {SCRIPT.rsplit('/', 1)[0]})")
+    run.add_argument("--backbone", help="run every row on this backbone (name or checkpoint folder)")
+    render = sub.add_parser("render", help="rewrite README.md's marked tables from the JSON")
+    render.add_argument("--check", action="store_true", help="write nothing; exit 1 if README.md differs")
+    render.add_argument("--results", metavar="DIR", default=str(RESULTS), help="where the JSON files are")
+    render.add_argument("--readme", metavar="FILE", default=str(README))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            if args.quick and not args.out:
+                raise ResultsError("--quick writes only into a folder given with --out (never over the kept results)")
+            for name in args.names:
+                path = write_result(run_experiment(EXPERIMENTS[name], quick=args.quick, backbone=args.backbone),
+                                    args.out or RESULTS)
+                print(f"wrote {path}", flush=True)
+            return 0
+        readme = Path(args.readme)
+        new, changed = render_readme(readme.read_text(), args.results)
+        if args.check:
+            if changed:
+                print(f"{readme} differs from the JSON in: {', '.join(changed)} (run `python {SCRIPT} render`)")
+                return 1
+            return 0
+        if changed:
+            readme.write_text(new)
+        print(f"rendered {', '.join(changed) or 'nothing (already up to date)'}")
+        return 0
+    except ResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""examples/results/reproduce.py: the README's measured tables are exactly what their JSON
+renders, a changed number changes its table, and a quick run records the run's own numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+from test_cli_artifact import _with_tokenizer
+
+import fedprompt
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "examples" / "results"
+README = ROOT / "README.md"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reproduce", RESULTS / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = _load_script()
+
+
+def test_the_readme_tables_are_what_their_json_renders(capsys):
+    text = README.read_text()
+    marked = re.findall(r"<!-- results:([a-z0-9_]+) -->", text)
+    assert sorted(marked) == sorted(reproduce.EXPERIMENTS)  # every experiment's table is marked, once
+    new, changed = reproduce.render_readme(text)
+    assert changed == [] and new == text
+    assert reproduce.main(["render", "--check"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_a_changed_number_changes_its_table_and_fails_the_check(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("*.py", "*.png", "__pycache__"))
+    document = json.loads((results / "default_task.json").read_text())
+    old = document["rows"][0]["final_accuracy"]
+    document["rows"][0]["final_accuracy"] = 0.5
+    (results / "default_task.json").write_text(json.dumps(document))
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text())
+
+    new, changed = reproduce.render_readme(readme.read_text(), results)
+    assert changed == ["default_task"]
+    assert f"| soft prompt (20 tokens) + head | FedAvg | {old:.3f} |" in readme.read_text()
+    assert "| soft prompt (20 tokens) + head | FedAvg | 0.500 |" in new
+    assert reproduce.main(["render", "--check", "--results", str(results), "--readme", str(readme)]) == 1
+    assert "default_task" in capsys.readouterr().out
+    assert reproduce.main(["render", "--results", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text() == new
+    # only the table (between its markers) changed
+    outside = re.compile(r"<!-- results:default_task -->.*<!-- /results:default_task -->", re.S)
+    assert outside.sub("", new) == outside.sub("", README.read_text())
+    assert reproduce.main(["render", "--check", "--results", str(results), "--readme", str(readme)]) == 0
+
+
+def test_render_refuses_a_missing_json_and_quick_refuses_the_kept_results(tmp_path, capsys):
+    with pytest.raises(reproduce.ResultsError, match=r"default_task.json is missing: run `python examples/results/reproduce.py run default_task`"):
+        reproduce.render_readme(README.read_text(), tmp_path)
+    assert reproduce.main(["run", "memory", "--quick"]) == 2
+    assert "--quick writes only into a folder given with --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "fmt, x, expected",
+    [
+        ("decimal_bytes", 254, "254 B"),
+        ("decimal_bytes", 71_040, "71.0 KB"),
+        ("decimal_bytes", 8_524_800, "8.52 MB"),
+        ("decimal_bytes", 98_240_000, "98.2 MB"),
+        ("duration", 2.2e-5, "0.02 ms"),
+        ("duration", 0.0203, "20.3 ms"),
+        ("duration", 0.2049, "205 ms"),
+        ("duration", 1.2, "1.20 s"),
+        ("gib", 106 * 2**30, "106 GiB"),
+        ("significant", 99.96, "100"),
+    ],
+)
+def test_cell_formats(fmt, x, expected):
+    assert getattr(reproduce, fmt)(x) == expected
+
+
+def test_a_quick_run_records_the_numbers_of_the_run(tmp_path):
+    """One row of the default-task table, shrunk by --quick, on the tiny BERT: the JSON row holds
+    what the seeded run gives again when rerun through the Python API with the row's config."""
+    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    table = reproduce.EXPERIMENTS["default_task"]
+    one_row = dataclasses.replace(table, rows=table.rows[2:3])  # FedAvgM: no baselines, cheaper
+    lines: list[str] = []
+    path = reproduce.write_result(reproduce.run_experiment(one_row, quick=True, backbone=str(backbone),
+                                                           log=lines.append), tmp_path / "out")
+    document = json.loads(path.read_text())
+
+    assert path.name == "default_task.json"
+    assert document["fedprompt"] == fedprompt.__version__
+    assert {"cpu", "cpu_count", "jax", "load_average", "load_average_end"} <= set(document["machine"])
+    assert document["command"] == f"python examples/results/reproduce.py run default_task --quick --backbone {backbone}"
+    assert document["measured"] == datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert [re.sub(r"[\d.]+ s$", "N s", line) for line in lines] == [
+        "[default_task 1/1] soft prompt + head | FedAvgM (lr 1, momentum 0.9): started",
+        "[default_task 1/1] soft prompt + head | FedAvgM (lr 1, momentum 0.9): done in N s",
+    ]
+    (row,) = document["rows"]
+    config = row["config"]
+    assert (config["algorithm"], config["server_lr"], config["server_momentum"]) == ("fedavgm", 1.0, 0.9)
+    assert (config["rounds"], config["train_examples"], config["eval_examples"]) == (1, 512, 64)
+    assert 1 <= config["clients_per_round"] <= config["clients"]
+
+    again = fedprompt.simulate(fedprompt.RunConfig(**config))
+    assert row["final_accuracy"] == again.summary["final_accuracy"]
+    assert row["total_bytes_up"] == again.summary["total_bytes_up"] > 0
+    assert row["total_bytes"] == again.summary["total_bytes_up"] + again.summary["total_bytes_down"]
+    reports = sum(m["clients"] for m in again.metrics)
+    assert row["bytes_up_per_client_round"] == again.summary["total_bytes_up"] / reports
+
+    block = reproduce.render_block(one_row, document)
+    assert f"| soft prompt + head | FedAvgM (lr 1, momentum 0.9) | {row['final_accuracy']:.3f} |" in block
+    assert f"_Measured with fedprompt {fedprompt.__version__}, " in block and "`--quick` run" in block

@@ -295,6 +295,25 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         ),
     ),
     Experiment(
+        "label_skew", "simulate", {**DEFAULT_TASK, "eval_every": 5},
+        rows=(
+            run_row({"head": "random", "algorithm": "FedAdam (server lr 0.03)", "local": "plain"}),
+            run_row({"head": "class means", "algorithm": "FedAdam (server lr 0.03)", "local": "plain"},
+                    head_init="class_means"),
+            run_row({"head": "class means", "algorithm": "FedAvg", "local": "plain"},
+                    head_init="class_means", algorithm="fedavg", server_lr=None),
+            run_row({"head": "class means", "algorithm": "FedAdam (server lr 0.03)", "local": "logit-adjusted (tau 1)"},
+                    head_init="class_means", logit_adjustment=1.0),
+        ),
+        columns=(
+            text("head"), text("algorithm"), text("local", "local loss"),
+            value("accuracy before round 1", "initial_accuracy", accuracy),
+            value("after round 5", "accuracy_by_round.5", accuracy),
+            column_max("final accuracy", "final_accuracy", accuracy),
+            value("wall time", "wall_seconds", lambda x: f"{x / 60:.1f} min"),
+        ),
+    ),
+    Experiment(
         "compression", "simulate", DEFAULT_TASK,
         rows=(
             run_row({"compression": "none (float32)"}),
@@ -460,6 +479,11 @@ def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
         "test_examples": summary["test_examples"],
         "wall_seconds": summary["wall_seconds"],
     }
+    evaluated = [m for m in result.metrics if m.get("eval_accuracy") is not None]
+    numbers["accuracy_by_round"] = {str(m["round"]): m["eval_accuracy"] for m in evaluated}
+    if "setup" in summary:
+        numbers["initial_accuracy"] = summary["setup"].get("initial_accuracy")
+        numbers["setup_bytes_up_per_client"] = summary["setup"]["bytes_up"]
     if "baselines" in summary:
         numbers["centralized_accuracy"] = summary["baselines"]["centralized_accuracy"]
         numbers["local_only_accuracy"] = summary["baselines"]["local_only_accuracy"]

@@ -154,7 +154,8 @@ def test_sigint_after_the_first_round_says_how_to_resume(tiny, tmp_path):
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+        # the round's metrics line is written before its checkpoint: wait for the checkpoint
+        if metrics.is_file() and metrics.read_text().count("\n") >= 1 and (out / "checkpoint.msgpack").is_file():
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()[1]

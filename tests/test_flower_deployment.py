@@ -67,6 +67,18 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _kill_leftovers(family: set[int], deadline: float) -> None:
+    """Waits until ``deadline`` for the processes ``family`` to end, then SIGKILLs the rest."""
+    while any(_running(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in family:
+        if _running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1, started as subprocesses of this test."""
 
@@ -152,15 +164,7 @@ class LocalDeployment:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while any(_running(pid) for pid in family) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in family:
-            if _running(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _kill_leftovers(family, time.monotonic() + 10)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM to every process group at once; SIGKILL to whatever is left after ``grace`` s."""
@@ -178,14 +182,7 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        while any(_running(pid) for pid in family) and time.monotonic() < deadline + 5:
-            time.sleep(0.2)
-        for pid in family:
-            if _running(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _kill_leftovers(family, deadline + 5)
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"

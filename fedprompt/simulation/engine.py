@@ -223,6 +223,10 @@ class FederatedSimulation:
         )
         return state, client_states
 
+    def _padded(self, ids: np.ndarray) -> jax.Array:
+        """Client ids padded to a whole block (repeating the first; the extra rows are dropped)."""
+        return jnp.asarray(np.concatenate([ids, np.full(self.block - len(ids), ids[0])]), jnp.int32)
+
     def class_statistics(self, params: Pytree) -> class_means.ClassStatistics:
         """Every client's class statistics ``[C, ...]`` under ``params`` (in blocks of
         clients), as each client sends them before the first round."""
@@ -231,7 +235,7 @@ class FederatedSimulation:
         blocks = []
         for start in range(0, num_clients, self.block):
             ids = np.arange(start, min(start + self.block, num_clients))
-            padded = jnp.asarray(np.concatenate([ids, np.full(self.block - len(ids), ids[0])]), jnp.int32)
+            padded = self._padded(ids)
             out = self._statistics(params, self.backbone.weights, self.client_data.columns, self._sizes, padded,
                                    keys[padded])
             blocks.append(jax.tree.map(lambda x: x[: len(ids)], out))
@@ -266,8 +270,7 @@ class FederatedSimulation:
         results = []
         for start in range(0, len(ids), self.block):
             block_ids = ids[start : start + self.block]
-            padded = np.concatenate([block_ids, np.full(self.block - len(block_ids), block_ids[0])])
-            padded = jnp.asarray(padded, jnp.int32)
+            padded = self._padded(block_ids)
             controls = jax.tree.map(lambda c: c[padded], client_states)
             try:
                 out = jax.block_until_ready(self._train_block(

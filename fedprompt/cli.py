@@ -132,6 +132,7 @@ RUN_HELP: dict[str, str] = {
     "num_byzantine": "krum / multi_krum: assumed attackers",
     "krum_m": "multi_krum: updates averaged (unset: all but the attackers)",
     "norm_bound": "norm_bound: L2 bound of each update",
+    "update_clip": "the server clips every client update to this L2 norm, in every runtime (0: off; with DP: the DP clip)",
     "attack": "sign_flip | scaling | gaussian | label_flip (unset: none)",
     "attack_fraction": "fraction of malicious clients",
     "attack_scale": "factor of sign_flip / scaling attacks",

@@ -164,6 +164,17 @@ AGGREGATOR_PARAMS: dict[str, tuple[str, ...]] = {
 }
 """The parameters each aggregation rule takes."""
 
+UPDATE_CLIP = 100.0
+"""The default :attr:`RunConfig.update_clip`, the server's L2 bound on every client delta.
+
+Measured in the first two rounds of the default settings (MiniLM, 8 clients a round, 1,024
+training glosses): the largest honest delta had norm 5.7 with the default soft prompt (Adam, 8
+steps of 0.01), 18 with ``method = "prefix"``, 8.3 with ``"zo"``, 3.3 with ``scaffold`` (SGD
+0.5) and 27 with ``"bbt"`` (CMA-ES on ``z``, d = 500, sigma 1; on the tiny test backbone, as
+its ``z`` does not depend on the backbone's size). 100 leaves all of them unscaled with room
+(18x the default's norm), while a client sending values of 1e6 moves the global state by at
+most ``100 x its weight share`` instead of ``1e6 x share`` per coordinate."""
+
 ATTACKS = ("sign_flip", "scaling", "gaussian", "label_flip")
 """The simulated attacks (:mod:`fedprompt.simulation.attacks`)."""
 
@@ -278,6 +289,12 @@ class RunConfig:
       aggregator: mean, median, trimmed_mean, krum, multi_krum or norm_bound (robust rules
         replace the mean for every algorithm).
       trim_beta, num_byzantine, krum_m, norm_bound: their parameters.
+      update_clip: the server's bound on every client update: a delta (after the program's
+        ``to_delta``) of L2 norm above it is scaled down to it before aggregation, so one
+        client of weight share ``s`` moves the global mean by at most ``s * update_clip``
+        (:func:`fedprompt.server.rounds.update_clip_stage`); 0 or None: off. With central DP
+        the DP clip is the bound; with local DP the bound is the DP clip plus the norm the
+        noise can reach (:func:`fedprompt.federation.plan.resolve_update_clip`).
       attack: sign_flip, scaling, gaussian or label_flip, by a fixed ``attack_fraction`` of
         the clients; ``attack_scale`` multiplies sign-flipped and scaled updates.
       dp: central or local client-level differential privacy (DP-FedAvg); unset: none.
@@ -342,6 +359,7 @@ class RunConfig:
     num_byzantine: int = 1
     krum_m: int | None = None
     norm_bound: float = 1.0
+    update_clip: float | None = UPDATE_CLIP
     attack: str | None = None
     attack_fraction: float = 0.2
     attack_scale: float = 10.0
@@ -430,6 +448,8 @@ class RunConfig:
 
     def _check_robustness_and_privacy(self) -> None:
         check_aggregator(self.aggregator, self.aggregator_options())
+        if self.update_clip is not None:
+            check_number("update_clip", self.update_clip, lower=0.0)
         if self.attack is not None:
             check_attack(self.attack, self.attack_fraction, self.attack_scale)
         self.dp_config()
@@ -486,6 +506,11 @@ class RunConfig:
             "multi_krum": {"num_byzantine": self.num_byzantine, **({"m": self.krum_m} if self.krum_m else {})},
             "norm_bound": {"bound": self.norm_bound},
         }.get(self.aggregator, {})
+
+    @property
+    def resolved_update_clip(self) -> float | None:
+        """``update_clip`` as a bound, None when off (0 or unset)."""
+        return float(self.update_clip) if self.update_clip else None
 
     def dp_config(self) -> DPConfig:
         """The :class:`DPConfig` of this run (validated)."""

@@ -248,20 +248,23 @@ def test_apps_in_process_equal_the_simulation(tmp_path, flower_task, algorithm):
 
 # Every method and protection, deployed through the apps, against the in-process run. The
 # noise of DP is zero here (a deployment draws it from its own entropy); the tests below check
-# that with noise on it is there, at the right scale.
+# that with noise on it is there, at the right scale. Every row sets the server's update bound
+# (update-clip, one stage of the plan's server round) explicitly, low enough to scale honest
+# updates of most rows, so both runtimes must clip alike; with central DP the DP clip is the bound.
 PARITY = {
-    "prefix-median": {"method": "prefix", "aggregator": "median"},
-    "bbt": {"method": "bbt", "local-steps": 2},
-    "zo": {"method": "zo", "local-steps": 4},
+    "prefix-median": {"method": "prefix", "aggregator": "median", "update-clip": 0.2},
+    "bbt": {"method": "bbt", "local-steps": 2, "update-clip": 0.2},
+    "zo": {"method": "zo", "local-steps": 4, "update-clip": 0.2},
     "int8-error-feedback-multi-krum": {"compress": "int8", "error-feedback": True, "aggregator": "multi_krum",
-                                       "num-byzantine": 0, "krum-m": 2},
-    "int4-trimmed-mean": {"compress": "int4", "aggregator": "trimmed_mean", "trim-beta": 0.34},
+                                       "num-byzantine": 0, "krum-m": 2, "update-clip": 0.2},
+    "int4-trimmed-mean": {"compress": "int4", "aggregator": "trimmed_mean", "trim-beta": 0.34, "update-clip": 0.2},
     "local-dp-krum": {"dp": "local", "dp-clip": 0.05, "dp-noise-multiplier": 0.0, "aggregator": "krum",
-                      "num-byzantine": 0},
+                      "num-byzantine": 0, "update-clip": 0.2},
     "norm-bound-tpt": {"aggregator": "norm_bound", "norm-bound": 0.05, "tpt": True, "tpt-test-clients": 2,
-                       "tpt-views": 2},
-    "central-dp": {"dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
-    "secagg-central-dp": {"secagg": True, "dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
+                       "tpt-views": 2, "update-clip": 0.2},
+    "central-dp": {"dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0, "update-clip": 0.2},
+    "secagg-central-dp": {"secagg": True, "dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0,
+                          "update-clip": 0.2},
 }
 
 
@@ -276,7 +279,7 @@ def test_every_method_and_protection_deployed_equals_the_simulation(tmp_path, fl
     state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
     _assert_close(result.state.server.params, state.server.params)
     for got, want in zip(result.metrics, expected, strict=True):
-        for key in ("bytes_up", "bytes_down", "clients", "participants", "epsilon", "dp_clip"):
+        for key in ("bytes_up", "bytes_down", "clients", "participants", "epsilon", "dp_clip", "update_clip", "clipped"):
             assert got.get(key) == want.get(key), (key, got.get(key), want.get(key))
         np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
     if name == "zo":  # only seeds and scalars travel up: the encoded pairs and the header
@@ -547,7 +550,8 @@ def test_a_reply_over_the_message_limit_is_a_counted_rejection(tmp_path, flower_
         while len(data := blob(n)) != total:  # the blob's own length header grows with it
             n -= len(data) - total
         sizes[len(data)] = True
-        content = RecordDict({common.RECORD: ConfigRecord({"update": data}),
+        record = {**reply.content.config_records[common.RECORD], "update": data}  # its binding kept
+        content = RecordDict({common.RECORD: ConfigRecord(record),
                               common.METRICS: reply.content.metric_records[common.METRICS]})
         return Message(content, reply_to=_sent(grid, reply))
 
@@ -757,3 +761,146 @@ def test_node_data_settings_and_a_node_whose_file_has_an_unknown_label(tmp_path,
     nodes.refresh(timeout=10)
     assert sorted(nodes.node_of) == [0, 1] and nodes.examples == dict(enumerate(node_files["sizes"][:2]))
     assert any("could not say which client" in text and str(bad) in text and "'bird'" in text for text in logs)
+
+
+# -- a hostile client costs the round one client, never the server -------------------------------
+
+ATTACK = 1e6
+BOUND = 0.5
+
+
+def _with_record(grid: InProcessGrid, reply: Message, **fields) -> Message:
+    """A train reply with fields of its record replaced (its update, its binding), metrics kept."""
+    record = dict(reply.content.config_records[common.RECORD])
+    content = RecordDict({common.RECORD: ConfigRecord({**record, **fields}),
+                          common.METRICS: reply.content.metric_records[common.METRICS]})
+    return Message(content, reply_to=_sent(grid, reply))
+
+
+def _container_bomb(limit: int, fingerprint: str, round_index: int) -> bytes:
+    """A well-formed update message whose tree is a list of empty msgpack maps, ``limit - 1`` bytes
+    long: decoded (it is not over the limit) into about ``limit`` Python dicts."""
+    encode = lambda n: codec.encode({"delta": [{}] * n}, kind=rounds.UPDATE_KIND, round=round_index,
+                                    fingerprint=fingerprint)
+    n = limit - 1 - (len(encode(100)) - 100)
+    while len(data := encode(n)) != limit - 1:
+        n -= len(data) - (limit - 1)
+    return data
+
+
+def test_a_1e6_attacker_is_clipped_and_a_container_bomb_refused_alike_deployed_and_simulated(
+        tmp_path, flower_task, monkeypatch):
+    """Round 1: client 0 sends values of 1e6, client 1 a message of empty maps just under the
+    message limit. The ServerApp clips client 0 to the bound (the plan's stage, the simulation's
+    very numbers), refuses client 1 (counted) and decodes it within a small multiple of its size."""
+    import tracemalloc
+
+    overrides, settings = _settings(tmp_path / "out", rounds=1, **{"update-clip": BOUND})
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    fed = common.build_federation(settings, common.load_run_backbone(settings))
+    fingerprint = fed.backbone.fingerprint
+    template = fed.plan.update_template(fed.template_rows())
+    limit = common.message_limit(template, kind=rounds.UPDATE_KIND, round=0, fingerprint=fingerprint)
+    objects = common.object_limit(template, kind=rounds.UPDATE_KIND, round=0, fingerprint=fingerprint)
+    attacker = codec.encode({"delta": jax.tree.map(lambda t: np.full(t.shape, ATTACK, np.float32), template["delta"])},
+                            kind=rounds.UPDATE_KIND, round=0, fingerprint=fingerprint)
+    bomb = _container_bomb(limit, fingerprint, 0)
+    hostile = {0: attacker, 1: bomb}
+    grid.tamper = lambda client, reply: (_with_record(grid, reply, update=hostile[client])
+                                         if reply.metadata.message_type == "train" and client in hostile else reply)
+    peaks = []
+    receive = rounds.receive_updates
+
+    def measured(messages, **kwargs):  # the server's decode and validation of the round's replies
+        tracemalloc.start()
+        try:
+            return receive(messages, **kwargs)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(rounds, "receive_updates", measured)
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    monkeypatch.setattr(rounds, "receive_updates", receive)
+    (line,) = result.metrics
+    assert line["participants"] == [0, 2] and line["rejections"] == {"too many msgpack objects": 1}
+    assert line["update_clip"] == BOUND and line["clipped"] >= 1
+    # The memory of decoding the round's three replies, the bomb's included: a few times the
+    # bomb (without the template's object limit, msgpack would build ~6,000 dicts: ~140x).
+    (peak,) = peaks
+    assert len(bomb) == limit - 1 and codec.object_count(bomb) > 10 * objects
+    assert peak <= 4 * len(bomb), (peak, len(bomb))
+    print(f"container bomb of {len(bomb)} bytes: decode peak {peak} bytes (x{peak / len(bomb):.1f})")
+
+    # The simulation's server round on the same messages: the same numbers.
+    _, sim = _reference(settings)
+    state, controls = sim.init()
+    ids, _ = sim.sample(0)
+    host = jax.device_get(sim.train_clients(state, controls, ids, 0))
+    messages = [hostile.get(int(client)) or codec.encode(
+        client_message(jax.tree.map(lambda x, s=slot: x[s], host), False), kind=rounds.UPDATE_KIND, round=0,
+        fingerprint=fingerprint) for slot, client in enumerate(ids)]
+    received = receive(messages, round_index=0, fingerprint=fingerprint, template=template, max_bytes=limit,
+                       max_objects=objects)
+    sizes = sim.client_data.sizes[ids]
+    expected, outcome = sim.plan.server.apply(state, received, sizes, key=sim.plan.keys.round_noise(0),
+                                              participants=ids)
+    _assert_close(result.state.server.params, expected.server.params)
+    assert outcome.metrics["clipped"] == line["clipped"] and received.rejections == line["rejections"]
+    # FedAvg moves by sum_i share_i clip(delta_i): the attacker's term has norm BOUND x its share.
+    def flat(tree):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+    weights = np.where(received.accepted, sizes, 0)
+    share = weights / weights.sum()
+    slot = {int(client): s for s, client in enumerate(ids)}
+    delta = flat(jax.tree.map(lambda x: x[slot[2]], host.delta))
+    honest = share[slot[2]] * delta * min(1.0, BOUND / np.linalg.norm(delta))
+    move = flat(result.state.server.params) - flat(state.server.params)
+    np.testing.assert_allclose(np.linalg.norm(move - honest), BOUND * share[slot[0]], rtol=1e-4)
+    assert np.linalg.norm(move) <= BOUND * (1 + 1e-6)
+
+
+def test_a_replayed_or_readdressed_update_is_a_counted_rejection(tmp_path, flower_task):
+    """Every train message carries a fresh nonce; a reply must echo it with its round and the
+    client the message went to. Round 1: client 2 answers as client 1 (another client's binding).
+    Round 2: client 0 re-sends its round-1 update re-headed for round 2 with its round-1 binding
+    (another round), client 1 the same with round 2's number but round 1's nonce (another
+    nonce); client 2's honest reply is accepted. The content of all of them is valid."""
+    overrides, settings = _settings(tmp_path / "out", rounds=2)
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    first: dict[int, dict] = {}
+
+    def rehead(record, round_index):
+        old = codec.decode(record["update"])
+        return codec.encode(old.tree, kind=old.kind, round=round_index, fingerprint=old.fingerprint)
+
+    def tamper(client, reply):
+        if reply.metadata.message_type != "train":
+            return reply
+        record = dict(reply.content.config_records[common.RECORD])
+        if reply.metadata.group_id == "0":
+            first[client] = record
+            return _with_record(grid, reply, **{"client-id": 1}) if client == 2 else reply
+        if client == 0:  # its own old update and binding, re-headed for this round
+            return _with_record(grid, reply, update=rehead(first[0], 1), round=0, nonce=first[0]["nonce"])
+        if client == 1:  # this round's number, last round's nonce
+            return _with_record(grid, reply, update=rehead(first[1], 1), nonce=first[1]["nonce"])
+        return reply
+
+    grid.tamper = tamper
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    nonces = {m.metadata.group_id: m.content.config_records[common.RECORD]["nonce"] for m in sent}
+    assert len(set(nonces.values())) == 2 and all(len(n) == common.NONCE_BYTES for n in nonces.values())
+    one, two = result.metrics
+    assert one["participants"] == [0, 1] and one["rejections"] == {"update bound to another client": 1}
+    assert two["participants"] == [2]
+    assert two["rejections"] == {"update bound to another round": 1, "update bound to another nonce": 1}
+    fed, sim = _reference(settings)
+    _assert_close(result.state.params, _replay(fed, sim, result.metrics, settings).params)
+    # The binding check on its own: exactly what was sent passes.
+    binding = common.update_binding(1, 2, nonces["1"])
+    common.check_binding(binding, round_index=1, client_id=2, nonce=nonces["1"])
+    with pytest.raises(WireError, match="without its binding"):
+        common.check_binding({**binding, "nonce": b"short"}, round_index=1, client_id=2, nonce=nonces["1"])

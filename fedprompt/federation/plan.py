@@ -3,8 +3,9 @@
 :func:`make_plan` builds, from the settings and the frozen backbone and without any client
 data, everything both runtimes share: the prompt and task, the algorithm and local optimizer,
 the :class:`~fedprompt.client.program.ClientProgram` every client runs, the client's encode
-stage (local DP), the server's :class:`~fedprompt.server.rounds.ServerRound` (robust rule or
-central DP, the optax step, the privacy ledger), and the :class:`~fedprompt.federation.keys.KeySchedule`.
+stage (local DP), the server's :class:`~fedprompt.server.rounds.ServerRound` (the update bound,
+robust rule or central DP, the optax step, the privacy ledger), and the
+:class:`~fedprompt.federation.keys.KeySchedule`.
 The in-process simulation (:mod:`fedprompt.simulation.engine`) and the Flower apps
 (:mod:`fedprompt.flower`) then make the same calls, round by round::
 
@@ -199,6 +200,36 @@ class SecureAggregationSettings:
         return self.threshold or max(2, -(-2 * n // 3))
 
 
+LOCAL_DP_TAIL = 6.0
+"""How many standard deviations above its mean the norm of local DP's noise may lie before the
+server's bound clips it: ``P(||N(0, s^2 I_D)|| > s (sqrt(D) + t)) <= exp(-t^2 / 2)``, about
+1.5e-8 for ``t = 6`` (Gaussian concentration of a 1-Lipschitz function)."""
+
+
+def resolve_update_clip(update_clip: float | None, privacy: Privacy, size: int) -> float | None:
+    """The server's bound on every client's delta (:func:`~fedprompt.server.rounds.update_clip_stage`).
+
+    * without DP: ``update_clip`` (None or 0: no bound);
+    * central DP: None, whatever ``update_clip`` says: the DP stage clips every update to its
+      clip ``C`` (adaptive or not) and calibrates the noise to exactly that ``C``; a second clip
+      that the sensitivity analysis does not see is left out;
+    * local DP (when ``update_clip`` is on): ``C (1 + z (sqrt(D) + t))`` for ``D = size``
+      coordinates and ``t =`` :data:`LOCAL_DP_TAIL`: an honest client sends its update clipped
+      to ``C`` plus ``N(0, (z C)^2 I_D)``, whose norm exceeds ``z C (sqrt(D) + t)`` with
+      probability below ``exp(-t^2 / 2)``, so honest updates pass unscaled (clipping them would
+      only be post-processing, never a privacy loss, but it would bias them), and a hostile one
+      moves the mean no further than an honest one can.
+    """
+    if privacy.mode == "central":
+        return None
+    if not update_clip:
+        return None
+    if privacy.mode == "local":
+        c = privacy.config.clip
+        return float(c * (1.0 + privacy.noise_multiplier * (np.sqrt(size) + LOCAL_DP_TAIL)))
+    return float(update_clip)
+
+
 def make_aggregate_stage(
     aggregator: Any, privacy: Privacy, clients_per_round: int
 ) -> rounds.AggregateStage:
@@ -355,6 +386,7 @@ def build_plan(
     secagg: SecureAggregationSettings | None = None,
     head_init: str = "random",
     head_init_examples: int = 256,
+    update_clip: float | None = None,
 ) -> FederationPlan:
     """A :class:`FederationPlan` from its parts (what :func:`make_plan` does for a RunConfig).
 
@@ -373,6 +405,8 @@ def build_plan(
       head_init, head_init_examples: ``"class_means"`` sets the head once before the first
         round from the clients' class statistics on up to ``head_init_examples`` rows each
         (:mod:`fedprompt.client.class_means`).
+      update_clip: the server's L2 bound on every client's delta (None or 0: none; with DP,
+        :func:`resolve_update_clip`).
 
     Raises:
       ConfigError: a combination that cannot run.
@@ -388,9 +422,15 @@ def build_plan(
     privacy = make_privacy(dp_config, num_clients=num_clients, clients_per_round=clients_per_round,
                            rounds=total_rounds)
     stage = make_aggregate_stage(aggregator or make_aggregator("mean"), privacy, clients_per_round)
+    bound = None
+    if update_clip:
+        init = program.init or (lambda key: init_trainable(backbone, prompt_config, task, key))
+        size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(init, jax.random.key(0))))
+        bound = resolve_update_clip(update_clip, privacy, size)
     server = rounds.ServerRound(
         algorithm, num_clients=num_clients, aggregate=stage,
         to_delta=None if program.to_delta is identity_delta else program.to_delta, ledger=privacy.ledger,
+        update_clip=bound,
     )
     encode = None
     if privacy.mode == "local":
@@ -437,4 +477,5 @@ def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_s
         aggregator=make_aggregator(config.aggregator, **config.aggregator_options()),
         dp_config=config.dp_config(), total_rounds=config.rounds, secagg=secagg,
         head_init=config.head_init, head_init_examples=config.head_init_examples,
+        update_clip=config.resolved_update_clip,
     )

@@ -14,7 +14,9 @@ On a ``train`` message the client
    this client in this round (``FederationPlan.client_keys``), then its encode stage
    (``FederationPlan.encode``: local DP clips and noises the payload, with noise drawn from
    this machine's entropy, never from the run's seed);
-4. replies with its payload encoded by the wire codec, and its loss and number of examples.
+4. replies with its payload encoded by the wire codec, bound to the round, its client id and
+   the round's nonce of the server's message (echoed beside it,
+   :func:`~fedprompt.flower.common.update_binding`), and its loss and number of examples.
 
 On an ``evaluate`` message (``federated-eval = true``) it checks the global state the same way
 and replies with its loss and accuracy on its own held-out rows (its ``test-path`` file, else
@@ -192,9 +194,13 @@ def _local_result(message: Message, context: Context) -> tuple[_Client, int, int
 
 
 def _reply(message: Message, client: _Client, update: Any, round_index: int, loss: float, start: float) -> Message:
+    """The reply to a ``train`` message: the encoded update, bound to the message's round,
+    client id and nonce, and the client's loss and number of examples."""
     payload = codec.encode(update, kind=UPDATE_KIND, round=round_index, fingerprint=client.federation.backbone.fingerprint)
+    fields = _fields(message)
+    binding = common.update_binding(fields["round"], fields["client-id"], fields.get("nonce"))
     content = RecordDict({
-        common.RECORD: ConfigRecord({"update": payload}),
+        common.RECORD: ConfigRecord({"update": payload, **binding}),
         common.METRICS: MetricRecord({
             "loss": float(loss), "num-examples": client.size, "seconds": time.perf_counter() - start,
         }),
@@ -285,11 +291,14 @@ def secagg_unmask(message: Message, context: Context) -> Message:
 
 
 def _fields(message: Message) -> dict[str, Any]:
-    """The server's fields of a ``train`` or ``evaluate`` message, type-checked."""
+    """The server's fields of a ``train`` or ``evaluate`` message, type-checked; a ``train``
+    message's ``nonce`` too, when it has one (the client only echoes it: the server, which drew
+    it, refuses a reply without it)."""
     record = message.content.config_records.get(common.RECORD) if message.has_content() else None
     if record is None:
         raise WireError(f"the message has no {common.RECORD!r} record")
-    expected = {"global": bytes, "round": int, "client-id": int}
+    nonce = record.get("nonce") is not None
+    expected = {"global": bytes, "round": int, "client-id": int, **({"nonce": bytes} if nonce else {})}
     fields = {}
     for key, kind in expected.items():
         value = record.get(key)
@@ -298,6 +307,8 @@ def _fields(message: Message) -> dict[str, Any]:
         fields[key] = value
     if fields["round"] < 0:
         raise WireError(f"the message's round must be >= 0, got {fields['round']}")
+    if nonce and len(fields["nonce"]) != common.NONCE_BYTES:
+        raise WireError(f"the message's nonce must be {common.NONCE_BYTES} bytes, got {len(fields['nonce'])}")
     return fields
 
 

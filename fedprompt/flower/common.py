@@ -30,8 +30,11 @@ Messages (all payloads are :mod:`fedprompt.wire.codec` bytes, the simulation's w
   ``partition-id``, ``num-partitions``, the node's backbone ``fingerprint`` and its
   ``num-examples``.
 * ``train`` server -> client: ``{"fedprompt": {"global": <codec kind "global">, "round": r,
-  "client-id": i}}``; the reply is ``{"fedprompt": {"update": <codec kind "update">},
-  "metrics": {"loss", "num-examples", "seconds"}}``.
+  "client-id": i, "nonce": <16 random bytes, new every round>}}``; the reply is
+  ``{"fedprompt": {"update": <codec kind "update">, "round": r, "client-id": i, "nonce": ...},
+  "metrics": {"loss", "num-examples", "seconds"}}``: the update bound (:func:`update_binding`)
+  to the round, the client and the round's nonce the server sent that node; a reply bound to
+  anything else is a counted rejection (:func:`check_binding`).
 * ``evaluate`` server -> client (``federated-eval = true``): the fields of ``train``, the
   global state after ``round`` rounds; the reply is ``{"metrics": {"eval-loss",
   "eval-accuracy", "num-examples"}}``, the node's evaluation on its ``test-path`` rows (else
@@ -43,16 +46,30 @@ Messages (all payloads are :mod:`fedprompt.wire.codec` bytes, the simulation's w
   "class_statistics">}}``, the node's
   :meth:`~fedprompt.federation.plan.FederationPlan.class_statistics` of its rows.
 
+Replay protection: the server draws a fresh nonce from the operating system's entropy
+(:func:`fresh_nonce`) for every round and refuses an update whose binding does not echo it,
+with the round and the client id it sent to that node. The binding travels in the reply's
+record beside the codec payload, not inside it: the payload stays the simulation's, byte for
+byte (``bytes_up`` is the same in both runtimes), and one Flower message is covered as a whole
+by the channel. Only under an authenticated channel (TLS and SuperNode authentication) does it
+stop a party on the network from replaying or re-addressing another node's update; stale
+content that a client sends itself is what the update bound (``update-clip``) and the robust
+rules are for.
+
 A reported ``num-examples`` that is not a positive int (or, with the demo partition, not the
 client's size) makes the reply a rejected one. The server decodes a client's codec payload with
 a limit of :func:`message_limit` of what it expects (twice its encoded size, plus
-:data:`MESSAGE_SLACK`), never the codec's 64 MiB default: a larger reply is a rejection.
+:data:`MESSAGE_SLACK`), never the codec's 64 MiB default: a larger reply is a rejection; and
+with at most :func:`object_limit` msgpack objects (twice the template's, plus
+:data:`OBJECT_SLACK`), so a reply of many tiny containers is refused before it is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -82,6 +99,12 @@ CLASS_STATISTICS = "class_statistics"
 
 MESSAGE_SLACK = 4096
 """Bytes a reply's codec payload may exceed twice its template's encoded size by (headers, meta)."""
+
+OBJECT_SLACK = 64
+"""Msgpack objects a reply's codec payload may hold beyond twice its template's (headers, meta)."""
+
+NONCE_BYTES = 16
+"""The length of a round's nonce (:func:`fresh_nonce`)."""
 
 WEIGHTINGS = ("reported", "uniform")
 """How the server weighs a client's update (``client-weighting``)."""
@@ -330,6 +353,50 @@ def message_limit(template: Any, **header: Any) -> int:
     """
     zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.dtype(x.dtype)), template)
     return 2 * codec.encoded_size(zeros, **header) + MESSAGE_SLACK
+
+
+def object_limit(template: Any, **header: Any) -> int:
+    """The most msgpack objects the server decodes of a client's payload that should match
+    ``template``: twice those of the template's own encoding (zeros, with ``header``), plus
+    :data:`OBJECT_SLACK`. A message of many tiny objects (empty maps: one byte each, a Python
+    dict each once decoded) is refused before msgpack builds any, so decoding a reply costs a
+    few times its size, not the ~140x of Python objects per byte."""
+    zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.dtype(x.dtype)), template)
+    return 2 * codec.object_count(codec.encode(zeros, **header)) + OBJECT_SLACK
+
+
+def fresh_nonce() -> bytes:
+    """A round's nonce: :data:`NONCE_BYTES` bytes of the operating system's entropy (``secrets``)."""
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def update_binding(round_index: int, client_id: int, nonce: bytes | None) -> dict[str, Any]:
+    """The fields a client's reply carries beside its update: the round, the client id and the
+    round's nonce of the ``train`` message it answers (echoed as the server sent them; no nonce
+    field when the message had none, which the server refuses)."""
+    return {"round": round_index, "client-id": client_id, **({} if nonce is None else {"nonce": nonce})}
+
+
+def check_binding(record: Mapping[str, Any], *, round_index: int, client_id: int, nonce: bytes) -> None:
+    """Checks a reply's binding against what the server sent that node (:func:`update_binding`).
+
+    Raises:
+      WireError: a missing or mistyped field (``"update without its binding"``), another round
+        (``"update bound to another round"``), another client (``"update bound to another
+        client"``) or not this round's nonce (``"update bound to another nonce"``).
+    """
+    got_round, got_client, got_nonce = (record.get(key) for key in ("round", "client-id", "nonce"))
+    for value in (got_round, got_client):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise WireError("update without its binding: round and client-id must be ints")
+    if not isinstance(got_nonce, bytes) or len(got_nonce) != NONCE_BYTES:
+        raise WireError(f"update without its binding: the nonce must be {NONCE_BYTES} bytes")
+    if got_round != round_index:
+        raise WireError(f"update bound to another round: {got_round}, this is round {round_index}")
+    if got_client != client_id:
+        raise WireError(f"update bound to another client: {got_client}, sent to client {client_id}")
+    if not hmac.compare_digest(got_nonce, nonce):
+        raise WireError("update bound to another nonce: not this round's")
 
 
 def example_weights(settings: FlowerSettings, counts: Sequence[int] | np.ndarray) -> np.ndarray:

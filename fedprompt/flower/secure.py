@@ -22,7 +22,11 @@ state stays). What the server publishes is the plan's
 :meth:`~fedprompt.privacy.secure_round.SecureRound.publish`, the simulation's call.
 
 ``bytes_up`` counts the masked-update messages (as the simulation does); the protocol's other
-messages, both ways, are ``secagg_bytes``.
+messages, both ways, are ``secagg_bytes``. A masked input is bound, as a plain update is, to
+the round, the client id and a fresh nonce of the ``train.secagg`` message
+(:func:`~fedprompt.flower.common.check_binding`); a refused one is counted in ``rejections``.
+The plan's update bound (``update-clip``, without central DP) clips the released mean: the
+server never sees a single update (:meth:`~fedprompt.server.rounds.ServerRound.apply_mean`).
 """
 
 from __future__ import annotations
@@ -110,13 +114,14 @@ def secure_round(grid, settings, fed, nodes, state, r: int, template) -> tuple[A
     known = fed.client_sizes  # the demo partition's sizes; None with node data (the mean is uniform)
     secagg_bytes = bytes_up = bytes_down = 0
     losses: dict[int, float] = {}
+    rejections: dict[str, int] = {}  # refused masked inputs, by reason
 
     def record(outcome, participants) -> RoundRecord:
         extra.update(outcome.metrics)
         extra["secagg_bytes"] = secagg_bytes
         return RoundRecord(
             round=r + 1, train_loss=outcome.train_loss, clients=outcome.num_aggregated, sampled=len(ids),
-            dropped=len(ids) - outcome.num_aggregated, rejections={}, bytes_up=bytes_up, bytes_down=bytes_down,
+            dropped=len(ids) - outcome.num_aggregated, rejections=rejections, bytes_up=bytes_up, bytes_down=bytes_down,
             participants=sorted(participants), extra=extra)
 
     def failed(reason: str):
@@ -167,11 +172,13 @@ def secure_round(grid, settings, fed, nodes, state, r: int, template) -> tuple[A
         broadcast = codec.encode(jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=r,
                                  fingerprint=fingerprint)
         bytes_down = len(broadcast) * len(u2)
+        nonce = common.fresh_nonce()  # a masked input must echo it (common.check_binding)
         replies = send(u2, f"train.{MASKED}", lambda s: {
-            **meta(s, inbox={str(u): c for u, c in inbox[s].items()}, u2=u2), "global": broadcast})
+            **meta(s, inbox={str(u): c for u, c in inbox[s].items()}, u2=u2), "global": broadcast, "nonce": nonce})
         masked = {}
         masked_template = {"masked": np.zeros(spec_template.size, np.uint32)}
         limit = common.message_limit(masked_template, kind=rounds.UPDATE_KIND, round=r, fingerprint=fingerprint)
+        objects = common.object_limit(masked_template, kind=rounds.UPDATE_KIND, round=r, fingerprint=fingerprint)
         for s, reply in replies.items():
             update = _field(reply, "update")
             metrics = reply.content.metric_records.get(common.METRICS)
@@ -181,10 +188,14 @@ def secure_round(grid, settings, fed, nodes, state, r: int, template) -> tuple[A
                 common.check_examples(metrics.get("num-examples"), None if known is None else int(known[present[s]]))
                 if not isinstance(update, bytes) or len(update) > limit:
                     raise WireError("the masked update is missing or over the message limit")
-                received = codec.check_message(codec.decode(update, max_bytes=limit), kind=rounds.UPDATE_KIND,
+                received = codec.check_message(codec.decode(update, max_bytes=limit, max_objects=objects), kind=rounds.UPDATE_KIND,
                                                round=r, fingerprint=fingerprint)
                 vector = codec.check_template(received.tree, masked_template)
-            except (WireError, TypeError):
+                common.check_binding(reply.content.config_records[common.RECORD], round_index=r,
+                                     client_id=present[s], nonce=nonce)
+            except (WireError, TypeError) as err:
+                reason = rounds.rejection_reason(err)
+                rejections[reason] = rejections.get(reason, 0) + 1
                 continue
             bytes_up += len(update)
             masked[s] = vector["masked"]

@@ -19,7 +19,11 @@ own file), then
    the simulation calls (:class:`~fedprompt.server.rounds.ServerRound`: the robust rule or
    central DP, the optax step, the privacy ledger, whose epsilon goes into the metrics): a
    client that died, timed out, answered with an error or sent a bad update or example count
-   is left out and the other clients' weights renormalize. A client's weight is its example
+   is left out and the other clients' weights renormalize; so is a reply not bound to what the
+   server sent that node (the round, the client id and the round's fresh nonce, from the OS's
+   entropy: :func:`~fedprompt.flower.common.check_binding`; reasons ``update bound to another
+   round`` / ``client`` / ``nonce``). Every update's delta is clipped to the plan's update
+   bound (``update-clip``), the simulation's stage. A client's weight is its example
    count (reported by the client, checked against the demo partition's when the server has
    it) capped at ``max-client-examples``, or 1 for every client (``client-weighting =
    "uniform"``); secure aggregation's mean is uniform (the server sees only the sum);
@@ -46,7 +50,9 @@ and ``<out>/summary.json`` (with a class-means head, its ``setup`` entry is the 
 ``initial_accuracy`` when the server has a test set, and ``rejected``, ``rejections``,
 ``missing``). A client's payload is decoded with a limit of about twice the encoded size of what
 the server expects (:func:`~fedprompt.flower.common.message_limit`); a larger one is the
-rejection ``"over the message limit"``. ``out`` is a path on the SuperLink's machine, relative to the directory
+rejection ``"over the message limit"``, and with at most about twice the template's msgpack
+objects (:func:`~fedprompt.flower.common.object_limit`; ``"too many msgpack objects"``), so a
+reply of empty containers costs the server a few times its size. ``out`` is a path on the SuperLink's machine, relative to the directory
 the SuperLink was started in unless absolute.
 """
 
@@ -281,6 +287,7 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
     payload = codec.encode(jax.device_get({"params": params}), kind=rounds.GLOBAL_KIND, fingerprint=fingerprint)
     template = dict(plan.class_statistics_template()._asdict())
     limit = common.message_limit(template, kind=class_means.STATISTICS_KIND, fingerprint=fingerprint)
+    objects = common.object_limit(template, kind=class_means.STATISTICS_KIND, fingerprint=fingerprint)
     clients = sorted(nodes.node_of)
     messages = [
         Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "client-id": c})}),
@@ -310,7 +317,7 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
         try:
             valid[client] = check_class_statistics(
                 data, template, fingerprint=fingerprint, limit=limit,
-                max_examples=min(cfg.head_init_examples, size))
+                max_examples=min(cfg.head_init_examples, size), max_objects=objects)
         except WireError as err:
             reason = rounds.rejection_reason(err)
             rejections[reason] = rejections.get(reason, 0) + 1
@@ -341,11 +348,12 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
 
 
 def check_class_statistics(
-    data: Any, template: Any, *, fingerprint: str, limit: int, max_examples: int
+    data: Any, template: Any, *, fingerprint: str, limit: int, max_examples: int, max_objects: int | None = None
 ) -> class_means.ClassStatistics:
     """One client's class statistics, checked as hostile input.
 
-    ``data``: the reply's codec bytes, at most ``limit`` long, of kind ``class_statistics``
+    ``data``: the reply's codec bytes, at most ``limit`` long (and ``max_objects`` msgpack
+    objects, :func:`~fedprompt.flower.common.object_limit`), of kind ``class_statistics``
     for this backbone, matching ``template`` (shapes, dtypes, finite values); counts must be
     non-negative integers summing to between 1 and ``max_examples``; squares non-negative and at
     most :data:`MAX_FEATURE_SQUARE` per example; a class with no example has zero sums and
@@ -359,7 +367,8 @@ def check_class_statistics(
         raise WireError("reply without class statistics")
     if len(data) > limit:
         raise WireError(f"{OVER_LIMIT}: {len(data)} bytes, the limit is {limit}")
-    message = codec.check_message(codec.decode(data, max_bytes=limit), kind=class_means.STATISTICS_KIND,
+    message = codec.check_message(codec.decode(data, max_bytes=limit, max_objects=max_objects),
+                                  kind=class_means.STATISTICS_KIND,
                                   fingerprint=fingerprint)
     try:
         stats = class_means.ClassStatistics(**codec.check_template(message.tree, template))
@@ -389,6 +398,7 @@ def _round(grid, settings, fed, nodes, state, r, template):
     ids, _ = plan.sample(r)
     payload = codec.encode(jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=r,
                            fingerprint=fingerprint)
+    nonce = common.fresh_nonce()  # an update must echo it: nothing from another round is accepted
 
     slot_of_message: list[int] = []
     messages = []
@@ -396,7 +406,7 @@ def _round(grid, settings, fed, nodes, state, r, template):
         node = nodes.node_of.get(client)
         if node is None:
             continue
-        record = ConfigRecord({"global": payload, "round": r, "client-id": client})
+        record = ConfigRecord({"global": payload, "round": r, "client-id": client, "nonce": nonce})
         messages.append(Message(RecordDict({common.RECORD: record}), dst_node_id=node, message_type="train",
                                 group_id=str(r), ttl=settings.round_timeout + 60.0))
         slot_of_message.append(slot)
@@ -408,11 +418,13 @@ def _round(grid, settings, fed, nodes, state, r, template):
 
     known = fed.client_sizes  # the demo partition's sizes; None: only the nodes know theirs
     limit = common.message_limit(template, kind=rounds.UPDATE_KIND, round=r, fingerprint=fingerprint)
+    objects = common.object_limit(template, kind=rounds.UPDATE_KIND, round=r, fingerprint=fingerprint)
     counts = np.zeros(len(ids), np.int64)
     updates: list[bytes | None] = [None] * len(ids)
     answered = np.zeros(len(ids), bool)
     losses = np.full(len(ids), np.nan)
     errors, extra_rejections, bytes_up, wire_up = 0, {}, 0, []
+    unbound: dict[int, str] = {}  # slot -> why its reply's binding is refused
     for reply in replies:
         slot = slot_of.get(reply.metadata.reply_to_message_id)
         if slot is None or answered[slot]:
@@ -431,8 +443,15 @@ def _round(grid, settings, fed, nodes, state, r, template):
             extra_rejections[reason] = extra_rejections.get(reason, 0) + 1
             continue
         updates[slot], losses[slot], counts[slot] = update, loss, count
+        try:  # checked once the update itself is valid (below): one counted reason per reply
+            common.check_binding(reply.content.config_records[common.RECORD], round_index=r, client_id=int(ids[slot]),
+                                 nonce=nonce)
+        except WireError as err:
+            unbound[slot] = rounds.rejection_reason(err)
 
-    received = rounds.receive_updates(updates, round_index=r, fingerprint=fingerprint, template=template)
+    received = rounds.receive_updates(updates, round_index=r, fingerprint=fingerprint, template=template,
+                                      max_bytes=limit, max_objects=objects)
+    received = rounds.refuse(received, unbound)  # valid content, but not bound to what this node was sent
     # Central DP's noise comes from this machine's entropy: nobody who knows the seed can remove it.
     weights = common.example_weights(settings, counts)
     state, outcome = plan.server.apply(state, received, weights, key=fresh_key(), losses=losses, participants=ids)

@@ -65,6 +65,8 @@ _MEDIAN_XLA = kernels.make_median()
 
 __all__ = [
     "ROBUST_AGGREGATORS",
+    "client_norms",
+    "clip_clients",
     "coordinate_median",
     "krum",
     "krum_scores",
@@ -182,8 +184,36 @@ def krum(num_byzantine: int) -> Aggregator:
     return aggregate
 
 
+def client_norms(stacked: PyTree) -> jax.Array:
+    """``[K]`` L2 norms of the clients' whole updates (every leaf of a row together), float32.
+
+    Overflow-safe (``m * sqrt(sum((x / m)^2))`` with ``m`` the row's largest absolute value, as
+    :func:`fedprompt.privacy.dp.global_norm`): an update of values near float32's range still
+    gets a finite norm; a non-finite value gives a non-finite norm.
+    """
+    leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree.leaves(stacked)]
+    k = leaves[0].shape[0]
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x.reshape(k, -1)), axis=1, initial=0.0) for x in leaves]), axis=0)
+    safe = jnp.where(peak > 0, peak, 1.0)
+    return peak * jnp.sqrt(sum(jnp.sum(jnp.square(x.reshape(k, -1) / safe[:, None]), axis=1) for x in leaves))
+
+
+def clip_clients(stacked: PyTree, bound: float | jax.Array) -> tuple[PyTree, jax.Array]:
+    """Every client's update scaled to L2 norm at most ``bound``: row ``i`` times
+    ``min(1, bound / ||row_i||)`` (float32 leaves); ``(clipped, norms before clipping)``.
+
+    A row within the bound is unchanged, a zero row stays zero, a non-finite row stays
+    non-finite (the aggregation drops it). Jittable for a fixed client axis.
+    """
+    norms = client_norms(stacked)
+    scale = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1.0), 1.0)
+    clipped = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32) * _client_axis(scale, jnp.asarray(x)), stacked)
+    return clipped, norms
+
+
 def norm_bounded_mean(bound: float) -> Aggregator:
-    """Clip every update to L2 norm ``bound`` (whole pytree), then the weighted mean.
+    """Clip every update to L2 norm ``bound`` (whole pytree, :func:`clip_clients`), then the
+    weighted mean.
 
     Raises:
       ConfigError: ``bound <= 0``.
@@ -191,14 +221,7 @@ def norm_bounded_mean(bound: float) -> Aggregator:
     bound = check_norm_bound(bound)
 
     def aggregate(stacked: PyTree, weights: jax.Array) -> PyTree:
-        leaves = [jnp.asarray(x).astype(jnp.float32) for x in jax.tree.leaves(stacked)]
-        k = leaves[0].shape[0]
-        peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x.reshape(k, -1)), axis=1, initial=0.0) for x in leaves]), axis=0)
-        safe = jnp.where(peak > 0, peak, 1.0)
-        norms = peak * jnp.sqrt(sum(jnp.sum(jnp.square(x.reshape(k, -1) / safe[:, None]), axis=1) for x in leaves))
-        scale = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1.0), 1.0)
-        clipped = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32) * _client_axis(scale, jnp.asarray(x)), stacked)
-        return weighted_mean(clipped, weights)
+        return weighted_mean(clip_clients(stacked, bound)[0], weights)
 
     aggregate.__name__ = f"norm_bounded_mean_{bound:g}"
     return aggregate

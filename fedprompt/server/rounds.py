@@ -9,13 +9,23 @@ update or nothing (the client dropped out, died, or answered with an error). The
    codec, its kind, round and backbone fingerprint are checked, and its tree is checked against
    the template (structure, shapes, dtypes, finite values). A bad message is rejected, with its
    reason counted; it and the missing slots keep their place with zeros.
-2. :meth:`ServerRound.apply` turns payloads into deltas, aggregates them with an
+2. :meth:`ServerRound.apply` turns payloads into deltas, bounds each delta's L2 norm
+   (:func:`update_clip_stage`, the server's one clip of what clients send, when an
+   ``update_clip`` is set), aggregates them with an
    :class:`AggregateStage` (the example-weighted mean of FedAvg, McMahan et al. 2017, a robust
    rule, or central DP-FedAvg; rejected and missing slots weigh 0, so the remaining weights
    renormalize and the compiled program sees the same bucket of rows every round), takes
    SCAFFOLD's uniform mean of the control deltas (Karimireddy et al. 2020), applies the
    algorithm's optax server step and records the privacy spent. Its state is a
    :class:`RoundState`: the algorithm's state and every protection's.
+
+The update bound (Sun, Kairouz, Suresh & McMahan 2019, "Can You Really Backdoor Federated
+Learning?") scales a delta of norm ``n > B`` by ``B / n``; with the weighted mean, one client of
+weight share ``s`` then moves the mean delta by at most ``s * B``, whatever it sends. It acts on
+the delta in the global parameters' space, after ``to_delta`` (a compressed update dequantized,
+a zeroth-order client's seeds and scalars replayed, a BBT client's ``z``, ``sigma`` and head
+change), never on the payload's own encoding. Secure aggregation's server sees only the sum:
+:meth:`ServerRound.apply_mean` bounds the released mean instead (the whole round's move).
 
 Example:
   >>> import numpy as np
@@ -35,15 +45,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fedprompt.config import check_number
 from fedprompt.errors import WireError
 from fedprompt.server import aggregators
 from fedprompt.server.algorithms import ServerState
+from fedprompt.server.robust import clip_clients
 from fedprompt.wire import codec
 
 Pytree = Any
@@ -83,6 +96,8 @@ def receive_updates(
     round_index: int,
     fingerprint: str | None,
     template: Pytree,
+    max_bytes: int = codec.DEFAULT_MAX_BYTES,
+    max_objects: int | None = None,
 ) -> ReceivedUpdates:
     """Decodes and validates one round's client messages.
 
@@ -92,6 +107,9 @@ def receive_updates(
       fingerprint: the backbone fingerprint they must carry.
       template: the tree an update must match: ``{"delta": ...}`` and, for SCAFFOLD,
         ``"control_delta"``; leaves are arrays or anything with ``shape`` and ``dtype``.
+      max_bytes, max_objects: the decoder's limits (:func:`fedprompt.wire.codec.decode`); a
+        deployment derives them from the template (``fedprompt.flower.common.message_limit``
+        and ``object_limit``).
 
     Returns:
       :class:`ReceivedUpdates`; a bad message never raises, it is counted as rejected.
@@ -106,7 +124,7 @@ def receive_updates(
             continue
         bytes_up += len(message)
         try:
-            received = codec.decode(message)
+            received = codec.decode(message, max_bytes=max_bytes, max_objects=max_objects)
             if received.kind != UPDATE_KIND:
                 raise WireError(f"not an update: kind {received.kind!r}")
             if received.round != round_index or received.fingerprint != fingerprint:
@@ -119,6 +137,20 @@ def receive_updates(
         accepted[slot] = True
     return ReceivedUpdates(trees, accepted, rejections, bytes_up)
 
+
+def refuse(received: ReceivedUpdates, refused: Mapping[int, str]) -> ReceivedUpdates:
+    """``received`` with the accepted slots of ``refused`` (slot -> reason) rejected: zeroed,
+    not accepted and counted under their reason (a check of what came with a message, such as
+    the deployment's replay binding, after its content passed :func:`receive_updates`)."""
+    slots = [slot for slot in refused if received.accepted[slot]]
+    if not slots:
+        return received
+    trees, accepted, rejections = list(received.trees), received.accepted.copy(), dict(received.rejections)
+    zeros = jax.tree.map(np.zeros_like, trees[slots[0]])
+    for slot in slots:
+        trees[slot], accepted[slot] = zeros, False
+        rejections[refused[slot]] = rejections.get(refused[slot], 0) + 1
+    return ReceivedUpdates(trees, accepted, rejections, received.bytes_up)
 
 
 # ----------------------------------------------------------------------------- aggregation stages
@@ -153,6 +185,35 @@ def mean_stage(aggregator: aggregators.Aggregator = aggregators.weighted_mean) -
         return aggregation(stacked, weights, stacked=True).aggregate, state, {}
 
     return AggregateStage(init=lambda: (), apply=apply, bucket=aggregation.bucket)
+
+
+def update_clip_stage(stage: AggregateStage, bound: float) -> AggregateStage:
+    """``stage`` after every update is clipped to L2 norm ``bound`` (the whole delta pytree).
+
+    A present row of norm ``n > bound`` is scaled by ``bound / n``
+    (:func:`~fedprompt.server.robust.clip_clients`); rows within the bound, padding and
+    rejected rows (zeros of weight 0) pass unchanged; a non-finite row stays non-finite and
+    ``stage`` drops it. The state is ``stage``'s; the metrics add ``update_clip`` (the bound)
+    and ``clipped`` (how many present updates were scaled down).
+
+    Raises:
+      ConfigError: ``bound`` not a finite number > 0.
+    """
+    check_number("update_clip", bound, lower=0.0, strict=True)
+    bound = float(bound)
+
+    @jax.jit
+    def clip(stacked, weights):
+        clipped, norms = clip_clients(stacked, bound)
+        scaled = (weights > 0) & jnp.isfinite(norms) & (norms > bound)
+        return clipped, jnp.sum(scaled, dtype=jnp.int32)
+
+    def apply(state, stacked, weights, key):
+        clipped, count = clip(stacked, weights)
+        mean, state, metrics = stage.apply(state, clipped, weights, key)
+        return mean, state, {**metrics, "update_clip": bound, "clipped": int(count)}
+
+    return stage._replace(apply=apply)
 
 
 # ----------------------------------------------------------------------------- the server round
@@ -202,9 +263,10 @@ class ServerRound:
     """The server's half of a round, the same calls in every runtime: an ``(init, apply)`` pair.
 
     ``apply`` takes what :func:`receive_updates` validated, maps payloads to deltas
-    (``to_delta``), stacks them into the aggregation stage's bucket, aggregates (the robust rule
-    or central DP), averages SCAFFOLD's control deltas uniformly, applies the algorithm's optax
-    server step and records the privacy spent.
+    (``to_delta``), stacks them into the aggregation stage's bucket, clips each to
+    ``update_clip`` (:func:`update_clip_stage`), aggregates (the robust rule or central DP),
+    averages SCAFFOLD's control deltas uniformly, applies the algorithm's optax server step and
+    records the privacy spent.
 
     Args:
       algorithm: the federated algorithm (its ``init`` and ``apply``).
@@ -213,6 +275,10 @@ class ServerRound:
       to_delta: ``(global_params, payload) -> delta`` of the client program (one client's);
         None: the payload is the delta.
       ledger: a :class:`~fedprompt.privacy.accounting.PrivacyLedger` when DP is on.
+      update_clip: the L2 bound of every client's delta (and of secure aggregation's released
+        mean); None: unbounded. SCAFFOLD's control deltas are not clipped: they steer the
+        clients' corrections, and whatever the corrections, the deltas that move the global
+        state are bounded.
     """
 
     def __init__(
@@ -223,10 +289,14 @@ class ServerRound:
         aggregate: AggregateStage | None = None,
         to_delta: Callable[[Pytree, Pytree], Pytree] | None = None,
         ledger: Any = None,
+        update_clip: float | None = None,
     ):
         self.algorithm = algorithm
         self.num_clients = int(num_clients)
+        self.update_clip = None if update_clip is None else float(update_clip)
         self.stage = aggregate or mean_stage()
+        if self.update_clip is not None:
+            self.stage = update_clip_stage(self.stage, self.update_clip)
         self.ledger = ledger
         self._to_delta = None if to_delta is None else jax.jit(jax.vmap(to_delta, in_axes=(None, 0)))
         self._to_delta_one = None if to_delta is None else jax.jit(to_delta)
@@ -299,12 +369,21 @@ class ServerRound:
         participants: Sequence[int] | np.ndarray | None = None,
         metrics: dict[str, Any] | None = None,
     ) -> tuple[RoundState, RoundOutcome]:
-        """A round whose mean payload was computed elsewhere (secure aggregation's unmasked sum)."""
+        """A round whose mean payload was computed elsewhere (secure aggregation's unmasked sum).
+
+        With ``update_clip`` the mean delta is clipped to it (the server cannot clip updates it
+        never sees: the round's whole move is bounded instead; metrics ``update_clip`` and
+        ``clipped``, 1 when the mean was scaled down)."""
         mean = mean_payload if self._to_delta_one is None else self._to_delta_one(state.server.params, mean_payload)
+        metrics = dict(metrics or {})
+        if self.update_clip is not None:
+            one = jax.tree.map(lambda x: jnp.asarray(x)[None], mean)
+            clipped, norms = clip_clients(one, self.update_clip)
+            mean = jax.tree.map(lambda x: x[0], clipped)
+            metrics.update(update_clip=self.update_clip, clipped=int(bool(norms[0] > self.update_clip)))
         server = self._server_step(state.server, mean, None, count / self.num_clients)
         accepted = np.ones(len(participants), bool) if participants is not None else np.zeros(0, bool)
-        return self._account(state._replace(server=server), participants, accepted, train_loss, count,
-                             dict(metrics or {}))
+        return self._account(state._replace(server=server), participants, accepted, train_loss, count, metrics)
 
     def skip(self, state: RoundState, metrics: dict[str, Any] | None = None) -> tuple[RoundState, RoundOutcome]:
         """A round that published nothing (secure aggregation below its threshold)."""

@@ -15,7 +15,8 @@ One round:
    counts the real bytes), decoded and validated against the template; a malformed or
    non-finite update is rejected and left out, and the remaining weights renormalize;
 5. the plan's server round (:class:`~fedprompt.server.rounds.ServerRound`), the very calls the
-   Flower ServerApp makes: aggregate (robust rule or central DP), optax server step, privacy;
+   Flower ServerApp makes: clip every delta to the update bound (``update_clip``), aggregate
+   (robust rule or central DP), optax server step, privacy;
 6. evaluate the global state on the test set.
 
 Everything but the vmap over clients, the devices, the attacks and the simulated dropouts is

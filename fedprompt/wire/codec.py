@@ -63,6 +63,7 @@ __all__ = [
     "decode",
     "encode",
     "encoded_size",
+    "object_count",
 ]
 
 FORMAT = "fedprompt.wire"
@@ -185,6 +186,16 @@ def encoded_size(tree: Any, **kwargs: Any) -> int:
     return len(encode(tree, **kwargs))
 
 
+def object_count(data: bytes | bytearray | memoryview) -> int:
+    """The number of msgpack objects (containers and scalars) in an encoded message, counted
+    without building any (what :func:`decode`'s ``max_objects`` compares against).
+
+    Raises:
+        WireError: As :func:`decode` does for a malformed or oversized encoding.
+    """
+    return _check_structure(memoryview(data).cast("B"))
+
+
 def _encode_node(node: Any, path: Path) -> Any:
     if len(path) > MAX_DEPTH:
         raise WireError(f"{_where(path)}: the tree is nested deeper than {MAX_DEPTH} levels")
@@ -275,7 +286,13 @@ def _checked_fingerprint(fingerprint: Any) -> str | None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES, writable: bool = True) -> Message:
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    writable: bool = True,
+    max_objects: int | None = None,
+) -> Message:
     """Decodes and checks a message from another party.
 
     Args:
@@ -283,6 +300,10 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
         max_bytes: The largest message accepted.
         writable: Whether the leaves are writable copies (default) or read-only arrays over
             the decoder's own buffers, which saves one copy of every leaf.
+        max_objects: The most msgpack objects accepted, below what the message's size allows
+            (:func:`~fedprompt.wire.limits.max_wire_objects`): a receiver that knows what it
+            expects (:func:`object_count` of a template) refuses a message of many small
+            objects before msgpack builds any. None: the size's allowance only.
 
     Returns:
         The :class:`Message`; its tree's leaves are numpy arrays, owned and writable unless
@@ -304,7 +325,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
     view = memoryview(data)
     if not view.c_contiguous:
         raise WireError("a message must be contiguous bytes")
-    _check_structure(view.cast("B"))
+    _check_structure(view.cast("B"), max_objects)
     raw = _unpack(data, max_bytes)
     return _parse_message(raw, writable)
 
@@ -332,7 +353,7 @@ _EXTENSIONS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
 _MAX_NESTING = MAX_DEPTH + 4  # the message map, the tree or meta map, a leaf map and its shape
 
 
-def _check_structure(data: memoryview) -> None:
+def _check_structure(data: memoryview, max_objects: int | None = None) -> int:
     """Walks a msgpack encoding without building any object, before msgpack does.
 
     Refuses truncated data, trailing bytes, extension types, nesting deeper than the tree
@@ -343,6 +364,9 @@ def _check_structure(data: memoryview) -> None:
     """
     size = len(data)
     budget = max_wire_objects(size)
+    expected = max_objects is not None and max_objects < budget
+    if expected:
+        budget = max_objects
     pending: list[int] = []  # entries still owed by each open container, innermost last
     owed = 0  # their sum
     pos = objects = 0
@@ -351,6 +375,8 @@ def _check_structure(data: memoryview) -> None:
             raise WireError(f"not a valid msgpack message: truncated at byte {pos}")
         objects += 1
         if objects > budget:
+            if expected:
+                raise WireError(f"too many msgpack objects: more than the {budget} this receiver expects")
             raise WireError(f"the message holds more than {budget} msgpack objects, too many for its {size} bytes")
         first = data[pos]
         pos += 1
@@ -396,6 +422,7 @@ def _check_structure(data: memoryview) -> None:
             break
     if pos != size:
         raise WireError(f"not a valid msgpack message: {size - pos} bytes after the end of the message")
+    return objects
 
 
 def _unpack(data: bytes | bytearray | memoryview, max_bytes: int) -> Any:

@@ -194,6 +194,29 @@ def test_tampered_or_misrouted_shares_are_refused():
         server.collect_keys([clients[0].advertise_keys()])
 
 
+def test_no_aes_gcm_key_and_nonce_encrypt_two_plaintexts():
+    """Every ciphertext carries its own nonce, and a party shares its keys once per session,
+    even when a server asks twice or the party is restored from its saved state."""
+    n, t, length = 4, 3, 8
+    session = b"n" * 16
+    server = secagg.SecAggServer(n=n, t=t, length=length, session=session)
+    clients = [secagg.SecAggClient(i, n=n, t=t, length=length, session=session) for i in range(n)]  # OS entropy
+    roster = server.collect_keys(c.advertise_keys() for c in clients)
+    outgoing = {c.index: c.share_keys(roster) for c in clients}
+    nonces = [ciphertext[:12] for shares in outgoing.values() for ciphertext in shares.values()]
+    assert len(nonces) == n * (n - 1) and len(set(nonces)) == len(nonces)
+    with pytest.raises(SecureAggregationError, match="already shared"):
+        clients[0].share_keys(roster)
+    restored = secagg.SecAggClient.from_state(clients[1].to_state())
+    with pytest.raises(SecureAggregationError, match="already shared"):
+        restored.share_keys(roster)
+    inbox = server.route_shares(outgoing)
+    with pytest.raises(SecureAggregationError, match="too short"):
+        clients[0].receive_shares({1: inbox[0][1][:20]})
+    for c in clients:  # the protocol still completes
+        c.receive_shares(inbox[c.index])
+
+
 def test_a_bad_share_is_detected_not_silently_used():
     n, t, length = 4, 3, 8
     agg = secagg.SecureAggregation.setup(n, t, length=length, seed=2)

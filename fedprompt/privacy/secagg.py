@@ -11,7 +11,9 @@ version, over updates quantized to the ring ``Z_{2^bits}`` (``bits`` 32 or 64):
    ``b_u`` into ``n`` Shamir shares with threshold ``t`` (:func:`shamir_split`, over the prime
    field ``GF(2^521 - 1)``); the share for ``v`` is encrypted with AES-256-GCM under
    ``HKDF(X25519(c_u, c_v))`` and relayed by the server, which learns nothing from it (``U2``:
-   the clients that shared).
+   the clients that shared). Every ciphertext has its own 96-bit nonce from the party's entropy,
+   sent in front of it, and a party shares its keys once per session (a second ``share_keys``
+   is refused), so no key and nonce ever encrypt two plaintexts, whatever the server asks.
 2. *MaskedInputCollection*: ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv)
    - sum_{v in U2, v < u} PRG(s_uv)  (mod 2^bits)``, with ``s_uv = HKDF(X25519(s_u, s_v))`` the
    pairwise seed both ends derive (``U3``: the clients whose ``y`` arrived). Summed over
@@ -318,8 +320,7 @@ def _kdf(shared: bytes, label: bytes, session: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=session, info=b"fedprompt.secagg/" + label).derive(shared)
 
 
-def _nonce(sender: int, receiver: int) -> bytes:
-    return struct.pack(">II", sender, receiver) + bytes(4)
+_NONCE_BYTES = 12  # AES-GCM's 96-bit nonce, drawn fresh for every ciphertext
 
 
 class _Entropy:
@@ -532,6 +533,10 @@ class SecAggClient:
           SecureAggregationError: fewer than ``t`` clients in the roster, this client missing or
             its keys changed, or two clients with the same key.
         """
+        if self._roster is not None:
+            # New Shamir shares under the same keys would hand out 2 x (t - 1) shares of the same
+            # secrets to some clients; refused, whatever the server asks.
+            raise SecureAggregationError("this client already shared its keys in this session; a second share_keys is refused")
         roster = dict(roster)
         if len(roster) < self.t:
             raise SecureAggregationError(f"only {len(roster)} clients advertised keys, fewer than the threshold {self.t}")
@@ -554,7 +559,8 @@ class SecAggClient:
                 continue
             plaintext = (struct.pack(">II", self.index, v) + key_shares[v].to_bytes(_SHARE_BYTES, "big")
                          + seed_shares[v].to_bytes(_SHARE_BYTES, "big"))
-            out[v] = self._aead(roster[v]).encrypt(_nonce(self.index, v), plaintext, self._ad(self.index, v))
+            nonce = self._entropy.bytes(_NONCE_BYTES)
+            out[v] = nonce + self._aead(roster[v]).encrypt(nonce, plaintext, self._ad(self.index, v))
         return out
 
     def _aead(self, peer: PublicKeys) -> AESGCM:
@@ -576,8 +582,12 @@ class SecAggClient:
         for u, ciphertext in ciphertexts.items():
             if u not in self._roster or u == self.index:
                 raise SecureAggregationError(f"shares from client {u}, which is not another member of the roster")
+            ciphertext = bytes(ciphertext)
+            if len(ciphertext) < _NONCE_BYTES + 16:  # nonce and GCM tag
+                raise SecureAggregationError(f"the shares from client {u} are too short to be a ciphertext")
             try:
-                plaintext = self._aead(self._roster[u]).decrypt(_nonce(u, self.index), bytes(ciphertext), self._ad(u, self.index))
+                plaintext = self._aead(self._roster[u]).decrypt(ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:],
+                                                                 self._ad(u, self.index))
             except InvalidTag:
                 raise SecureAggregationError(f"the shares from client {u} do not decrypt") from None
             if len(plaintext) != 8 + 2 * _SHARE_BYTES or struct.unpack(">II", plaintext[:8]) != (u, self.index):

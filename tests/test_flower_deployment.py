@@ -8,6 +8,7 @@ Every process is killed in a ``finally`` block.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import json
@@ -80,10 +81,21 @@ def _kill_leftovers(family: set[int], deadline: float) -> None:
 
 
 class LocalDeployment:
-    """A SuperLink and SuperNodes on 127.0.0.1, started as subprocesses of this test."""
+    """A SuperLink and SuperNodes on 127.0.0.1, started as subprocesses of this test.
 
-    def __init__(self, tmp: Path, nodes: int, jax_cache: Path):
+    ``credentials``: a folder written by ``python -m fedprompt.flower.credentials`` (absolute).
+    Then the deployment runs over TLS with SuperNode authentication: the SuperLink serves its
+    CA-signed certificate (``--ssl-*``) and accepts only registered node keys
+    (``--enable-supernode-auth``), :meth:`start` registers ``node-<i>.pub`` of every client i
+    (``flwr supernode register``, :meth:`register`), each SuperNode verifies the SuperLink
+    against ``ca.pem`` and authenticates with its ``node-<i>.key``, and the ``flwr`` CLI's
+    connection names ``root-certificates``. Without it: ``--insecure`` everywhere.
+    """
+
+    def __init__(self, tmp: Path, nodes: int, jax_cache: Path, *, credentials: Path | None = None):
         self.tmp = tmp
+        self.credentials = credentials
+        self.node_ids: dict[int, int] = {}  # key i -> the node id the SuperLink registered node-<i>.pub under
         self.home = tmp / "flwr-home"
         self.home.mkdir()
         self.logs = tmp / "logs"
@@ -101,9 +113,10 @@ class LocalDeployment:
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.nodes = nodes
+        channel = 'insecure = true\n' if credentials is None else f'root-certificates = "{credentials / "ca.pem"}"\n'
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\n{channel}'
         )
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -114,7 +127,13 @@ class LocalDeployment:
         )
 
     def start(self, timeout: float = 60.0) -> None:
-        self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+        if self.credentials is None:
+            channel = ["--insecure"]
+        else:
+            channel = ["--ssl-ca-certfile", str(self.credentials / "ca.pem"),
+                       "--ssl-certfile", str(self.credentials / "superlink.pem"),
+                       "--ssl-keyfile", str(self.credentials / "superlink.key"), "--enable-supernode-auth"]
+        self._start("superlink", ["flower-superlink", *channel, "--host", "127.0.0.1", "--port", str(self.port),
                                   "--disable-runtime-dependency-installation"])
         deadline = time.monotonic() + timeout
         while True:
@@ -125,16 +144,59 @@ class LocalDeployment:
                 if time.monotonic() > deadline or self.processes["superlink"].poll() is not None:
                     raise RuntimeError(f"the SuperLink did not start:\n{self.log('superlink')}") from None
                 time.sleep(0.5)
+        if self.credentials is not None:
+            for i in range(self.nodes):
+                self.register(i)
         for i in range(self.nodes):
             self.start_node(i)
 
-    def start_node(self, i: int) -> None:
-        """Starts (or restarts) the SuperNode of client ``i``."""
+    def register(self, i: int) -> int:
+        """``flwr supernode register node-<i>.pub local-deployment --format json``: the node id
+        the SuperLink gives that key (kept in ``node_ids``)."""
+        done = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(self.credentials / f"node-{i}.pub"), "local-deployment",
+             "--format", "json"],
+            cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        try:
+            answer = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            answer = {}
+        if done.returncode != 0 or not answer.get("success"):
+            raise RuntimeError(f"node-{i}.pub was not registered:\n{done.stdout}\n{done.stderr}\n"
+                               f"{self.log('superlink')}")
+        self.node_ids[i] = int(answer["node-id"])
+        return self.node_ids[i]
+
+    def start_node(self, i: int, *, partition: int | None = None) -> None:
+        """Starts (or restarts) SuperNode ``i``, the node of client ``i``, or one that says it is
+        client ``partition``; with credentials it authenticates with ``node-<i>.key``."""
+        if self.credentials is None:
+            channel = ["--insecure"]
+        else:
+            channel = ["--root-certificates", str(self.credentials / "ca.pem"),
+                       "--auth-supernode-private-key", str(self.credentials / f"node-{i}.key")]
         self._start(f"supernode-{i}", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "flower-supernode", *channel, "--superlink", f"127.0.0.1:{self.port}",
             "--host", "127.0.0.1", "--port", str(_free_port()),
-            "--node-config", f"partition-id={i} num-partitions={self.nodes}",
+            "--node-config", f"partition-id={i if partition is None else partition} num-partitions={self.nodes}",
         ])
+
+    def wait_connected(self, i: int, timeout: float) -> int:
+        """Waits until SuperNode ``i`` logs the node id the SuperLink activated it as; returns it.
+
+        Raises:
+          RuntimeError: the node exited, or logged no id within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.logs / f"supernode-{i}.log"
+            found = re.search(r"SuperNode ID: (\d+)", log.read_text(errors="replace") if log.exists() else "")
+            if found:
+                return int(found.group(1))
+            if self.processes[f"supernode-{i}"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SuperNode {i} did not connect:\n{self.log(f'supernode-{i}')}")
+            time.sleep(0.5)
 
     def run(self, overrides: dict, *, timeout: float, name: str = "run") -> subprocess.Popen:
         """``flwr run examples/flower_app local-deployment --run-config <toml> --stream``."""

@@ -14,6 +14,9 @@ prompt state (server to client) or of one client's update (client to server).
   (``fedprompt.flower.server_app:app``).
 * :mod:`fedprompt.flower.common`: settings from the Flower run and node configs, the federation
   both apps build from them, and the message layout.
+* :mod:`fedprompt.flower.credentials`: ``python -m fedprompt.flower.credentials``, the CA, the
+  SuperLink's TLS certificate and the SuperNodes' authentication keys of a deployment with TLS
+  and SuperNode authentication, and the ``client-keys`` setting that binds clients to node keys.
 
 A runnable app with its step-by-step deployment is in ``examples/flower_app``. Flower is an
 optional dependency: ``pip install "fedprompt[flower]"``.

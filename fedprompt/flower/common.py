@@ -9,6 +9,16 @@ Each SuperNode's node config (``flower-supernode --node-config``) says which cli
 ``backbone`` (this node's path to the checkpoint), ``data-path`` (this node's own training file,
 with ``node-data = true``) and ``test-path`` (its own held-out file, for federated evaluation).
 
+Which node is which client: without ``client-keys`` a node is the client its ``partition-id``
+says, first come first served (any node that reaches the SuperLink can claim any client: fit
+only for a trusted network). With ``client-keys = "0=SHA256:...,1=SHA256:..."`` (what
+``python -m fedprompt.flower.credentials`` writes to ``client-keys.txt``) client i is only ever
+the node whose authentication key has that fingerprint: the SuperLink reports each node's
+public key, checked by its signature on every request (SuperNode authentication, over TLS); a
+node whose key is bound to no client is left out without being sent anything, and a node that
+claims a client its key is not bound to is left out too (both logged and counted in the
+summary's ``binding``). A bound client without its node is unreachable, as without the setting.
+
 Where the data come from:
 
 * ``node-data = false`` (the demo, and the tests' option): every node builds the run's demo
@@ -69,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import math
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -148,6 +159,10 @@ class FlowerSettings:
       node_capacity: the rows a node pads its own training rows to (0: its own count). The
         simulation pads every client to the largest client's count, and the client update's
         random batch order depends on it: set this to that count to reproduce a simulation.
+      client_keys: ``(client id, key fingerprint)`` pairs in client order: the one SuperNode
+        key that may hold each bound client (:func:`parse_client_keys`; a tuple, so that the
+        settings stay hashable); empty: any node may say it is any client (trusted networks
+        only).
     """
 
     run: RunConfig
@@ -164,6 +179,7 @@ class FlowerSettings:
     max_client_examples: int = 10_000
     federated_eval: bool = False
     node_capacity: int = 0
+    client_keys: tuple[tuple[int, str], ...] = ()
 
     @property
     def required_nodes(self) -> int:
@@ -176,7 +192,7 @@ _FLOWER_KINDS: dict[str, Any] = {
     "synthetic_examples": int, "synthetic_labels": int, "min_nodes": int, "node_capacity": int,
     "max_client_examples": int, "round_timeout": float, "node_wait_timeout": float,
     "overwrite": bool, "node_data": bool, "federated_eval": bool,
-    "client_weighting": WEIGHTINGS, "label_names": tuple,
+    "client_weighting": WEIGHTINGS, "label_names": tuple, "client_keys": dict,
 }
 _FLOWER_FIELDS = {f.name: f for f in dataclasses.fields(FlowerSettings) if f.name in _FLOWER_KINDS}
 
@@ -190,6 +206,8 @@ def _flower_value(name: str, value: Any) -> Any:
         return value
     if kind is tuple:
         return parse_label_names(value)
+    if kind is dict:
+        return tuple(sorted(parse_client_keys(value).items()))
     if isinstance(kind, tuple):
         if value not in kind:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, kind))}, got {value!r}")
@@ -224,6 +242,34 @@ def parse_label_names(value: Any) -> tuple[str, ...]:
     return names
 
 
+KEY_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+"""A public key's fingerprint as :func:`~fedprompt.flower.credentials.key_fingerprint` writes it
+(and ``ssh-keygen -l`` prints it): ``SHA256:`` and 43 base64 characters, no padding."""
+
+
+def parse_client_keys(value: Any) -> dict[int, str]:
+    """``client-keys``: which SuperNode key holds which client, ``"<client>=<fingerprint>,..."``
+    (``"0=SHA256:...,1=SHA256:..."``, the line ``client-keys.txt`` holds; ``""``: no binding).
+
+    Raises:
+      ConfigError: not a string, an entry that is not a client id, ``=`` and a
+        :data:`KEY_FINGERPRINT`, or a client or a key named twice (one node is one client).
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"client-keys must be a string \"0=SHA256:...,1=SHA256:...\", got {value!r}")
+    keys: dict[int, str] = {}
+    for entry in (part.strip() for part in value.split(",")) if value.strip() else ():
+        client, _, key = (text.strip() for text in entry.partition("="))
+        if not re.fullmatch(r"[0-9]+", client) or not KEY_FINGERPRINT.fullmatch(key):
+            raise ConfigError(f"client-keys entries must be <client id>=SHA256:<43 base64 characters>, got {entry!r}")
+        if int(client) in keys:
+            raise ConfigError(f"client-keys names client {int(client)} twice")
+        keys[int(client)] = key
+    if len(set(keys.values())) != len(keys):
+        raise ConfigError("client-keys binds one key to two clients: a node is one client")
+    return keys
+
+
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
     """Reads a Flower run config (``context.run_config``) into :class:`FlowerSettings`.
 
@@ -232,7 +278,8 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
         range, or a setting a deployment cannot honour (``dropout``: a deployment's clients
         drop out for real; ``baselines``: ``fedprompt run`` computes them); with ``node-data``,
         a shared ``data`` or ``synthetic-examples``, no ``label-names``, or ``tpt`` without
-        ``test-data``.
+        ``test-data``; ``client-keys`` that bind a client the run does not have, or fewer
+        clients than the run needs to start.
     """
     run_values: dict[str, Any] = {}
     flower_values: dict[str, Any] = {}
@@ -266,6 +313,13 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
         raise ConfigError(f"synthetic-labels must be >= 2, got {settings.synthetic_labels}")
     if settings.required_nodes > run.clients:
         raise ConfigError(f"min-nodes ({settings.min_nodes}) exceeds clients ({run.clients})")
+    if settings.client_keys:
+        outside = [client for client, _ in settings.client_keys if client >= run.clients]
+        if outside:
+            raise ConfigError(f"client-keys binds client {outside[0]}, not a client of a run with {run.clients} clients")
+        if len(settings.client_keys) < settings.required_nodes:
+            raise ConfigError(f"client-keys binds {len(settings.client_keys)} clients, the run needs "
+                              f"{settings.required_nodes} (min-nodes, 0: every client)")
     if settings.node_data:
         if run.data is not None or settings.synthetic_examples:
             raise ConfigError("with node-data each SuperNode reads its own data-path: unset data (\"\") and "

@@ -6,7 +6,11 @@ own file), then
 
 1. waits for the SuperNodes and asks each (a ``query`` message) which client it is, which
    backbone it holds and how many examples it has; a node whose backbone fingerprint differs,
-   or that cannot build its client (a bad data file), is left out;
+   or that cannot build its client (a bad data file), is left out; with ``client-keys`` a
+   client is only ever the node whose SuperNode authentication key is bound to it
+   (:class:`NodeDirectory`): a node with a key bound to no client is sent nothing, one that
+   claims a client its key is not bound to is left out, both logged and counted in
+   ``summary["binding"]``; without it, any node may claim any client (a trusted network only);
    with ``head-init = "class_means"``, before the first round, sends every client that has a
    node the initial params (a ``query.class_statistics`` message) and sets the head from the
    sum of the valid replies' class statistics (:func:`class_means_setup`, the simulation's
@@ -48,7 +52,10 @@ At the end it writes ``<out>/prompt.fpp`` (the prompt artifact of ``fedprompt ru
 and ``<out>/summary.json`` (with a class-means head, its ``setup`` entry is the simulation's:
 ``head_init``, ``clients`` that contributed, ``bytes_up``/``bytes_down`` per client, the
 ``initial_accuracy`` when the server has a test set, and ``rejected``, ``rejections``,
-``missing``). A client's payload is decoded with a limit of about twice the encoded size of what
+``missing``; its ``nodes`` maps each client to its node id, and ``binding`` is None without
+``client-keys``, else the bound ``clients`` (client id -> key fingerprint), the number of nodes
+``refused`` and, per refused node, ``refused_nodes``: its ``node`` id, the client it
+``claimed`` (None: never asked), its ``key`` and the ``reason``). A client's payload is decoded with a limit of about twice the encoded size of what
 the server expects (:func:`~fedprompt.flower.common.message_limit`); a larger one is the
 rejection ``"over the message limit"``, and with at most about twice the template's msgpack
 objects (:func:`~fedprompt.flower.common.object_limit`; ``"too many msgpack objects"``), so a
@@ -60,7 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +77,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.client import class_means
-from fedprompt.errors import WireError
+from fedprompt.errors import ConfigError, WireError
 from fedprompt.federation.evaluation import evaluate_tpt
 from fedprompt.federation.keys import fresh_key
 from fedprompt.federation.records import RoundRecord, build_summary, evaluate_now, save_run_prompt, sum_metric
 from fedprompt.federation.run_folder import check_run_folder, open_run_folder
-from fedprompt.flower import common
+from fedprompt.flower import common, credentials
 from fedprompt.flower.secure import secure_round
 from fedprompt.server import rounds
 from fedprompt.server.rounds import RoundState
@@ -125,24 +132,61 @@ class NodeDirectory:
 
     A node is asked once (a ``query`` message); its answer maps its ``partition-id`` to its node
     id, and says its number of examples (``examples``, as reported). Nodes that leave (no longer
-    online at the SuperLink) are forgotten.
+    online at the SuperLink) are forgotten, and asked again if they come back (with SuperNode
+    authentication a node keeps its node id across restarts).
+
+    ``client_keys`` (client id -> key fingerprint, the run config's ``client-keys``) binds each
+    client to one SuperNode key: the directory reads every online node's public key from the
+    grid (``Grid.get_nodes``: the key the SuperLink authenticated the node with), leaves out a
+    node whose key is bound to no client without sending it anything, and leaves out a node
+    that says it is a client its key is not bound to; both are logged and kept in ``refused``
+    (node id -> what it claimed, its key and why). None: any node may say it is any client,
+    first come first served (fit only for a trusted network).
     """
 
-    def __init__(self, grid: Grid, fingerprint: str, clients: int, *, log: Callable[[str], None]):
+    def __init__(self, grid: Grid, fingerprint: str, clients: int, *, log: Callable[[str], None],
+                 client_keys: Mapping[int, str] | None = None):
         self.grid = grid
         self.fingerprint = fingerprint
         self.clients = clients
         self.log = log
+        self.client_of_key = None if client_keys is None else {key: client for client, key in client_keys.items()}
         self.node_of: dict[int, int] = {}
         self.examples: dict[int, int] = {}
+        self.refused: dict[int, dict[str, Any]] = {}
         self._asked: set[int] = set()
         self._unanswered: dict[int, int] = {}
 
+    def _online(self) -> tuple[set[int], dict[int, str | None]]:
+        """The online nodes and, with a binding, each one's key fingerprint (None: no readable key)."""
+        if self.client_of_key is None:
+            return set(self.grid.get_node_ids()), {}
+        keys: dict[int, str | None] = {}
+        for info in self.grid.get_nodes():
+            try:
+                keys[info.node_id] = credentials.key_fingerprint(info.public_key) if info.public_key else None
+            except ConfigError:
+                keys[info.node_id] = None
+        return set(keys), keys
+
+    def _refuse(self, node: int, claimed: int | None, key: str | None, reason: str) -> None:
+        self._asked.add(node)
+        self.refused[node] = {"node": node, "claimed": claimed, "key": key, "reason": reason}
+        self.log(f"node {node} {reason}; left out")
+
     def refresh(self, timeout: float) -> None:
         """Forgets nodes that left and asks new nodes which client they are."""
-        online = set(self.grid.get_node_ids())
+        online, key_of = self._online()
         self.node_of = {client: node for client, node in self.node_of.items() if node in online}
+        self._asked &= online  # a node that comes back is asked again
+        self._unanswered = {node: n for node, n in self._unanswered.items() if node in online}
         new = sorted(online - self._asked)
+        if self.client_of_key is not None:
+            for node in new:
+                if key_of[node] not in self.client_of_key:  # never sent anything, not even the hello
+                    self._refuse(node, None, key_of[node], "has no readable public key"
+                                 if key_of[node] is None else f"holds key {key_of[node]}, bound to no client")
+            new = [node for node in new if node not in self._asked]
         if not new:
             return
         ask = [
@@ -171,6 +215,10 @@ class NodeDirectory:
             if not isinstance(client, int) or isinstance(client, bool) or not 0 <= client < self.clients:
                 self.log(f"node {node} answered without a valid partition-id; left out")
                 continue
+            if self.client_of_key is not None and self.client_of_key[key_of[node]] != client:
+                self._refuse(node, client, key_of[node], f"says it is client {client}, but its key {key_of[node]} "
+                             f"is bound to client {self.client_of_key[key_of[node]]}")
+                continue
             if record.get("fingerprint") != self.fingerprint:
                 self.log(f"node {node} (client {client}) holds another backbone; left out")
                 continue
@@ -178,6 +226,7 @@ class NodeDirectory:
                 self.log(f"node {node} also says it is client {client} (node {self.node_of[client]}); left out")
                 continue
             self.node_of[client] = node
+            self.refused.pop(node, None)
             examples = record.get("num-examples")
             if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
                 self.examples[client] = examples
@@ -216,7 +265,12 @@ def run_federation(
     with open_run_folder(out, overwrite=settings.overwrite) as folder:
         log(f"{cfg.algorithm} · {cfg.method} · {cfg.clients} clients ({cfg.clients_per_round}/round) · "
             f"{cfg.rounds} rounds · backbone {fed.backbone.name} ({fingerprint[:12]}) · out {out.resolve()}")
-        nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log)
+        client_keys = dict(settings.client_keys) or None
+        if client_keys is None:
+            log("no client-keys: any SuperNode may say it is any client (fit only for a trusted network)")
+        else:
+            log(f"client-keys: {len(client_keys)} of {cfg.clients} clients bound to a SuperNode key")
+        nodes = NodeDirectory(grid, fingerprint, cfg.clients, log=log, client_keys=client_keys)
         nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
 
         params, setup = plan.init_params(), None
@@ -253,6 +307,11 @@ def run_federation(
             "total_wire_bytes_up": sum_metric(metrics, "wire_bytes_up"),
             "total_wire_bytes_down": sum_metric(metrics, "wire_bytes_down"),
             "nodes": {str(client): node for client, node in sorted(nodes.node_of.items())},
+            "binding": None if client_keys is None else {
+                "clients": {str(client): key for client, key in sorted(client_keys.items())},
+                "refused": len(nodes.refused),
+                "refused_nodes": [nodes.refused[node] for node in sorted(nodes.refused)],
+            },
             "flower": {k: v for k, v in dataclasses.asdict(settings).items() if k != "run"},
         })
         if setup is not None:

@@ -14,7 +14,11 @@ registered with ``flwr supernode register``, and one ``flwr run`` (two rounds, w
 ``client-keys``) serves three checks: (a) it equals the in-process simulation; (b) a SuperNode
 whose key was never registered is refused by the SuperLink and takes no part; (c) a registered
 node whose key is bound to no client, started with client 0's partition id, is left out by the
-binding (logged and counted) and is sent nothing.
+binding (logged and counted) and is sent nothing. A second ``flwr run`` on the same deployment
+is the protected one of the README's walk-through: secure aggregation and central DP over TLS,
+authenticated nodes and ``client-keys``; (d) it equals the in-process simulation of the same
+settings (noise multiplier 0, so the comparison is exact; the noise's scale and source are
+checked in test_flower.py).
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
-from test_flower import (BIN, NODES, RUN, InProcessGrid, _app_config, _assert_close, _read_run, _reference, _replay,
+from test_flower import (APP, BIN, NODES, RUN, InProcessGrid, _app_config, _assert_close, _read_run, _reference, _replay,
                          _settings, flower_task)  # noqa: F401 - flower_task is a fixture of this module too
-from test_flower_deployment import LocalDeployment, jax_cache  # noqa: F401 - jax_cache: a fixture too
+from test_flower_deployment import jax_cache  # noqa: F401 - a fixture
 
 from fedprompt.errors import ConfigError
 from fedprompt.flower import common, credentials, server_app
 from fedprompt.flower.credentials import key_fingerprint
+from fedprompt.flower.loopback import LoopbackDeployment
 from fedprompt.simulation.engine import run_rounds
 
 IMPOSTOR = NODES
@@ -272,7 +277,7 @@ def test_in_process_a_bound_node_that_restarts_is_its_client_again(tmp_path, flo
 class SecureRun:
     """The module's deployment and what its one ``flwr run`` left."""
 
-    local: LocalDeployment
+    local: LoopbackDeployment
     credentials: Path
     settings: common.FlowerSettings
     out: Path
@@ -280,8 +285,8 @@ class SecureRun:
     listed: list[dict]  # flwr supernode ls --format json, after the run
 
     def text(self, name: str) -> str:
-        """A whole log of the deployment (``LocalDeployment.log`` keeps only its end)."""
-        return (self.local.logs / f"{name}.log").read_text(errors="replace")
+        """A whole log of the deployment."""
+        return self.local.log(name, tail=None)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +299,7 @@ def secure(tmp_path_factory, jax_cache):
     made = subprocess.run([sys.executable, "-m", "fedprompt.flower.credentials", str(creds), "--nodes",
                            str(NODES + 2)], capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
-    local = LocalDeployment(tmp, NODES, jax_cache, credentials=creds)
+    local = LoopbackDeployment(tmp, NODES, app=APP, jax_cache=jax_cache, credentials=creds, env={"JAX_PLATFORMS": "cpu"})
     try:
         local.start()  # registers node-0..2.pub and starts the clients' nodes
         local.register(IMPOSTOR)
@@ -362,3 +367,26 @@ def test_c_a_node_started_with_another_clients_partition_id_is_left_out_by_the_b
     assert "Receiving:" not in secure.text(f"supernode-{IMPOSTOR}")
     for i in range(NODES):
         assert secure.text(f"supernode-{i}").count("Receiving: train message") == secure.settings.run.rounds
+
+
+SECURE = {"secagg": True, "dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0}
+"""The protections of (d): secure aggregation's whole protocol (four exchanges a round) and central DP."""
+
+
+def test_d_secure_aggregation_and_central_dp_over_tls_equal_the_simulation(secure):
+    out = secure.out.parent / "out-secure"
+    bound = dict(secure.settings.client_keys)
+    overrides, settings = _settings(out, rounds=1, **{"round-timeout": 120.0, **SECURE,
+                                                      "client-keys": ",".join(f"{c}={k}" for c, k in sorted(bound.items()))})
+    secure.local.wait(secure.local.run(overrides, timeout=300, name="secure"))
+    assert (out / "summary.json").exists(), secure.local.run_log()
+    metrics, summary, params, _ = _read_run(out)
+    fed, sim = _reference(settings)
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    _assert_close(params, state.params)
+    for got, want in zip(metrics, expected, strict=True):
+        for key in ("bytes_up", "bytes_down", "clients", "participants", "epsilon"):
+            assert got.get(key) == want.get(key), (key, got.get(key), want.get(key))
+        assert got["secagg_bytes"] > 0 and not got.get("secagg_failed")
+    assert summary["privacy"]["dp_mode"] == "central"
+    assert summary["binding"]["refused"] == 1  # the impostor, again

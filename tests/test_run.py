@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
+from test_cli_artifact import _with_tokenizer
 
 from fedprompt.cli import main
 from fedprompt.config import RunConfig
@@ -110,13 +112,15 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """A run killed with SIGKILL mid-way and resumed ends with the same prompt and metrics."""
+    """A run killed with SIGKILL mid-way and resumed ends with the same prompt and metrics (on the
+    tiny BERT with a word-level tokenizer: three processes, each compiling its rounds)."""
     import os
     import signal
 
     from fedprompt.wire.artifact import load_prompt
 
-    common = ["--rounds", "6", "--clients", "4", "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "8",
+    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    common = ["--backbone", str(backbone), "--rounds", "6", "--clients", "4", "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "8",
               "--max-length", "12", "--virtual-tokens", "4", "--train-examples", "200", "--eval-examples", "48",
               "--algorithm", "fedadam", "--dropout", "0.2", "--no-progress"]
     base = [sys.executable, "-m", "fedprompt.cli", "run", *common]

@@ -37,6 +37,14 @@ Flower's deployment starts a fresh ClientApp process for every message; within a
 built federation, the compiled update and the client's rows are cached (Flower's simulation
 runtime reuses processes). Set ``JAX_COMPILATION_CACHE_DIR`` on the SuperNodes so that a new
 process finds the update already compiled.
+
+Under Flower's simulation runtime (Ray backend) this same ClientApp serves virtual SuperNodes:
+the runtime gives each one the node config ``partition-id`` and ``num-partitions`` (its number
+of virtual SuperNodes), read exactly as a real node's. Each Ray actor is one long-lived process
+that runs the ClientApp for whichever virtual node has a message, so it builds the federation and
+compiles the update once and keeps the rows of the nodes it served (up to 64). A node's own
+state (``context.state``: client state, secure-aggregation secrets) travels with the node's
+``Context``, which the runtime keeps between messages, never with an actor.
 """
 
 from __future__ import annotations

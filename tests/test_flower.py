@@ -480,7 +480,8 @@ def _with_statistics(grid: InProcessGrid, reply: Message, change) -> Message:
     message = codec.decode(reply.content.config_records[common.RECORD]["statistics"])
     tree = change(message.tree)
     data = tree if isinstance(tree, bytes) else codec.encode(tree, kind=message.kind, fingerprint=message.fingerprint)
-    return Message(RecordDict({common.RECORD: ConfigRecord({"statistics": data})}), reply_to=_sent(grid, reply))
+    fields = {**reply.content.config_records[common.RECORD], "statistics": data}  # its binding kept
+    return Message(RecordDict({common.RECORD: ConfigRecord(fields)}), reply_to=_sent(grid, reply))
 
 
 def _set(tree, name, index, value):
@@ -904,3 +905,35 @@ def test_a_replayed_or_readdressed_update_is_a_counted_rejection(tmp_path, flowe
     common.check_binding(binding, round_index=1, client_id=2, nonce=nonces["1"])
     with pytest.raises(WireError, match="without its binding"):
         common.check_binding({**binding, "nonce": b"short"}, round_index=1, client_id=2, nonce=nonces["1"])
+
+
+def test_replayed_evaluations_and_class_statistics_are_refused(tmp_path, flower_task, node_files):
+    """Evaluation and class-statistics replies are bound to their message as updates are:
+    client 1 re-sends its round-1 evaluation (that round's binding) in round 2, client 2 answers
+    the class-statistics query with another nonce; both are refused and counted, the rest is
+    used."""
+    grid, settings = _node_run(tmp_path / "out", node_files, rounds=2, **{"federated-eval": True}, **CLASS_MEANS)
+    first: dict[int, Message] = {}
+
+    def tamper(client, reply):
+        kind = reply.metadata.message_type
+        if kind == STATISTICS_QUERY and client == 2:
+            record = {**reply.content.config_records[common.RECORD], "nonce": bytes(common.NONCE_BYTES)}
+            return Message(RecordDict({common.RECORD: ConfigRecord(record)}), reply_to=_sent(grid, reply))
+        if kind == "evaluate" and client == 1:
+            if reply.metadata.group_id == "0":
+                first[client] = reply
+            else:  # last round's evaluation and binding, replayed
+                old = first[client].content
+                return Message(RecordDict({name: record for name, record in {**old.config_records,
+                                                                          **old.metric_records}.items()}),
+                               reply_to=_sent(grid, reply))
+        return reply
+
+    grid.tamper = tamper
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    setup = result.summary["setup"]
+    assert setup["contributors"] == [0, 1] and setup["rejections"] == {"update bound to another nonce": 1}
+    one, two = result.metrics
+    assert one["federated_eval_rejected"] == 0 and one["federated_eval_clients"] == NODES
+    assert two["federated_eval_rejected"] == 1 and two["federated_eval_clients"] == NODES - 1

@@ -144,9 +144,11 @@ def class_statistics(message: Message, context: Context) -> Message:
     record = message.content.config_records.get(common.RECORD) if message.has_content() else None
     if record is None:
         raise WireError(f"the message has no {common.RECORD!r} record")
-    data, addressed = record.get("global"), record.get("client-id")
+    data, addressed, nonce = record.get("global"), record.get("client-id"), record.get("nonce")
     if not isinstance(data, bytes) or not isinstance(addressed, int) or isinstance(addressed, bool):
         raise WireError("the message must hold the global params (bytes) and a client-id (int)")
+    if nonce is not None and (not isinstance(nonce, bytes) or len(nonce) != common.NONCE_BYTES):
+        raise WireError(f"the message's nonce must be {common.NONCE_BYTES} bytes")
     if addressed != client_id:
         raise common.FederationError(f"the server addressed client {addressed}, this node is client {client_id}")
     received = codec.check_message(codec.decode(data), kind=GLOBAL_KIND, fingerprint=fingerprint)
@@ -156,7 +158,8 @@ def class_statistics(message: Message, context: Context) -> Message:
                                                  np.int32(client.size), plan.keys.head_statistics(client_id))
     payload = codec.encode(dict(jax.device_get(stats)._asdict()), kind=class_means.STATISTICS_KIND,
                            fingerprint=fingerprint)
-    return Message(RecordDict({common.RECORD: ConfigRecord({"statistics": payload})}), reply_to=message)
+    binding = common.update_binding(0, addressed, nonce)
+    return Message(RecordDict({common.RECORD: ConfigRecord({"statistics": payload, **binding})}), reply_to=message)
 
 
 def _global_state(message: Message, context: Context) -> tuple[_Client, int, int, dict[str, Any]]:
@@ -226,12 +229,15 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Federated evaluation: the global state's loss and accuracy on this node's held-out rows."""
+    """Federated evaluation: the global state's loss and accuracy on this node's held-out rows,
+    bound to the message's round, client id and nonce as an update is."""
     client, _, _, broadcast = _global_state(message, context)
     result = client.federation.plan.evaluate(broadcast["params"], client.evaluation)
     metrics = MetricRecord({"eval-loss": result["eval_loss"], "eval-accuracy": result["eval_accuracy"],
                             "num-examples": len(client.evaluation["labels"])})
-    return Message(RecordDict({common.METRICS: metrics}), reply_to=message)
+    fields = _fields(message)
+    binding = ConfigRecord(common.update_binding(fields["round"], fields["client-id"], fields.get("nonce")))
+    return Message(RecordDict({common.METRICS: metrics, common.RECORD: binding}), reply_to=message)
 
 
 # -- secure aggregation (fedprompt.flower.secure): one handler per protocol step ------------------

@@ -373,12 +373,14 @@ def check_node(settings: FlowerSettings, node: NodeSettings) -> None:
     """Raises :class:`FederationError` if a node's client id or data do not fit the federation."""
     clients = settings.run.clients
     if node.num_partitions is not None and node.num_partitions != clients:
-        raise FederationError(f"the node says num-partitions={node.num_partitions}, the run has clients={clients}")
+        raise FederationError(f"the node says num-partitions={node.num_partitions}, the run has clients={clients} "
+                              "(under Flower's simulation runtime: num-supernodes must equal clients)")
     if not 0 <= node.partition_id < clients:
         raise FederationError(f"partition-id {node.partition_id} is not a client of a run with {clients} clients")
     if settings.node_data and node.data_path is None:
         raise FederationError("the run says node-data = true: start this SuperNode with --node-config "
-                              "\"partition-id=<i> data-path='<its training file>'\"")
+                              "\"partition-id=<i> data-path='<its training file>'\" (the virtual SuperNodes of "
+                              "Flower's simulation runtime have no data path: node-data needs real SuperNodes)")
     if not settings.node_data and node.data_path is not None:
         raise FederationError(f"this SuperNode names data-path {node.data_path!r}, but the run trains on the demo "
                               "partition (node-data = false)")

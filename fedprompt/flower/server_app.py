@@ -336,7 +336,9 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
     (:meth:`~fedprompt.federation.plan.FederationPlan.class_statistics`); each reply is checked
     (:func:`check_class_statistics`); the valid ones are stacked in client-id order and summed
     (:func:`~fedprompt.client.class_means.combine`), exactly as the simulation does with every
-    client's. A missing, error or refused reply is left out, logged and counted.
+    client's. A reply must be bound to its message (round 0, the client id and a fresh nonce:
+    :func:`~fedprompt.flower.common.check_binding`). A missing, error or refused reply is left
+    out, logged and counted.
 
     Raises:
       FederationError: no client sent valid statistics.
@@ -348,8 +350,10 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
     limit = common.message_limit(template, kind=class_means.STATISTICS_KIND, fingerprint=fingerprint)
     objects = common.object_limit(template, kind=class_means.STATISTICS_KIND, fingerprint=fingerprint)
     clients = sorted(nodes.node_of)
+    nonce = common.fresh_nonce()  # a reply must echo it with round 0 and its client id
     messages = [
-        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "client-id": c})}),
+        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "round": 0, "client-id": c,
+                                                         "nonce": nonce})}),
                 dst_node_id=nodes.node_of[c], message_type=f"query.{common.CLASS_STATISTICS}",
                 ttl=settings.round_timeout + 60.0)
         for c in clients
@@ -374,6 +378,7 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
         data = record.get("statistics") if record is not None else None
         size = int(known[client]) if known is not None else nodes.examples.get(client, cfg.head_init_examples)
         try:
+            common.check_binding(record if record is not None else {}, round_index=0, client_id=client, nonce=nonce)
             valid[client] = check_class_statistics(
                 data, template, fingerprint=fingerprint, limit=limit,
                 max_examples=min(cfg.head_init_examples, size), max_objects=objects)
@@ -573,13 +578,17 @@ def federated_evaluation(grid, settings, fed, nodes, state, completed: int) -> d
     """Every client that has a node evaluates the global state after ``completed`` rounds on its
     own rows (an ``evaluate`` message each); their loss and accuracy, weighted as the updates
     are (:func:`~fedprompt.flower.common.example_weights` of their counts). A reply with a bad
-    count, a non-finite loss or an accuracy outside [0, 1] is refused (``federated_eval_rejected``)."""
+    count, a non-finite loss, an accuracy outside [0, 1] or a reply not bound to the message (its
+    round, client id and fresh nonce: :func:`~fedprompt.flower.common.check_binding`) is refused
+    (``federated_eval_rejected``)."""
     fingerprint = fed.backbone.fingerprint
     payload = codec.encode(jax.device_get(fed.plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=completed,
                            fingerprint=fingerprint)
     clients = sorted(nodes.node_of)
+    nonce = common.fresh_nonce()  # a reply must echo it with the round and its client id
     messages = [
-        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "round": completed, "client-id": c})}),
+        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "round": completed, "client-id": c,
+                                                         "nonce": nonce})}),
                 dst_node_id=nodes.node_of[c], message_type="evaluate", group_id=str(completed - 1),
                 ttl=settings.round_timeout + 60.0)
         for c in clients
@@ -593,6 +602,9 @@ def federated_evaluation(grid, settings, fed, nodes, state, completed: int) -> d
         if client is None or client in results or reply.has_error():
             continue
         try:
+            record = reply.content.config_records.get(common.RECORD) if reply.has_content() else None
+            common.check_binding(record if record is not None else {}, round_index=completed, client_id=client,
+                                 nonce=nonce)
             results[client] = _evaluation_fields(reply)
         except WireError:
             rejected += 1

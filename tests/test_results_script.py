@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,36 @@ def test_a_quick_run_records_the_numbers_of_the_run(tmp_path):
     block = reproduce.render_block(one_row, document)
     assert f"| soft prompt + head | FedAvgM (lr 1, momentum 0.9) | {row['final_accuracy']:.3f} |" in block
     assert f"_Measured with fedprompt {fedprompt.__version__}, " in block and "`--quick` run" in block
+
+
+def test_deployment_rows_are_summarised_per_client_and_round():
+    """The protections table's numbers from a deployed run's metrics: bytes per client (updates
+    over the clients that sent one, downloads and protocol bytes over the sampled ones) and the
+    median of the rounds after the first, which compiles."""
+    metrics = [
+        {"round": 1, "clients": 3, "sampled": 3, "bytes_up": 300, "bytes_down": 600, "secagg_bytes": 90,
+         "wire_bytes_up": 3300, "seconds": 40.0, "epsilon": 0.5},
+        {"round": 2, "clients": 2, "sampled": 3, "bytes_up": 200, "bytes_down": 600, "secagg_bytes": 60,
+         "wire_bytes_up": 2200, "seconds": 10.0, "epsilon": 0.8},
+        {"round": 3, "clients": 3, "sampled": 3, "bytes_up": 300, "bytes_down": 600, "secagg_bytes": 90,
+         "wire_bytes_up": 3300, "seconds": 14.0, "epsilon": 1.0},
+        {"round": 4, "clients": 3, "sampled": 3, "bytes_up": 300, "bytes_down": 600, "secagg_bytes": 90,
+         "wire_bytes_up": 3300, "seconds": 12.0, "epsilon": 1.2},
+    ]
+    numbers = reproduce.deployment_numbers(metrics, {"final_accuracy": 0.5, "wall_seconds": 99.0})
+    assert numbers["bytes_up_per_client"] == 100 and numbers["bytes_down_per_client"] == 200
+    assert numbers["secagg_bytes_per_client"] == (90 + 60 + 90 + 90) / 3 / 4
+    assert numbers["wire_bytes_up_per_client"] == 1100
+    assert numbers["seconds_per_round"] == 12.0 and numbers["first_round_seconds"] == 40.0
+    assert numbers["epsilon"] == 1.2 and numbers["clients_per_round"] == 2.75
+    assert reproduce.deployment_numbers(metrics[:3], {})["seconds_per_round"] == 12.0  # the mean of the middle two
+    with pytest.raises(reproduce.ResultsError, match="no round"):
+        reproduce.deployment_numbers([], {})
+    # every setting of a deployment row but the deployment's own is a run-config key of the app
+    app = reproduce.APP / "pyproject.toml"
+    keys = set(tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"])
+    experiment = reproduce.EXPERIMENTS["protections"]
+    for row in experiment.rows:
+        config = reproduce.row_config(experiment, row)
+        run_keys = {k.replace("_", "-") for k in config if k not in reproduce.DEPLOYMENT_KEYS}
+        assert run_keys <= keys, run_keys - keys

@@ -271,6 +271,15 @@ round, 8 local Adam steps (lr 0.01) of 16 examples, FedAdam (server lr 0.03), 15
 
 FEDAVG = {**DEFAULT_TASK, "algorithm": "fedavg", "server_lr": None}
 
+PROTECTED_DEPLOYMENT = {
+    "tls": True, "nodes": 3, "timeout": 1800.0, "node_files": True,
+    "backbone": "minilm", "method": "prompt", "num_virtual_tokens": 20, "algorithm": "fedavg", "rounds": 4,
+    "clients": 3, "clients_per_round": 3, "train_examples": 384, "eval_examples": 256, "local_steps": 8,
+    "batch_size": 16, "round_timeout": 600.0, "seed": 0,
+}
+"""The protections' costs: one loopback deployment per row (3 SuperNodes, each its own file cut from
+the built-in WordNet set, MiniLM, 4 rounds), as the walk-through in examples/flower_app/README.md."""
+
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment(
         "default_task", "simulate", DEFAULT_TASK,
@@ -405,6 +414,27 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
             column_max("of bandwidth", "fraction_of_bandwidth.kernel_mean", lambda x: f"{100 * x:.0f}%"),
             value("clip + sum", "seconds.fused_clip", duration),
             value("engine path from K host updates", "seconds.aggregation", duration),
+        ),
+    ),
+    Experiment(
+        "protections", "deployment", PROTECTED_DEPLOYMENT,
+        rows=(
+            run_row({"channel": "`--insecure`", "protection": "none"}, tls=False),
+            run_row({"channel": "TLS + authentication", "protection": "none"}),
+            run_row({"channel": "TLS + authentication", "protection": "secure aggregation"}, secagg=True),
+            run_row({"channel": "TLS + authentication", "protection": "secure aggregation + central DP (epsilon 8)"},
+                    secagg=True, dp="central", dp_target_epsilon=8.0),
+            run_row({"channel": "TLS + authentication", "protection": "local DP (z = 1)"},
+                    dp="local", dp_noise_multiplier=1.0),
+        ),
+        columns=(
+            text("channel"), text("protection"),
+            value("seconds per round", "seconds_per_round", lambda x: f"{x:.1f} s"),
+            value("first round", "first_round_seconds", lambda x: f"{x:.1f} s"),
+            value("up per client", "bytes_up_per_client", decimal_bytes),
+            value("down per client", "bytes_down_per_client", decimal_bytes),
+            value("protocol messages per client", "secagg_bytes_per_client", lambda x: decimal_bytes(x) if x else "0"),
+            value("epsilon after 4 rounds", "epsilon", lambda x: f"{x:.1f}" if isinstance(x, (int, float)) else ""),
         ),
     ),
     Experiment(
@@ -544,6 +574,114 @@ def measure_bench_simulate(config: Mapping[str, Any], context: Context) -> dict[
     return _plain(numbers)
 
 
+APP = RESULTS.parents[1] / "examples" / "flower_app"
+"""The Flower App the deployment rows launch."""
+
+DEPLOYMENT_KEYS = ("tls", "nodes", "timeout", "node_files")
+"""The settings of a deployment row that are not run-config settings of the app."""
+
+
+def deployment_numbers(metrics: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-round costs of one deployed run from its ``metrics.jsonl`` lines and ``summary.json``.
+
+    Bytes are per client and round (means over rounds: ``bytes_up`` over the clients whose update
+    arrived, ``bytes_down`` and the secure-aggregation protocol's ``secagg_bytes`` over the
+    sampled clients); ``seconds_per_round`` is the median over every round but the first (the
+    first compiles the client update on every node), ``first_round_seconds`` apart.
+    """
+    if not metrics:
+        raise ResultsError("the deployed run wrote no round")
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    later = sorted(m["seconds"] for m in metrics[1:]) or [metrics[0]["seconds"]]
+    numbers = {
+        "rounds": len(metrics),
+        "bytes_up_per_client": mean([m["bytes_up"] / max(1, m["clients"]) for m in metrics]),
+        "bytes_down_per_client": mean([m["bytes_down"] / max(1, m["sampled"]) for m in metrics]),
+        "secagg_bytes_per_client": mean([m.get("secagg_bytes", 0) / max(1, m["sampled"]) for m in metrics]),
+        "wire_bytes_up_per_client": mean([(m.get("wire_bytes_up") or 0) / max(1, m["clients"]) for m in metrics]),
+        "first_round_seconds": metrics[0]["seconds"],
+        "seconds_per_round": later[len(later) // 2] if len(later) % 2 else (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2,
+        "clients_per_round": mean([m["clients"] for m in metrics]),
+        "final_accuracy": summary.get("final_accuracy"),
+        "epsilon": metrics[-1].get("epsilon"),
+        "wall_seconds": summary.get("wall_seconds"),
+    }
+    return _plain(numbers)
+
+
+def write_node_files(folder: Path, nodes: int, train_examples: int, test_examples: int) -> Callable[[int], dict[str, str]]:
+    """Each node's own files, cut from the built-in WordNet set as ``examples/flower_app/README.md``
+    ("Each SuperNode its own data") does: the glosses in a seeded random order (the set is sorted
+    by supersense), node i gets training rows i, i + nodes, ... of the first ``train_examples``
+    and held-out rows of the first ``test_examples`` test glosses; the server's held-out file is
+    the next ``test_examples``. Returns each node's node config."""
+    import numpy as np
+
+    from fedprompt.data import datasets
+
+    train, test = datasets.load_wordnet_supersenses()
+    train_order = np.random.default_rng(0).permutation(len(train.texts))
+    test_order = np.random.default_rng(1).permutation(len(test.texts))
+    folder.mkdir(parents=True)
+
+    def write(path: Path, ds: Any, rows: Any) -> None:
+        path.write_text("".join(json.dumps({"text": ds.texts[i], "label": ds.label_names[ds.labels[i]]}) + "\n"
+                                for i in rows))
+
+    for node in range(nodes):
+        write(folder / f"node-{node}.jsonl", train, train_order[node:train_examples:nodes])
+        write(folder / f"node-{node}-test.jsonl", test, test_order[node:test_examples:nodes])
+    write(folder / "server-test.jsonl", test, test_order[test_examples:2 * test_examples])
+    (folder / "label-names.txt").write_text(",".join(train.label_names))
+    return lambda i: {"data-path": str(folder / f"node-{i}.jsonl"), "test-path": str(folder / f"node-{i}-test.jsonl")}
+
+
+def measure_deployment(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One run of ``examples/flower_app`` on a loopback deployment
+    (:class:`fedprompt.flower.loopback.LoopbackDeployment`: a SuperLink and ``nodes``
+    SuperNodes on 127.0.0.1), over TLS with SuperNode authentication and ``client-keys`` when
+    ``tls`` (credentials made by :func:`fedprompt.flower.credentials.write_credentials`), else
+    ``--insecure``; every other setting is the app's run config (underscores for dashes). The
+    rows of one ``run`` share one XLA compilation cache. Numbers: :func:`deployment_numbers`."""
+    import tempfile
+
+    from fedprompt.flower.credentials import write_credentials
+    from fedprompt.flower.loopback import LoopbackDeployment
+
+    if "xla_cache" not in context.cache:
+        context.cache["xla_cache"] = tempfile.mkdtemp(prefix="fedprompt-results-xla-")
+    run_config = {k.replace("_", "-"): v for k, v in config.items() if k not in DEPLOYMENT_KEYS and v is not None}
+    with tempfile.TemporaryDirectory(prefix="fedprompt-deployment-") as folder:
+        tmp = Path(folder)
+        credentials = None
+        if config["tls"]:
+            credentials = write_credentials(tmp / "credentials", config["nodes"]).out_dir
+            run_config["client-keys"] = (credentials / "client-keys.txt").read_text().strip()
+        node_config = None
+        if config.get("node_files"):
+            node_config = write_node_files(tmp / "data", config["nodes"], config["train_examples"],
+                                           config["eval_examples"])
+            run_config.update({"node-data": True, "label-names": (tmp / "data" / "label-names.txt").read_text(),
+                               "test-data": str(tmp / "data" / "server-test.jsonl"), "federated-eval": True})
+            run_config.pop("train-examples", None)
+        out = tmp / "out"
+        with LoopbackDeployment(tmp, config["nodes"], app=APP, credentials=credentials, node_config=node_config,
+                                jax_cache=Path(context.cache["xla_cache"]), env={"JAX_PLATFORMS": "cpu"}) as local:
+            status = local.wait(local.run({**run_config, "out": str(out)}, timeout=config["timeout"]))
+            if status != 0 or not (out / "summary.json").exists():
+                raise ResultsError(f"the deployed run failed (exit status {status}):\n{local.run_log()}")
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        summary = json.loads((out / "summary.json").read_text())
+    return deployment_numbers(metrics, summary)
+
+
+def _quick_deployment(config: dict[str, Any]) -> dict[str, Any]:
+    return {**config, "rounds": 2, "train_examples": 96, "eval_examples": 32, "local_steps": 2, "batch_size": 8}
+
+
 def _check_run(config: Mapping[str, Any]) -> None:
     from fedprompt.config import RunConfig
 
@@ -574,6 +712,7 @@ KINDS: dict[str, Kind] = {
     "memory": Kind(measure_memory, lambda c: {**c, "batch_size": 4, "tokens": 16}),
     "train_step": Kind(measure_train_step, lambda c: {**c, "steps": 1, "batch_size": 4, "tokens": 16}),
     "aggregate": Kind(measure_aggregate, lambda c: {**c, "repeats": 1, "clients": min(c["clients"], 10)}),
+    "deployment": Kind(measure_deployment, _quick_deployment),
     "bench_simulate": Kind(measure_bench_simulate,
                            lambda c: {**c, "repeats": 1, "clients_per_round": min(c["clients_per_round"], 2)}),
 }
@@ -788,4 +927,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # SIGTERM ends the script through its finally blocks (a deployment row stops its processes).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

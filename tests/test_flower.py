@@ -636,6 +636,18 @@ def _encoded_file(settings, backbone, path):
                                   cfg.num_virtual_tokens)
 
 
+def _node_simulation(settings, files):
+    """The simulation of the same per-client rows as a node-data run: each node's file, stacked
+    and padded to the largest; its plan, the rows, the engine and the server's test rows."""
+    plan = common.build_federation(settings, common.load_run_backbone(settings)).plan
+    rows = [_encoded_file(settings, plan.backbone, path) for path in files["train"]]
+    columns = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+    bounds = np.cumsum([0, *files["sizes"]])
+    parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    sim = FederatedSimulation(plan, build_client_data(columns, parts, len(LABELS)))
+    return plan, rows, sim, _encoded_file(settings, plan.backbone, files["server_test"])
+
+
 def test_nodes_with_their_own_files_and_a_server_without_data_equal_the_simulation(
         tmp_path, flower_task, node_files, monkeypatch):
     def no_shared_data(*args, **kwargs):
@@ -647,14 +659,7 @@ def test_nodes_with_their_own_files_and_a_server_without_data_equal_the_simulati
                                                                 "federated-eval": True})
     result = server_app.run_federation(grid, settings, log=lambda text: None)
 
-    # The simulation of the same per-client rows: each node's file, stacked and padded to the largest.
-    plan = common.build_federation(settings, common.load_run_backbone(settings)).plan
-    rows = [_encoded_file(settings, plan.backbone, path) for path in node_files["train"]]
-    columns = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
-    bounds = np.cumsum([0, *node_files["sizes"]])
-    parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    sim = FederatedSimulation(plan, build_client_data(columns, parts, len(LABELS)))
-    test = _encoded_file(settings, plan.backbone, node_files["server_test"])
+    plan, rows, sim, test = _node_simulation(settings, node_files)
     state, _, expected = run_rounds(sim, settings.run.rounds, test)
     _assert_close(result.state.server.params, state.server.params)
     for got, want in zip(result.metrics, expected, strict=True):

@@ -15,10 +15,11 @@ registered with ``flwr supernode register``, and one ``flwr run`` (two rounds, w
 whose key was never registered is refused by the SuperLink and takes no part; (c) a registered
 node whose key is bound to no client, started with client 0's partition id, is left out by the
 binding (logged and counted) and is sent nothing. A second ``flwr run`` on the same deployment
-is the protected one of the README's walk-through: secure aggregation and central DP over TLS,
-authenticated nodes and ``client-keys``; (d) it equals the in-process simulation of the same
-settings (noise multiplier 0, so the comparison is exact; the noise's scale and source are
-checked in test_flower.py).
+is the protected one of the README's walk-through: TLS, authenticated nodes and ``client-keys``,
+each client's node restarted with its own data file (``node-data``, a server without training
+data), secure aggregation and central DP; (d) it equals the in-process simulation of the same
+per-client rows (noise multiplier 0, so the comparison is exact; the noise's scale and source
+are checked in test_flower.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import ssl
 import subprocess
 import sys
@@ -39,8 +41,9 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
-from test_flower import (APP, BIN, NODES, RUN, InProcessGrid, _app_config, _assert_close, _read_run, _reference, _replay,
-                         _settings, flower_task)  # noqa: F401 - flower_task is a fixture of this module too
+from test_flower import (APP, BIN, NODE_RUN, NODES, RUN, InProcessGrid, _app_config, _assert_close, _node_simulation,
+                         _read_run, _reference, _replay, _settings, flower_task,  # noqa: F401 - fixtures of
+                         node_files)  # this module too
 from test_flower_deployment import jax_cache  # noqa: F401 - a fixture
 
 from fedprompt.errors import ConfigError
@@ -373,20 +376,36 @@ SECURE = {"secagg": True, "dp": "central", "dp-clip": 0.05, "dp-noise-multiplier
 """The protections of (d): secure aggregation's whole protocol (four exchanges a round) and central DP."""
 
 
-def test_d_secure_aggregation_and_central_dp_over_tls_equal_the_simulation(secure):
-    out = secure.out.parent / "out-secure"
-    bound = dict(secure.settings.client_keys)
-    overrides, settings = _settings(out, rounds=1, **{"round-timeout": 120.0, **SECURE,
-                                                      "client-keys": ",".join(f"{c}={k}" for c, k in sorted(bound.items()))})
-    secure.local.wait(secure.local.run(overrides, timeout=300, name="secure"))
-    assert (out / "summary.json").exists(), secure.local.run_log()
+def test_d_the_protected_walk_through_equals_the_simulation(secure, node_files):
+    """The README's protected deployment: TLS, authenticated nodes bound to their clients by key,
+    each node restarted with its own file and a server with none, secure aggregation and central
+    DP; it equals the simulation of the same per-client rows."""
+    local = secure.local
+    for i in range(NODES):  # SIGTERM: the node deactivates itself, so its key may activate again at once
+        local.kill(f"supernode-{i}", signal.SIGTERM)
+        local.start_node(i, node_config={"data-path": str(node_files["train"][i])})
+    for i in range(NODES):
+        local.wait_connected(i, timeout=180)
+    out = secure.out.parent / "out-protected"
+    bound = ",".join(f"{c}={k}" for c, k in secure.settings.client_keys)
+    overrides = {**NODE_RUN, "backbone": str(node_files["backbone"]), "out": str(out), "rounds": 1,
+                 "node-capacity": max(node_files["sizes"]), "test-data": str(node_files["server_test"]),
+                 "round-timeout": 120.0, **SECURE, "client-keys": bound}
+    config = _app_config(overrides)
+    assert len(config) == len(_app_config({})), "flwr run refuses keys the app's config does not have"
+    settings = common.settings_from_run_config(config)
+    local.wait(local.run(overrides, timeout=300, name="protected"))
+    assert (out / "summary.json").exists(), local.run_log()
     metrics, summary, params, _ = _read_run(out)
-    fed, sim = _reference(settings)
-    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    _, _, sim, test = _node_simulation(settings, node_files)
+    state, _, expected = run_rounds(sim, settings.run.rounds, test)
     _assert_close(params, state.params)
     for got, want in zip(metrics, expected, strict=True):
         for key in ("bytes_up", "bytes_down", "clients", "participants", "epsilon"):
             assert got.get(key) == want.get(key), (key, got.get(key), want.get(key))
+        np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
         assert got["secagg_bytes"] > 0 and not got.get("secagg_failed")
     assert summary["privacy"]["dp_mode"] == "central"
+    assert summary["client_sizes"] == list(node_files["sizes"])  # as each node reported
     assert summary["binding"]["refused"] == 1  # the impostor, again
+    assert summary["nodes"] == {str(i): local.node_ids[i] for i in range(NODES)}

@@ -15,7 +15,8 @@ commands:
   bench aggregate          compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s
   bench train              train step FLOP/s as a fraction of this machine's matmul FLOP/s
   bench kernels            Pallas kernels vs their XLA references
-  bench memory             compiled memory of gradient-free client steps
+  bench memory             compiled memory of gradient-free client steps; --abstract llama-7b|llama-70b|qwen2-0.5b
+                           [--devices N]: a big backbone's prompt-tuning step, remat on and off
 
 Errors are one line on stderr: exit status 2 for bad input, 1 for a system error (a full disk,
 a read-only folder), 130 for Ctrl-C.
@@ -30,7 +31,7 @@ import sys
 import warnings
 
 from fedprompt.config import RunConfig
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError
 
 
 def _mib(n: int) -> str:
@@ -339,23 +340,72 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
+    if args.abstract is not None:
+        return _bench_memory_abstract(args)
+    if args.devices != 1:
+        raise ConfigError("--devices applies to --abstract backbones (the weights split over N devices)")
     from fedprompt.backbones.loading import load_backbone
     from fedprompt.client.memory import format_memory_report, gradient_free_memory_report
 
+    batch_size = 16 if args.batch_size is None else args.batch_size
+    tokens = 64 if args.tokens is None else args.tokens
     backbone = load_backbone(args.backbone)
-    report = gradient_free_memory_report(backbone, batch_size=args.batch_size, max_length=args.tokens)
-    header = (f"compiled memory of one client step, {backbone.name}, batch {args.batch_size} x {args.tokens} tokens, "
+    report = gradient_free_memory_report(backbone, batch_size=batch_size, max_length=tokens)
+    header = (f"compiled memory of one client step, {backbone.name}, batch {batch_size} x {tokens} tokens, "
               f"20 virtual tokens (XLA memory analysis; weights {report['inference']['arguments'] / 2**20:.1f} MiB "
               "are arguments)")
     return _bench_report(args, report, header + "\n" + format_memory_report(report))
 
 
+def _bench_memory_abstract(args: argparse.Namespace) -> int:
+    """``bench memory --abstract NAME``: a prompt-tuning step of a shape-only backbone, compiled only."""
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {args.devices}")
+    from fedprompt.sharding import use_host_devices
+
+    # Before JAX starts: N host devices on CPU, and XLA's memory-minimising CPU scheduler.
+    use_host_devices(args.devices)
+    import jax.numpy as jnp
+
+    from fedprompt import bench
+    from fedprompt.backbones.abstract import abstract_backbone
+    from fedprompt.client.memory import ANALYSIS_COMPILER_OPTIONS, format_step_memory_report, step_memory_report
+
+    backbone = abstract_backbone(args.abstract, dtype=jnp.dtype(args.dtype))
+    remat = {"both": (False, True), "on": (True,), "off": (False,)}[args.remat]
+    report = step_memory_report(
+        backbone,
+        batch_size=4 if args.batch_size is None else args.batch_size,
+        tokens=512 if args.tokens is None else args.tokens,
+        devices=args.devices,
+        task=args.task,
+        remat=remat,
+        compiler_options=ANALYSIS_COMPILER_OPTIONS,
+    )
+    report["machine"] = bench.machine()
+    text = format_step_memory_report(report) + "\nmachine: " + bench._machine_line(report["machine"])
+    return _bench_report(args, report, text)
+
+
 def add_bench_commands(bench_sub) -> None:
     """``bench aggregate``, ``bench train``, ``bench kernels``, ``bench memory``."""
-    mem = bench_sub.add_parser("memory", help="compiled memory of gradient-free client steps vs inference and a gradient step")
-    mem.add_argument("--backbone", default="minilm")
-    mem.add_argument("--batch-size", type=int, default=16)
-    mem.add_argument("--tokens", type=int, default=64)
+    mem = bench_sub.add_parser(
+        "memory", help="compiled memory of client steps; --abstract: a 7B/70B prompt-tuning step, remat on/off",
+        description="Without --abstract: compiled memory of gradient-free client steps vs inference and a gradient "
+                    "step of --backbone. With --abstract NAME: a prompt-tuning step of a shape-only backbone "
+                    "(llama-7b, llama-70b, qwen2-0.5b; nothing downloaded or allocated), compiled for one device or "
+                    "with the weights split over --devices N, with and without remat; XLA's per-device memory "
+                    "analysis (on CPU: its buffer assignment for N forced host devices).")
+    source = mem.add_mutually_exclusive_group()
+    source.add_argument("--backbone", default="minilm")
+    source.add_argument("--abstract", metavar="NAME", help="llama-7b | llama-70b | qwen2-0.5b: shape-only weights")
+    mem.add_argument("--batch-size", type=int, default=None, help="default 16 (4 with --abstract)")
+    mem.add_argument("--tokens", type=int, default=None, help="default 64 (512 with --abstract)")
+    mem.add_argument("--devices", type=int, default=1, help="--abstract: split the weights over N devices (forced host devices on CPU)")
+    mem.add_argument("--remat", choices=("both", "on", "off"), default="both", help="--abstract: which steps to compile")
+    mem.add_argument("--task", choices=("classification", "lm"), default="classification",
+                     help="--abstract: a linear head on the last token, or the causal LM loss (vocabulary logits)")
+    mem.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="--abstract: weight dtype")
     mem.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     mem.set_defaults(func=cmd_bench_memory)
     agg = bench_sub.add_parser("aggregate", help="compiled aggregation vs a NumPy (Flower-style) weighted sum, GB/s")

@@ -438,6 +438,24 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         ),
     ),
     Experiment(
+        "big_backbones", "abstract_memory", {"batch_size": 4, "tokens": 512},
+        rows=(
+            run_row({"backbone": "Llama-2-7B", "devices": "1"}, model="llama-7b", devices=1),
+            run_row({"backbone": "Llama-2-70B", "devices": "8 (weights split)"}, model="llama-70b", devices=8),
+            run_row({"backbone": "Qwen2-0.5B", "devices": "1"}, model="qwen2-0.5b", devices=1),
+        ),
+        columns=(
+            text("backbone"), text("devices"),
+            value("bf16 weights", "weight_bytes", gib),
+            value("weights per device", "weight_bytes_per_device", gib),
+            value("peak per device, no remat", "no_remat.peak", gib),
+            value("peak per device, remat", "remat.peak", gib),
+            value("temporaries, no remat", "no_remat.temporaries", gib),
+            value("temporaries, remat", "remat.temporaries", gib),
+            value("compile (remat)", "remat.compile_seconds", lambda x: f"{x:.0f} s"),
+        ),
+    ),
+    Experiment(
         "simulate", "bench_simulate",
         {"backbone": "minilm", "local_steps": 1, "client_block": 32, "repeats": 3},
         rows=tuple(run_row({"clients": str(k)}, clients_per_round=k) for k in (8, 32, 128))
@@ -682,6 +700,27 @@ def _quick_deployment(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "rounds": 2, "train_examples": 96, "eval_examples": 32, "local_steps": 2, "batch_size": 8}
 
 
+def measure_abstract_memory(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """One ``fedprompt bench memory --abstract MODEL`` (XLA's per-device memory analysis of a
+    prompt-tuning step on a shape-only backbone, compiled, never run), in a subprocess: the
+    command asks for its host devices before JAX starts. Both rows of its report (with and
+    without remat) and the weights' bytes."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedprompt-memory-") as folder:
+        out = Path(folder) / "memory.json"
+        command = [sys.executable, "-m", "fedprompt.cli", "bench", "memory", "--abstract", config["model"],
+                   "--devices", str(config["devices"]), "--batch-size", str(config["batch_size"]),
+                   "--tokens", str(config["tokens"]), "--json", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            raise ResultsError(f"`{' '.join(command[1:])}` failed:\n{done.stderr[-3000:]}")
+        report = json.loads(out.read_text())
+    return _plain({key: report[key] for key in ("parameters", "weight_bytes", "weight_bytes_per_device", "devices")}
+                  | {name: report["rows"][name] for name in ("no_remat", "remat")})
+
+
 def _check_run(config: Mapping[str, Any]) -> None:
     from fedprompt.config import RunConfig
 
@@ -713,6 +752,8 @@ KINDS: dict[str, Kind] = {
     "train_step": Kind(measure_train_step, lambda c: {**c, "steps": 1, "batch_size": 4, "tokens": 16}),
     "aggregate": Kind(measure_aggregate, lambda c: {**c, "repeats": 1, "clients": min(c["clients"], 10)}),
     "deployment": Kind(measure_deployment, _quick_deployment),
+    "abstract_memory": Kind(measure_abstract_memory, lambda c: {**c, "model": "qwen2-0.5b", "devices": 1,
+                                                               "tokens": 16}),
     "bench_simulate": Kind(measure_bench_simulate,
                            lambda c: {**c, "repeats": 1, "clients_per_round": min(c["clients_per_round"], 2)}),
 }

@@ -3,6 +3,14 @@
 ``Backbone.apply(weights, ...)`` is a pure function (jit it, vmap it, pass ``weights`` as an
 argument so they are never baked into a compiled program as constants).
 ``Backbone.forward(...)`` is the convenient, jit-compiled call with the backbone's own weights.
+
+Rematerialisation: with ``remat`` on, every transformer block is rematerialised
+(:func:`~fedprompt.backbones.base.run_block`), so a gradient w.r.t. the prompt keeps one
+``[B, S, D]`` tensor per block (its input) instead of every block's activations, and
+recomputes each block once during the backward pass. ``remat=None`` (the
+default) turns it on for decoders of at least :data:`REMAT_MIN_PARAMETERS` parameters, where
+activations rival the weights, and leaves it off for smaller models, where the recomputation
+would cost time and save little.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from fedprompt.backbones.base import ArchConfig, FrozenWeight
-from fedprompt.errors import EmptyBatchError, InputError, PromptMismatchError, SequenceTooLongError
+from fedprompt.errors import ConfigError, EmptyBatchError, InputError, PromptMismatchError, SequenceTooLongError
 from fedprompt.backbones.prompt_inputs import Prefix, SoftPrompt
 
 
@@ -40,6 +48,9 @@ class BackboneOutput(NamedTuple):
 
 Prompt = SoftPrompt | Prefix | None
 
+#: ``remat=None`` rematerialises the blocks of decoders with at least this many parameters.
+REMAT_MIN_PARAMETERS = 1_000_000_000
+
 
 @dataclasses.dataclass(eq=False)
 class Backbone:
@@ -51,7 +62,11 @@ class Backbone:
       fingerprint: stable hash of config and weights; a prompt is bound to it.
       tokenizer: a transformers tokenizer, or None.
       compute_dtype: dtype of activations.
-      graphdef, weights: the module split into static structure and frozen weights.
+      remat: rematerialise the blocks in the backward pass: True, False, or None for the
+        default (on for decoders of at least :data:`REMAT_MIN_PARAMETERS` parameters).
+      graphdef, weights: the module split into static structure and frozen weights. The
+        weights of an abstract backbone (:mod:`fedprompt.backbones.abstract`) are
+        ``jax.ShapeDtypeStruct`` leaves: it can be lowered and compiled, not run.
     """
 
     module: dataclasses.InitVar[nnx.Module]
@@ -61,12 +76,14 @@ class Backbone:
     tokenizer: Any = None
     compute_dtype: Any = jnp.float32
     path: Path | None = None
+    remat: bool | None = None
     graphdef: Any = dataclasses.field(init=False)
     weights: Any = dataclasses.field(init=False)
 
     def __post_init__(self, module: nnx.Module) -> None:
+        _check_remat(self.remat)
         self.graphdef, self.weights = nnx.split(module, FrozenWeight)
-        self._jit_apply = jax.jit(self.apply, static_argnames=("with_logits",))
+        self._jit_apply = jax.jit(self.apply, static_argnames=("with_logits", "remat"))
 
     @property
     def is_decoder(self) -> bool:
@@ -78,10 +95,36 @@ class Backbone:
 
     def weight_bytes(self) -> int:
         """Bytes held by the frozen weights."""
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.weights))
+        return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.weights))
+
+    def num_parameters(self) -> int:
+        """How many numbers the frozen weights hold."""
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
+
+    @property
+    def is_abstract(self) -> bool:
+        """Whether the weights are shapes only (``jax.ShapeDtypeStruct``): compile, do not run."""
+        return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.weights))
+
+    def resolve_remat(self, remat: bool | None = None) -> bool:
+        """Whether the blocks are rematerialised: ``remat`` if given, else this backbone's
+        ``remat``, else on for decoders of at least :data:`REMAT_MIN_PARAMETERS` parameters."""
+        _check_remat(remat)
+        choice = self.remat if remat is None else remat
+        if choice is None:
+            return self.is_decoder and self.num_parameters() >= REMAT_MIN_PARAMETERS
+        return bool(choice)
+
+    def _require_weights(self) -> None:
+        if self.is_abstract:
+            raise ConfigError(
+                f"backbone {self.name!r} is abstract (shapes only, no weights): compile a step with "
+                "jax.jit(...).lower(...).compile(), or load a checkpoint to run it"
+            )
 
     def word_embeddings(self, token_ids: jax.Array) -> jax.Array:
         """Rows of the input word-embedding table (float32), e.g. for prompt initialization."""
+        self._require_weights()
         module = nnx.merge(self.graphdef, self.weights)
         return module.embed_tokens(jnp.asarray(token_ids)).astype(jnp.float32)
 
@@ -138,10 +181,13 @@ class Backbone:
         token_type_ids: jax.Array | None = None,
         *,
         with_logits: bool = True,
+        remat: bool | None = None,
     ) -> BackboneOutput:
         """Pure forward pass with explicit ``weights`` (jit/vmap/grad friendly).
 
-        Gradients never flow into ``weights`` (they pass through ``stop_gradient``).
+        Gradients never flow into ``weights`` (they pass through ``stop_gradient``). ``remat``
+        overrides the backbone's rematerialisation setting (see :meth:`resolve_remat`); it
+        changes the memory and compute of a gradient through this call, not its values.
         """
         weights = jax.lax.stop_gradient(weights)
         module = nnx.merge(self.graphdef, weights)
@@ -168,7 +214,7 @@ class Backbone:
                 keys = jnp.broadcast_to(keys[:, None], (keys.shape[0], batch, *keys.shape[1:]))
                 values = jnp.broadcast_to(values[:, None], (values.shape[0], batch, *values.shape[1:]))
             prefix = (keys, values)
-        hidden = module(embeds, mask, prefix=prefix, token_type_ids=token_type_ids)
+        hidden = module(embeds, mask, prefix=prefix, token_type_ids=token_type_ids, remat=self.resolve_remat(remat))
         logits = module.lm_head(hidden) if (with_logits and self.is_decoder) else None
         return BackboneOutput(hidden=hidden, logits=logits, attention_mask=mask, num_virtual=num_virtual)
 
@@ -191,6 +237,7 @@ class Backbone:
           token_type_ids: optional segment ids (BERT family).
           with_logits: decoders only; skip the vocabulary projection when False.
         """
+        self._require_weights()
         self.check_inputs(input_ids, attention_mask, prompt)
         return self._jit_apply(self.weights, input_ids, attention_mask, prompt, token_type_ids, with_logits=with_logits)
 
@@ -221,3 +268,8 @@ class Backbone:
         out = {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
         return out
 
+
+
+def _check_remat(remat: Any) -> None:
+    if remat is not None and not isinstance(remat, bool):
+        raise ConfigError(f"remat must be True, False or None, got {remat!r}")

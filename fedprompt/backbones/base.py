@@ -9,9 +9,10 @@ Every architecture module implements the same small interface (see :class:`Backb
 * ``embed_tokens(input_ids) -> [B, T, D]``: the word embeddings alone. Soft prompts live in
   this space: they are prepended to the word embeddings (PEFT's semantics), and the model then
   adds its own position/type embeddings to the whole sequence.
-* ``__call__(inputs_embeds, attention_mask, *, prefix=None, token_type_ids=None) -> [B, S, D]``:
+* ``__call__(inputs_embeds, attention_mask, *, prefix=None, token_type_ids=None, remat=False) -> [B, S, D]``:
   the transformer body on word-space embeddings, returning the final hidden states (after the
-  final norm for decoders). ``prefix`` is ``(keys, values)``, each ``[L, B, P, H_kv, head_dim]``:
+  final norm for decoders). With ``remat`` each block runs through :func:`run_block`
+  rematerialised (recomputed in the backward pass). ``prefix`` is ``(keys, values)``, each ``[L, B, P, H_kv, head_dim]``:
   per-layer attention prefixes (deep prefix tuning). Prefix keys are used as given (no
   rotary embedding is applied to them, exactly like a pre-filled key/value cache), they are
   always visible to every query, and the positions of the real tokens start at ``P``, as in a
@@ -61,12 +62,23 @@ def take(
       transpose: transpose a 2-D PyTorch ``Linear`` weight ``[out, in]`` into ``[in, out]``.
       dtype: storage dtype of the weight.
 
+    A :class:`jax.ShapeDtypeStruct` in ``tensors`` (an abstract checkpoint, see
+    :mod:`fedprompt.backbones.abstract`) gives a weight that holds a ``ShapeDtypeStruct`` of
+    ``shape`` and ``dtype``: the module can be traced and compiled, but nothing is allocated.
+
     Raises:
       CheckpointError: the tensor is missing or has the wrong shape.
     """
     if name not in tensors:
         raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-    value = np.asarray(tensors[name])
+    raw = tensors[name]
+    if isinstance(raw, jax.ShapeDtypeStruct):  # an abstract checkpoint: shape only, nothing allocated
+        got = tuple(reversed(raw.shape)) if transpose and len(raw.shape) == 2 else tuple(raw.shape)
+        if got != tuple(shape):
+            want = tuple(reversed(shape)) if transpose else tuple(shape)
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(raw.shape)}, expected {want}")
+        return FrozenWeight(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)))
+    value = np.asarray(raw)
     if transpose:
         value = value.T
     if tuple(value.shape) != tuple(shape):
@@ -228,6 +240,60 @@ class KVCache(NamedTuple):
     valid: jax.Array
 
 
+def run_block(block: nnx.Module, x: jax.Array, *args: Any, remat: bool = False) -> jax.Array:
+    """``block(x, *args)``, rematerialised in the backward pass when ``remat`` is True.
+
+    Rematerialised, a gradient through the block keeps only its inputs (``x`` ``[B, S, D]``;
+    the other arguments are shared by every block) and recomputes the block's activations
+    during the backward pass, so the activations held at once are one block's plus one
+    ``[B, S, D]`` tensor per block, instead of every block's (``jax.checkpoint`` with the
+    ``nothing_saveable`` policy). The values, and the gradients w.r.t. ``x`` and ``args``, are
+    those of the plain call. For frozen blocks only: the gradient w.r.t. the block's own
+    weights is zero (the backbones pass their weights through ``stop_gradient`` anyway), and,
+    being a :func:`jax.custom_vjp`, it supports reverse-mode gradients, not ``jax.jvp``.
+
+    Why not ``jax.checkpoint`` itself: the blocks are an unrolled Python loop, and its
+    recomputation depends only on values of the forward pass, so a compiler is free to run it
+    early, during the forward pass, which keeps every block's activations alive again. XLA's
+    CPU compiler does that (it drops ``jax.checkpoint``'s optimization barriers and schedules
+    for concurrency), and its memory analysis then shows no saving. Here the backward rule
+    makes the recomputation depend on the incoming cotangent (by adding an exact zero derived
+    from it to the saved input and to the weights), so no compiler can start it before the
+    backward pass reaches the block. On an accelerator the zero costs one elementwise pass over
+    the block's input and weights in the backward pass.
+    """
+    if not remat:
+        return block(x, *args)
+    graphdef, state = nnx.split(block)
+
+    def call(x: jax.Array, state: Any, rest: tuple[Any, ...]) -> jax.Array:
+        return nnx.merge(graphdef, state)(x, *rest)
+
+    @jax.custom_vjp
+    def rematerialised(x: jax.Array, state: Any, rest: tuple[Any, ...]) -> jax.Array:
+        return call(x, state, rest)
+
+    def forward(x: jax.Array, state: Any, rest: tuple[Any, ...]):
+        return call(x, state, rest), (x, state, rest)
+
+    def backward(saved, cotangent: jax.Array):
+        x, state, rest = saved
+        # An exact zero that exists only once the cotangent does (nan_to_num keeps it finite).
+        zero = jnp.nan_to_num(cotangent.reshape(-1)[0].astype(jnp.float32)) * 0.0
+        x = x + zero.astype(x.dtype)
+        # The weights pass through the same zero, so anything a compiler derives from them
+        # (XLA on CPU converts bfloat16 weights to float32 for every matrix product) is derived
+        # again here, one block at a time, instead of being kept from the forward pass.
+        state = jax.tree.map(lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, state)
+        _, vjp = jax.vjp(lambda x, rest: call(x, state, rest), x, rest)
+        grad_x, grad_rest = vjp(cotangent)
+        # The weights are frozen (stop_gradient upstream): their zero cotangent is discarded.
+        return grad_x, jax.tree.map(jnp.zeros_like, state), grad_rest
+
+    rematerialised.defvjp(forward, backward)
+    return rematerialised(x, state, tuple(args))
+
+
 def split_prefix(prefix: tuple[jax.Array, jax.Array] | None, layer: int) -> tuple[jax.Array, jax.Array] | None:
     """The ``(keys, values)`` of one layer from a stacked ``[L, B, P, H_kv, hd]`` prefix."""
     if prefix is None:
@@ -252,6 +318,7 @@ class BackboneModule(Protocol):
         *,
         prefix: tuple[jax.Array, jax.Array] | None = None,
         token_type_ids: jax.Array | None = None,
+        remat: bool = False,
     ) -> jax.Array: ...
 
 

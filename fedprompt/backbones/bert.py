@@ -41,6 +41,7 @@ from fedprompt.backbones.base import (
     layer_norm,
     linear,
     prefix_length,
+    run_block,
     split_prefix,
     take,
     value,
@@ -263,6 +264,7 @@ class Bert(nnx.Module):
         *,
         prefix: tuple[jax.Array, jax.Array] | None = None,
         token_type_ids: jax.Array | None = None,
+        remat: bool = False,
     ) -> jax.Array:
         """Encode word-space embeddings.
 
@@ -272,6 +274,8 @@ class Bert(nnx.Module):
           attention_mask: ``[B, S]``, nonzero on real tokens.
           prefix: optional deep prefix ``(keys, values)``, each ``[L, B, P, H, head_dim]``.
           token_type_ids: optional ``[B, S]`` segment ids (zeros when omitted).
+          remat: recompute each layer's activations in the backward pass instead of
+            keeping them (see :func:`~fedprompt.backbones.base.run_block`).
 
         Returns:
           ``[B, S, D]`` final hidden states in ``inputs_embeds``' dtype.
@@ -292,7 +296,7 @@ class Bert(nnx.Module):
         x = layer_norm(x, self.emb_ln_scale, self.emb_ln_bias, cfg.layer_norm_eps)
         key_mask = attention_mask.astype(bool)
         for i, layer in enumerate(self.layers):
-            x = layer(x, key_mask, split_prefix(prefix, i))
+            x = run_block(layer, x, key_mask, split_prefix(prefix, i), remat=remat)
         return x
 
     def _position_embeddings(self, prefix_len: int, seq_len: int, dtype: Any) -> jax.Array:

@@ -35,6 +35,7 @@ from fedprompt.backbones.base import (
     layer_norm,
     linear,
     prefix_length,
+    run_block,
     split_prefix,
     take,
     value,
@@ -122,6 +123,45 @@ class GPT2Config(ArchConfig):
             scale_attn_weights=bool(cfg.get("scale_attn_weights", True)),
             scale_attn_by_inverse_layer_idx=bool(cfg.get("scale_attn_by_inverse_layer_idx", False)),
         )
+
+
+def _block_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """One block's tensors: name (under ``h.{layer}.``) -> shape (``Conv1D`` weights are ``[in, out]``)."""
+    d, f = config.hidden_size, config.intermediate_size
+    return {
+        "ln_1.weight": (d,),
+        "ln_1.bias": (d,),
+        "attn.c_attn.weight": (d, 3 * d),
+        "attn.c_attn.bias": (3 * d,),
+        "attn.c_proj.weight": (d, d),
+        "attn.c_proj.bias": (d,),
+        "ln_2.weight": (d,),
+        "ln_2.bias": (d,),
+        "mlp.c_fc.weight": (d, f),
+        "mlp.c_fc.bias": (f,),
+        "mlp.c_proj.weight": (f, d),
+        "mlp.c_proj.bias": (d,),
+    }
+
+
+def checkpoint_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """The tensors of a Hugging Face GPT-2 checkpoint of ``config``: name -> shape as stored there.
+
+    Names carry the ``transformer.`` prefix of a ``GPT2LMHeadModel`` checkpoint; the tied LM
+    head is left out. :func:`fedprompt.backbones.abstract.abstract_backbone` builds an abstract
+    model from these shapes, and :meth:`GPT2.from_hf` checks them.
+    """
+    d, v = config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (v, d),
+        "transformer.wpe.weight": (config.max_positions, d),
+        "transformer.ln_f.weight": (d,),
+        "transformer.ln_f.bias": (d,),
+    }
+    for layer in range(config.num_layers):
+        for name, shape in _block_shapes(config).items():
+            shapes[f"transformer.h.{layer}.{name}"] = shape
+    return shapes
 
 
 class GPT2Block(nnx.Module):
@@ -232,7 +272,7 @@ class GPT2(nnx.Module):
             differs from ``wte.weight``.
         """
         outer = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
-        d, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
+        d, v = config.hidden_size, config.vocab_size
 
         def get(name: str, shape: tuple[int, ...]) -> FrozenWeight:
             return take(tensors, outer + name, shape, dtype=dtype)
@@ -252,20 +292,7 @@ class GPT2(nnx.Module):
                 raise CheckpointError(
                     "tensor 'lm_head.weight' differs from 'wte.weight'; GPT-2's LM head must be tied"
                 )
-        shapes = {
-            "ln_1.weight": (d,),
-            "ln_1.bias": (d,),
-            "attn.c_attn.weight": (d, 3 * d),
-            "attn.c_attn.bias": (3 * d,),
-            "attn.c_proj.weight": (d, d),
-            "attn.c_proj.bias": (d,),
-            "ln_2.weight": (d,),
-            "ln_2.bias": (d,),
-            "mlp.c_fc.weight": (d, f),
-            "mlp.c_fc.bias": (f,),
-            "mlp.c_proj.weight": (f, d),
-            "mlp.c_proj.bias": (d,),
-        }
+        shapes = _block_shapes(config)
         blocks = []
         for layer in range(config.num_layers):
             weights = {name: get(f"h.{layer}.{name}", shape) for name, shape in shapes.items()}
@@ -283,6 +310,7 @@ class GPT2(nnx.Module):
         *,
         prefix: tuple[jax.Array, jax.Array] | None = None,
         token_type_ids: jax.Array | None = None,
+        remat: bool = False,
     ) -> jax.Array:
         """Run the transformer on word-space embeddings.
 
@@ -292,6 +320,8 @@ class GPT2(nnx.Module):
           prefix: optional per-layer ``(keys, values)``, each ``[L, B, P, H, head_dim]``.
           token_type_ids: optional ``[B, S]`` ids; as in Hugging Face's GPT-2, their ``wte``
             embeddings are added to the input.
+          remat: recompute each block's activations in the backward pass instead of
+            keeping them (see :func:`~fedprompt.backbones.base.run_block`).
 
         Returns:
           ``[B, S, D]`` hidden states after the final LayerNorm, in ``inputs_embeds``' dtype.
@@ -313,7 +343,7 @@ class GPT2(nnx.Module):
             x = x + jnp.take(value(self.wte), jnp.asarray(token_type_ids), axis=0).astype(dt)
         key_mask = jnp.asarray(attention_mask).astype(bool)
         for layer, block in enumerate(self.blocks):
-            x = block(x, key_mask, split_prefix(prefix, layer))
+            x = run_block(block, x, key_mask, split_prefix(prefix, layer), remat=remat)
         return layer_norm(x, self.ln_f_scale, self.ln_f_bias, cfg.layer_norm_eps)
 
     def forward_cached(

@@ -46,6 +46,7 @@ from fedprompt.backbones.base import (
     linear,
     prefix_length,
     rms_norm,
+    run_block,
     split_prefix,
     take,
     value,
@@ -298,6 +299,43 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def _linears(config: LlamaConfig) -> dict[str, tuple[tuple[int, int], bool]]:
+    """Each layer's projections: name -> (shape ``[in, out]`` as stored here, has a bias)."""
+    d, f = config.hidden_size, config.intermediate_size
+    h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    return {
+        "self_attn.q_proj": ((d, h * hd), config.qkv_bias),
+        "self_attn.k_proj": ((d, kv * hd), config.qkv_bias),
+        "self_attn.v_proj": ((d, kv * hd), config.qkv_bias),
+        "self_attn.o_proj": ((h * hd, d), config.o_bias),
+        "mlp.gate_proj": ((d, f), config.mlp_bias),
+        "mlp.up_proj": ((d, f), config.mlp_bias),
+        "mlp.down_proj": ((f, d), config.mlp_bias),
+    }
+
+
+def checkpoint_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of a Hugging Face checkpoint of ``config``: name -> shape as stored there.
+
+    ``Linear`` weights are PyTorch's ``[out, in]``; names carry the ``model.`` prefix of a
+    ``*ForCausalLM`` checkpoint. :func:`fedprompt.backbones.abstract.abstract_backbone` builds
+    an abstract model from these shapes, and :meth:`Llama.from_hf` checks them.
+    """
+    d, v = config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    for layer in range(config.num_layers):
+        base = f"model.layers.{layer}."
+        shapes[base + "input_layernorm.weight"] = (d,)
+        shapes[base + "post_attention_layernorm.weight"] = (d,)
+        for name, ((fan_in, fan_out), bias) in _linears(config).items():
+            shapes[base + name + ".weight"] = (fan_out, fan_in)
+            if bias:
+                shapes[base + name + ".bias"] = (fan_out,)
+    return shapes
+
+
 class LlamaBlock(nnx.Module):
     """One decoder layer: ``x + attn(norm(x))`` then ``x + swiglu(norm(x))``."""
 
@@ -414,8 +452,7 @@ class Llama(nnx.Module):
             the embeddings are not tied).
         """
         outer = "model." if any(k.startswith("model.") for k in tensors) else ""
-        d, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
-        h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+        d, v = config.hidden_size, config.vocab_size
 
         def get(name: str, shape: tuple[int, ...], transpose: bool = False) -> FrozenWeight:
             return take(tensors, outer + name, shape, transpose=transpose, dtype=dtype)
@@ -425,15 +462,7 @@ class Llama(nnx.Module):
         head = None
         if not config.tie_word_embeddings:  # the LM head is outside the ``model.`` body
             head = take(tensors, "lm_head.weight", (d, v), transpose=True, dtype=dtype)
-        linears = {  # name: ([in, out], has bias)
-            "self_attn.q_proj": ((d, h * hd), config.qkv_bias),
-            "self_attn.k_proj": ((d, kv * hd), config.qkv_bias),
-            "self_attn.v_proj": ((d, kv * hd), config.qkv_bias),
-            "self_attn.o_proj": ((h * hd, d), config.o_bias),
-            "mlp.gate_proj": ((d, f), config.mlp_bias),
-            "mlp.up_proj": ((d, f), config.mlp_bias),
-            "mlp.down_proj": ((f, d), config.mlp_bias),
-        }
+        linears = _linears(config)
         blocks = []
         for layer in range(config.num_layers):
             base = f"layers.{layer}."
@@ -459,6 +488,7 @@ class Llama(nnx.Module):
         *,
         prefix: tuple[jax.Array, jax.Array] | None = None,
         token_type_ids: jax.Array | None = None,
+        remat: bool = False,
     ) -> jax.Array:
         """Run the decoder on word-space embeddings.
 
@@ -468,6 +498,8 @@ class Llama(nnx.Module):
           prefix: optional per-layer ``(keys, values)``, each ``[L, B, P, H_kv, head_dim]``,
             used as a pre-filled cache (not rotated).
           token_type_ids: ignored (the Llama family has no token types).
+          remat: recompute each decoder layer's activations in the backward pass instead of
+            keeping them (see :func:`~fedprompt.backbones.base.run_block`).
 
         Returns:
           ``[B, S, D]`` hidden states after the final RMSNorm, in ``inputs_embeds``' dtype.
@@ -479,7 +511,7 @@ class Llama(nnx.Module):
         key_mask = jnp.asarray(attention_mask).astype(bool)
         x = inputs_embeds
         for layer, block in enumerate(self.blocks):
-            x = block(x, key_mask, cos, sin, split_prefix(prefix, layer))
+            x = run_block(block, x, key_mask, cos, sin, split_prefix(prefix, layer), remat=remat)
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
     def forward_cached(

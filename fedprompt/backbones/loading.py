@@ -266,6 +266,7 @@ def load_backbone(
     dtype: Any = jnp.float32,
     compute_dtype: Any | None = None,
     with_tokenizer: bool = True,
+    remat: bool | None = None,
 ) -> Backbone:
     """Load a frozen backbone from a Hugging Face checkpoint folder, built-in name or cached hub id.
 
@@ -276,6 +277,9 @@ def load_backbone(
       compute_dtype: dtype of the backbone's activations; defaults to ``dtype``. Prompts stay
         float32 and are cast on entry.
       with_tokenizer: also load the tokenizer (when the folder has one).
+      remat: rematerialisation of the blocks in a backward pass (see
+        :class:`~fedprompt.backbones.backbone.Backbone`; None: on for decoders of at least
+        :data:`~fedprompt.backbones.backbone.REMAT_MIN_PARAMETERS` parameters).
 
     Returns:
       A :class:`~fedprompt.backbones.backbone.Backbone`.
@@ -309,4 +313,5 @@ def load_backbone(
         tokenizer=tokenizer,
         compute_dtype=jnp.dtype(compute_dtype or dtype),
         path=folder,
+        remat=remat,
     )

@@ -40,15 +40,21 @@ def init_trainable(backbone: Backbone, prompt_config: PromptConfig, task: Task, 
     return {"prompt": init_prompt(prompt_config, backbone, k_prompt), "head": task.init_head(k_head, backbone)}
 
 
-def make_loss_fn(backbone: Backbone, prompt_config: PromptConfig, task: Task) -> LossFn:
-    """``loss(trainable, weights, batch) -> (loss, metrics)``, a pure function of its inputs."""
+def make_loss_fn(backbone: Backbone, prompt_config: PromptConfig, task: Task, *, remat: bool | None = None) -> LossFn:
+    """``loss(trainable, weights, batch) -> (loss, metrics)``, a pure function of its inputs.
+
+    ``remat`` overrides the backbone's rematerialisation of its blocks in a gradient (see
+    :meth:`~fedprompt.backbones.backbone.Backbone.resolve_remat`); values are the same.
+    """
     task = task.resolve(backbone)
     with_logits = task.needs_logits()
+    remat = backbone.resolve_remat(remat)
 
     def loss_fn(trainable: dict[str, Any], weights: Any, batch: Batch):
         prompt = materialize(prompt_config, trainable["prompt"], backbone.config)
         output = backbone.apply(
-            weights, batch["input_ids"], batch["attention_mask"], prompt, batch.get("token_type_ids"), with_logits=with_logits
+            weights, batch["input_ids"], batch["attention_mask"], prompt, batch.get("token_type_ids"),
+            with_logits=with_logits, remat=remat,
         )
         return task.loss(trainable["head"], output, batch)
 
@@ -62,17 +68,21 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     jit: bool = True,
+    remat: bool | None = None,
 ) -> Callable[[dict[str, Any], Any, Batch, Any], tuple[dict[str, Any], Any, StepMetrics]]:
     """One optimizer step on the prompt (and head): ``step(trainable, opt_state, batch, weights)``.
 
     Returns ``(trainable, opt_state, StepMetrics)``. With ``jit=True`` the step is compiled once
-    per batch shape, and ``trainable``/``opt_state`` buffers are donated.
+    per batch shape, and ``trainable``/``opt_state`` buffers are donated. ``remat``: rematerialise
+    the backbone's blocks in the backward pass (True/False; None: the backbone's setting, by
+    default on for decoders of at least
+    :data:`~fedprompt.backbones.backbone.REMAT_MIN_PARAMETERS` parameters).
 
     Example:
       >>> step = make_train_step(bb, PromptConfig(), SequenceClassification(4), optax.adam(1e-2))  # doctest: +SKIP
       >>> trainable, opt_state, m = step(trainable, opt_state, batch, bb.weights)  # doctest: +SKIP
     """
-    loss_fn = make_loss_fn(backbone, prompt_config, task)
+    loss_fn = make_loss_fn(backbone, prompt_config, task, remat=remat)
 
     def step(trainable, opt_state, batch, weights):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, weights, batch)
@@ -94,14 +104,17 @@ def make_eval_step(backbone: Backbone, prompt_config: PromptConfig, task: Task, 
     return jax.jit(eval_step) if jit else eval_step
 
 
-def compiled_memory(step: Callable, *args) -> dict[str, int]:
+def compiled_memory(step: Callable, *args, compiler_options: Mapping[str, Any] | None = None) -> dict[str, int]:
     """Compile ``step`` for ``args`` and return XLA's memory analysis in bytes.
 
     Keys: ``arguments``, ``outputs``, ``temporaries``, ``generated_code``, ``peak`` (the sum of
     arguments, outputs and temporaries, less aliased buffers: an upper bound of the live set).
+    ``args`` may be ``jax.ShapeDtypeStruct`` leaves: the step is lowered and compiled, never run.
+    ``compiler_options`` are XLA options for this compilation only (e.g. ``{"xla_backend_optimization_level": 0}``
+    to skip code optimisation when only the analysis is wanted).
     """
     jitted = step if hasattr(step, "lower") else jax.jit(step)
-    analysis = jitted.lower(*args).compile().memory_analysis()
+    analysis = jitted.lower(*args).compile(dict(compiler_options) if compiler_options else None).memory_analysis()
     out = {
         "arguments": int(analysis.argument_size_in_bytes),
         "outputs": int(analysis.output_size_in_bytes),

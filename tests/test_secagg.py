@@ -195,7 +195,7 @@ def test_tampered_or_misrouted_shares_are_refused():
 
 
 def test_no_aes_gcm_key_and_nonce_encrypt_two_plaintexts():
-    """Every ciphertext carries its own nonce, and a party shares its keys once per session,
+    """Every ciphertext carries its own nonce, and a party shares its keys once per protocol run,
     even when a server asks twice or the party is restored from its saved state."""
     n, t, length = 4, 3, 8
     session = b"n" * 16

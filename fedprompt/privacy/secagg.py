@@ -12,7 +12,7 @@ version, over updates quantized to the ring ``Z_{2^bits}`` (``bits`` 32 or 64):
    field ``GF(2^521 - 1)``); the share for ``v`` is encrypted with AES-256-GCM under
    ``HKDF(X25519(c_u, c_v))`` and relayed by the server, which learns nothing from it (``U2``:
    the clients that shared). Every ciphertext has its own 96-bit nonce from the party's entropy,
-   sent in front of it, and a party shares its keys once per session (a second ``share_keys``
+   sent in front of it, and a party shares its keys once per protocol run (a second ``share_keys``
    is refused), so no key and nonce ever encrypt two plaintexts, whatever the server asks.
 2. *MaskedInputCollection*: ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv)
    - sum_{v in U2, v < u} PRG(s_uv)  (mod 2^bits)``, with ``s_uv = HKDF(X25519(s_u, s_v))`` the
@@ -536,7 +536,8 @@ class SecAggClient:
         if self._roster is not None:
             # New Shamir shares under the same keys would hand out 2 x (t - 1) shares of the same
             # secrets to some clients; refused, whatever the server asks.
-            raise SecureAggregationError("this client already shared its keys in this session; a second share_keys is refused")
+            raise SecureAggregationError("this client already shared its keys for this protocol run (session id); "
+                                         "a second share_keys is refused")
         roster = dict(roster)
         if len(roster) < self.t:
             raise SecureAggregationError(f"only {len(roster)} clients advertised keys, fewer than the threshold {self.t}")

@@ -32,8 +32,9 @@ SAMPLINGS = ("poisson", "fixed")
 ALGORITHM_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "scaffold")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
-HEAD_INITS = ("random", "class_means")
-"""How a classification head starts: random, or from the clients' class means (``head_init``)."""
+HEAD_INITS = ("random", "class_means", "lda")
+"""How a classification head starts: random, from the clients' class means (``head_init``), or
+from their class means and feature covariance (linear discriminant analysis)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +276,21 @@ class RunConfig:
         before the first round from the clients' class means of the frozen features
         (:mod:`fedprompt.client.class_means`; not with DP or secure aggregation, whose
         guarantees it would bypass).
-      head_init_examples: with ``class_means``, rows per client the statistics are taken on.
+        ``lda``: the same with the clients' summed feature outer products too (``D x D`` floats
+        each, once), and the head is linear discriminant analysis with the pooled within-class
+        covariance (shrunk by 0.05 towards its mean eigenvalue).
+      head_init_examples: with ``class_means`` or ``lda``, rows per client the statistics are taken on.
+      zo_seeds: ``zo``: the size K of the seed pool every party shares (FedKSeed).
+      zo_eps: ``zo``: the perturbation scale of the two-point estimate.
+      zo_head: ``zo``: ``zo`` perturbs the head with the prompt, ``frozen`` keeps the head the
+        server set (with ``head_init = "class_means"``: the class-means head) and tunes the prompt.
+      zo_downlink: ``zo``: ``seeds`` (the server sends each client the merged seed pairs of the
+        rounds it missed, or the state when that is fewer bytes; FedKSeed; needs FedAvg and the
+        mean), ``state`` (the state every round), ``auto`` (seeds where they apply).
+      bbt_dim: ``bbt``: the dimension d of the searched subspace (BBT: 500).
+      bbt_popsize: ``bbt``: CMA-ES candidates per generation (BBT's 20 costs twice the time).
+      bbt_fitness_examples: ``bbt``: the examples of each generation's batch the candidates are
+        ranked on (the head's step still takes the whole batch; 0: all of it).
       logit_adjustment: tau >= 0; gradient clients train on logits shifted by tau x the log
         of their own label frequencies (FedLC-style calibration against label skew; 0: off).
       max_length: tokens per example (truncated/padded), not counting virtual tokens.
@@ -345,6 +360,13 @@ class RunConfig:
     local_lr: float | None = None
     head_init: str = "random"
     head_init_examples: int = 256
+    zo_seeds: int = 4096
+    zo_eps: float = 1e-3
+    zo_head: str = "zo"
+    zo_downlink: str = "auto"
+    bbt_dim: int = 500
+    bbt_popsize: int = 10
+    bbt_fitness_examples: int = 4
     logit_adjustment: float = 0.0
     max_length: int = 32
     train_examples: int | None = None
@@ -388,7 +410,7 @@ class RunConfig:
         for field in dataclasses.fields(self):
             _check_type(field, getattr(self, field.name))
         positive = ("num_virtual_tokens", "rounds", "clients", "clients_per_round", "local_steps", "batch_size",
-                    "max_length", "eval_every", "labels_per_client", "head_init_examples")
+                    "max_length", "eval_every", "labels_per_client", "head_init_examples", "zo_seeds", "bbt_dim")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -402,8 +424,18 @@ class RunConfig:
                               "and SCAFFOLD apply to gradient methods only")
         _choice("algorithm", self.algorithm, ALGORITHM_NAMES)
         _choice("head_init", self.head_init, HEAD_INITS)
-        if self.head_init == "class_means" and (self.dp is not None or self.secagg):
-            raise ConfigError("head_init = 'class_means' sends each client's class means in the clear, outside "
+        _choice("zo_head", self.zo_head, ("zo", "frozen"))
+        _choice("zo_downlink", self.zo_downlink, ("auto", "seeds", "state"))
+        if self.bbt_popsize < 2 or self.bbt_fitness_examples < 0:
+            raise ConfigError(f"bbt_popsize must be >= 2 and bbt_fitness_examples >= 0, got {self.bbt_popsize} and "
+                              f"{self.bbt_fitness_examples}")
+        if self.zo_downlink == "seeds" and not self._seeds_apply:
+            raise ConfigError("zo_downlink = 'seeds' needs method = 'zo', algorithm = 'fedavg' and aggregator = "
+                              "'mean' (the round's move must be a sum of seed directions); use 'auto' or 'state'")
+        if not self.zo_eps > 0:
+            raise ConfigError(f"zo_eps must be > 0, got {self.zo_eps}")
+        if self.head_init != "random" and (self.dp is not None or self.secagg):
+            raise ConfigError(f"head_init = {self.head_init!r} sends each client's class means in the clear, outside "
                               f"{'differential privacy' if self.dp else 'secure aggregation'}: use head_init = 'random'")
         _choice("partition", self.partition, PARTITIONS)
         if self.local_optimizer is not None:
@@ -506,6 +538,17 @@ class RunConfig:
             "multi_krum": {"num_byzantine": self.num_byzantine, **({"m": self.krum_m} if self.krum_m else {})},
             "norm_bound": {"bound": self.norm_bound},
         }.get(self.aggregator, {})
+
+    @property
+    def _seeds_apply(self) -> bool:
+        return self.method == "zo" and self.algorithm == "fedavg" and self.aggregator == "mean"
+
+    @property
+    def resolved_zo_downlink(self) -> str:
+        """``seeds`` or ``state``: what the server sends a ZO run's clients (``state`` for other methods)."""
+        if self.zo_downlink == "state" or not self._seeds_apply:
+            return "state"
+        return "seeds"
 
     @property
     def resolved_update_clip(self) -> float | None:

@@ -89,6 +89,42 @@ def test_head_is_the_gaussian_classifier_of_the_statistics():
         class_means.class_means_head(class_means.ClassStatistics(np.zeros((2, 3)), np.zeros(2), np.zeros(2)))
 
 
+def test_lda_head_is_the_shrunk_covariance_discriminant_and_beats_the_isotropic_one_on_skewed_noise():
+    rng = np.random.default_rng(1)
+    means = rng.normal(size=(LABELS, 6))
+    labels = rng.integers(0, LABELS, 600)
+    mix = rng.normal(size=(6, 6)) * np.array([3.0, 2.0, 0.3, 0.3, 0.2, 0.1])  # correlated, anisotropic noise
+    features = means[labels] + rng.normal(size=(600, 6)) @ mix.T
+    sums, squares, counts = _reference_statistics(features, labels)
+    stats = class_means.ClassStatistics(sums, squares, counts, features.T @ features)
+    head = class_means.class_means_head(stats, shrinkage=0.1)
+    mu = sums / counts[:, None]
+    within = sum(np.outer(f - mu[c], f - mu[c]) for f, c in zip(features, labels)) / len(labels)
+    shrunk = 0.9 * within + 0.1 * np.trace(within) / 6 * np.eye(6)
+    precision = np.linalg.inv(shrunk)
+    prior = np.log((counts + 1) / (counts.sum() + LABELS))
+    reference = features @ precision @ mu.T - 0.5 * np.einsum("cd,de,ce->c", mu, precision, mu) + prior
+    logits = features @ np.asarray(head["w"], np.float64) + np.asarray(head["b"], np.float64)
+    differences = lambda z: z - z[:, :1]
+    np.testing.assert_allclose(differences(logits), differences(reference), rtol=1e-3, atol=1e-3)
+    isotropic = class_means.class_means_head(class_means.ClassStatistics(sums, squares, counts))
+    accuracy = lambda h: np.mean((features @ np.asarray(h["w"]) + np.asarray(h["b"])).argmax(1) == labels)
+    assert accuracy(head) > accuracy(isotropic) + 0.05
+
+
+def test_client_covariance_is_the_sum_of_its_rows_outer_products():
+    backbone = tiny_backbone("bert")
+    task = SequenceClassification(LABELS).resolve(backbone)
+    trainable = init_trainable(backbone, PROMPT, task, jax.random.key(0))
+    rows = _encoded(20)
+    stats = jax.jit(class_means.make_class_statistics(backbone, PROMPT, task, max_examples=64, batch_size=4,
+                                                      covariance=True))(trainable, backbone.weights, rows, 13,
+                                                                        jax.random.key(1))
+    features = _features(backbone, trainable["prompt"], {k: v[:13] for k, v in rows.items()})
+    np.testing.assert_allclose(np.asarray(stats.scatter), features.T @ features, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.trace(np.asarray(stats.scatter)), float(np.sum(stats.squares)), rtol=1e-5)
+
+
 def _simulation(head_init, *, block=None):
     encoded = _encoded()
     parts = dirichlet_partition(encoded["labels"], 5, 0.5, seed=0)

@@ -227,13 +227,15 @@ def test_compare_runs_table_plot_and_cli(tmp_path, capsys):
     from fedprompt.cli import main
     from fedprompt.federation.report import compare_runs
 
-    grad = [{"round": r, "eval_accuracy": a, "bytes_up": 8 * 1000, "bytes_down": 8 * 2000, "clients": 8, "seconds": 2.0}
-            for r, a in ((1, 0.3), (2, 0.6), (3, 0.5))]
+    grad = [{"round": r, "eval_accuracy": a, "bytes_up": 8 * 1000, "bytes_down": 8 * 2000, "clients": 8, "seconds": 2.0,
+             "sampled": 8, "largest_down": 2000 + r} for r, a in ((1, 0.3), (2, 0.6), (3, 0.5))]
     zo = [{"round": r, "eval_accuracy": 0.1 * r, "bytes_up": 7 * 250, "bytes_down": 8 * 2000, "clients": 7, "seconds": 1.0}
           for r in (1, 2, 3)]
     rows = compare_runs({"grad": grad, "zo": zo})
     assert rows[0] == {"run": "grad", "rounds": 3, "final_accuracy": 0.5, "best_accuracy": 0.6, "bytes_up": 24_000,
-                       "bytes_down": 48_000, "bytes_up_per_client_round": 1000.0, "seconds": 6.0}
+                       "bytes_down": 48_000, "bytes_up_per_client_round": 1000.0, "bytes_down_per_client_round": 2000.0,
+                       "largest_down": 2003, "seconds": 6.0}
+    assert rows[1]["bytes_down_per_client_round"] is None and rows[1]["largest_down"] is None  # records without them
     assert rows[1]["bytes_up_per_client_round"] == 250.0 and rows[1]["final_accuracy"] == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no rounds"):
         compare_runs({"empty": []})

@@ -173,16 +173,6 @@ def test_frozen_head_moves_only_the_prompt(federation):
     )
 
 
-def test_apply_payloads_is_the_weighted_mean_of_replays():
-    x = {"w": jnp.arange(6.0).reshape(2, 3)}
-    indices = jnp.array([[1, 2, 3], [4, 4, 9]], jnp.int32)
-    scalars = jnp.array([[0.5, -1.0, 2.0], [1.0, 0.25, -0.5]], jnp.float32)
-    out = jax.jit(lambda *a: zo.apply_payloads(*a, 0.1, seed=2))(x, indices, scalars, jnp.array([1.0, 3.0]))
-    first, second = (zo.replay(x, indices[i], scalars[i], 0.1, seed=2)["w"] for i in range(2))
-    expected = 0.25 * first + 0.75 * second
-    np.testing.assert_allclose(out["w"], expected, rtol=1e-6)
-
-
 @pytest.mark.parametrize(
     "kwargs, match", [({"lr": 0.0}, "lr"), ({"local_steps": 0}, "local_steps"), ({"head": "gradient"}, "head")]
 )

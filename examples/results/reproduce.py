@@ -242,6 +242,8 @@ class Experiment:
         settings over ``settings``) and optionally ``emphasis`` (column keys shown in bold).
       columns: the table's columns (unless ``pivot``).
       pivot: the table's layout when its cells are rows.
+      figure: a PNG file name beside the JSON, drawn from the measured rows' ``curve`` by
+        ``fedprompt compare``'s plot each time the experiment runs (None: no figure).
     """
 
     name: str
@@ -250,6 +252,7 @@ class Experiment:
     rows: tuple[Mapping[str, Any], ...]
     columns: tuple[Column, ...] = ()
     pivot: Pivot | None = None
+    figure: str | None = None
 
 
 def run_row(label: Mapping[str, str], emphasis: Sequence[str] = (), **config: Any) -> dict[str, Any]:
@@ -338,25 +341,33 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         ),
     ),
     Experiment(
-        "gradient_free", "simulate", FEDAVG,
+        "gradient_free", "simulate", {**FEDAVG, "eval_every": 3},
         rows=(
             run_row({"method": "gradient soft prompt + head", "sends": "the prompt + head delta (17,690 floats)",
                      "work": "8 forward + backward passes"}, method="prompt"),
-            run_row({"method": "BBT / FedBPT (CMA-ES, d = 500)", "sends": "z (500 floats), sigma, head delta",
-                     "work": "8 generations x 21 forwards"}, method="bbt"),
-            run_row({"method": "ZO / FedKSeed (K = 4096 seeds)", "sends": "8 (seed index, scalar) pairs",
-                     "work": "8 x 2 forwards"}, emphasis=["up_per_client"], method="zo"),
-            run_row({"method": "ZO, `--local-steps 32`", "sends": "32 pairs", "work": "32 x 2 forwards"},
-                    emphasis=["up_per_client"], method="zo", local_steps=32),
+            run_row({"method": "BBT / FedBPT (CMA-ES, d = 500, 10 candidates ranked on 4 examples)",
+                     "sends": "z (500 floats), sigma, head delta", "work": "8 generations x (10 x 4 + 16) examples"},
+                    method="bbt"),
+            run_row({"method": "ZO / FedKSeed, random head, the state down", "sends": "8 (seed index, scalar) pairs",
+                     "work": "8 x 2 forwards"}, method="zo", zo_downlink="state"),
+            *(run_row({"method": f"ZO / FedKSeed, LDA head, seeds down (seed {seed})",
+                       "sends": "8 (seed index, scalar) pairs", "work": "8 x 2 forwards"},
+                      emphasis=["up_per_client", "down_per_client"], method="zo", head_init="lda", zo_head="frozen",
+                      seed=seed)
+              for seed in (0, 1, 2)),
         ),
         columns=(
             text("method"), text("sends", "what a client sends"),
+            value("before round 1", "initial_accuracy", accuracy),
             Column("final accuracy (best)", _final_and_best, "final_accuracy"),
-            value("bytes up, all rounds", "total_bytes_up", decimal_bytes),
             value("up per client and round", "bytes_up_per_client_round", decimal_bytes, "up_per_client"),
-            value("bytes down, all rounds", "total_bytes_down", decimal_bytes),
+            value("down per client and round", "bytes_down_per_client_round", decimal_bytes, "down_per_client"),
+            value("largest message down", "largest_down", decimal_bytes),
+            value("set-up per client (up / down, once)", "setup_bytes", str),
             text("work", "local work per round"),
+            value("wall time", "wall_seconds", lambda x: f"{x / 60:.1f} min"),
         ),
+        figure="methods.png",
     ),
     Experiment(
         "attacks", "simulate",
@@ -521,6 +532,8 @@ def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
         "total_bytes_down": summary["total_bytes_down"],
         "total_bytes": summary["total_bytes_up"] + summary["total_bytes_down"],
         "bytes_up_per_client_round": compared["bytes_up_per_client_round"],
+        "bytes_down_per_client_round": compared["bytes_down_per_client_round"],
+        "largest_down": compared["largest_down"],
         "rounds": summary["rounds"],
         "num_labels": len(result.label_names),
         "train_examples": summary["train_examples"],
@@ -529,9 +542,13 @@ def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
     }
     evaluated = [m for m in result.metrics if m.get("eval_accuracy") is not None]
     numbers["accuracy_by_round"] = {str(m["round"]): m["eval_accuracy"] for m in evaluated}
+    numbers["curve"] = [{key: m.get(key) for key in ("round", "eval_accuracy", "bytes_up", "bytes_down")}
+                        for m in result.metrics]
     if "setup" in summary:
         numbers["initial_accuracy"] = summary["setup"].get("initial_accuracy")
         numbers["setup_bytes_up_per_client"] = summary["setup"]["bytes_up"]
+        numbers["setup_bytes"] = (f"{decimal_bytes(summary['setup']['bytes_up'])} / "
+                                  f"{decimal_bytes(summary['setup']['bytes_down'])}")
     if "baselines" in summary:
         numbers["centralized_accuracy"] = summary["baselines"]["centralized_accuracy"]
         numbers["local_only_accuracy"] = summary["baselines"]["local_only_accuracy"]
@@ -820,6 +837,14 @@ def run_experiment(experiment: Experiment, *, quick: bool = False, backbone: str
     }
 
 
+def write_figure(experiment: Experiment, document: Mapping[str, Any], folder: str | os.PathLike[str] = RESULTS) -> Path:
+    """Draws ``experiment.figure`` from the rows' curves, as ``fedprompt compare --out`` does."""
+    from fedprompt.federation.report import plot_comparison
+
+    runs = {row["label"].get("method") or label_line(row): row["curve"] for row in document["rows"] if row.get("curve")}
+    return plot_comparison(runs, Path(folder) / experiment.figure)
+
+
 def write_result(document: Mapping[str, Any], folder: str | os.PathLike[str] = RESULTS) -> Path:
     """Writes ``document`` as ``folder/NAME.json`` (atomically) and returns the path."""
     folder = Path(folder)
@@ -947,9 +972,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.quick and not args.out:
                 raise ResultsError("--quick writes only into a folder given with --out (never over the kept results)")
             for name in args.names:
-                path = write_result(run_experiment(EXPERIMENTS[name], quick=args.quick, backbone=args.backbone),
-                                    args.out or RESULTS)
+                document = run_experiment(EXPERIMENTS[name], quick=args.quick, backbone=args.backbone)
+                path = write_result(document, args.out or RESULTS)
                 print(f"wrote {path}", flush=True)
+                if EXPERIMENTS[name].figure:
+                    print(f"wrote {write_figure(EXPERIMENTS[name], document, args.out or RESULTS)}", flush=True)
             return 0
         readme = Path(args.readme)
         new, changed = render_readme(readme.read_text(), args.results)

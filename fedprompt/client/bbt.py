@@ -176,6 +176,7 @@ def make_bbt_program(
     head: HeadMode = "gradient",
     head_optimizer: optax.GradientTransformation | None = None,
     eval_chunk: int = 1,
+    fitness_examples: int | None = None,
 ):
     """FedBPT: federated CMA-ES on BBT's subspace, as a ClientProgram.
 
@@ -199,16 +200,24 @@ def make_bbt_program(
         gradient-based runs' local optimizer); a fresh state every round.
       eval_chunk: candidates evaluated together (1: one at a time, so the activations alive
         are those of one forward of ``batch_size`` examples).
+      fitness_examples: the candidates' fitness is taken on the first this many examples of the
+        generation's batch (None: all ``batch_size``); the head's step at the new mean still
+        sees the whole batch. A generation then costs ``popsize * fitness_examples +
+        batch_size`` example-forwards instead of ``(popsize + 1) * batch_size``: CMA-ES only
+        ranks the candidates, and a smaller batch ranks them well enough (the README's
+        gradient-free table measures it).
 
     Returns:
       a :class:`fedprompt.client.program.ClientProgram`.
     """
-    sizes = {"dim": dim, "popsize": popsize, "local_steps": local_steps, "batch_size": batch_size, "eval_chunk": eval_chunk}
+    sizes = {"dim": dim, "popsize": popsize, "local_steps": local_steps, "batch_size": batch_size, "eval_chunk": eval_chunk,
+             "fitness_examples": batch_size if fitness_examples is None else fitness_examples}
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if popsize < 2:
         raise ConfigError(f"popsize must be >= 2, got {popsize}")
+    fitness_rows = batch_size if fitness_examples is None else min(fitness_examples, batch_size)
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ConfigError(f"sigma must be a positive number, got {sigma!r}")
     if head not in HEAD_MODES:
@@ -240,8 +249,10 @@ def make_bbt_program(
             candidates = cmaes.ask(state, jax.random.fold_in(k_search, step))
             prompts = space.project(candidates)  # [popsize, P * D]: A drawn once per generation
 
+            sub = jax.tree.map(lambda x: x[:fitness_rows], batch)
+
             def fitness(flat):
-                return task.loss(head_params, forward(weights, space.unravel(flat), batch), batch)[0]
+                return task.loss(head_params, forward(weights, space.unravel(flat), sub), sub)[0]
 
             values = jax.lax.map(fitness, prompts, batch_size=eval_chunk)
             state = cmaes.tell(state, candidates, values)

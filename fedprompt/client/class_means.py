@@ -14,8 +14,18 @@ isotropic within-class variance,
 with ``mu_c`` the class means, ``s^2`` the within-class variance per dimension and ``pi_c``
 the class frequencies. The prompt is untouched; training then starts from this head.
 
-A client sends ``L * (D + 2)`` floats once (26 x 386 for MiniLM on the supersenses: 40 KB), the
-class means of its data: this is outside any differential-privacy guarantee and is not masked,
+With ``covariance=True`` (``head_init = "lda"``) a client also sends the ``D x D`` sum of its
+features' outer products, and the head is linear discriminant analysis with the pooled
+within-class covariance, shrunk towards its mean eigenvalue (``shrinkage``; Ledoit-Wolf style):
+
+    logit_c(f) = f . S^-1 mu_c - mu_c . S^-1 mu_c / 2 + log pi_c.
+
+On the default task this head alone classifies 0.68 of the test glosses against 0.56 for the
+isotropic one (MiniLM features through the initial prompt; a linear probe trained by gradient
+on 8,192 of them reaches 0.70).
+
+A client sends ``L * (D + 2)`` floats once (26 x 386 for MiniLM on the supersenses: 40 KB; with
+the covariance ``D * D`` more, 590 KB), the class means of its data: this is outside any differential-privacy guarantee and is not masked,
 so :func:`fedprompt.federation.plan.make_plan` refuses it with DP and secure aggregation.
 
 Example:
@@ -35,6 +45,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedprompt.client.federated import random_order
 from fedprompt.prompts import PromptConfig, materialize
@@ -54,11 +65,14 @@ class ClassStatistics(NamedTuple):
       sums: ``[L, D]`` sums of the pooled features of each class's examples.
       squares: ``[L]`` sums of their squared L2 norms.
       counts: ``[L]`` the number of examples of each class.
+      scatter: ``[D, D]`` the sum of all the examples' feature outer products ``f f^T``
+        (``covariance=True``), else None.
     """
 
     sums: Any
     squares: Any
     counts: Any
+    scatter: Any = None
 
 
 def make_class_statistics(
@@ -68,6 +82,7 @@ def make_class_statistics(
     *,
     max_examples: int = 256,
     batch_size: int = 64,
+    covariance: bool = False,
 ) -> Callable[..., ClassStatistics]:
     """``stats(trainable, weights, rows, num_examples, key) -> ClassStatistics``.
 
@@ -75,6 +90,7 @@ def make_class_statistics(
     client programs take them); up to ``max_examples`` real rows are drawn without replacement
     by ``key`` and passed through the backbone with ``trainable["prompt"]``. Pure and
     vmappable (the simulation maps it over clients, a SuperNode calls it for itself).
+    ``covariance``: also the features' summed outer products (:attr:`ClassStatistics.scatter`).
     """
     task = task.resolve(backbone)
     if task.verbalizer is not None:
@@ -103,15 +119,18 @@ def make_class_statistics(
             batch = {name: jnp.asarray(column)[index] for name, column in rows.items()}
             f = features(trainable["prompt"], weights, batch)
             onehot = jax.nn.one_hot(batch["labels"], num_labels, dtype=jnp.float32) * mask[:, None]
+            scatter = None if carry.scatter is None else carry.scatter + (f * mask[:, None]).T @ f
             return ClassStatistics(
                 sums=carry.sums + onehot.T @ f,
                 squares=carry.squares + onehot.T @ jnp.sum(f * f, axis=-1),
                 counts=carry.counts + onehot.sum(0),
+                scatter=scatter,
             ), None
 
+        width = backbone.width
         zero = ClassStatistics(
-            jnp.zeros((num_labels, backbone.width), jnp.float32), jnp.zeros((num_labels,), jnp.float32),
-            jnp.zeros((num_labels,), jnp.float32),
+            jnp.zeros((num_labels, width), jnp.float32), jnp.zeros((num_labels,), jnp.float32),
+            jnp.zeros((num_labels,), jnp.float32), jnp.zeros((width, width), jnp.float32) if covariance else None,
         )
         total, _ = jax.lax.scan(one_chunk, zero, (order, valid))
         return total
@@ -121,17 +140,25 @@ def make_class_statistics(
 
 def combine(stacked: ClassStatistics) -> ClassStatistics:
     """The federation's statistics: the sum over the leading (client) axis."""
-    return ClassStatistics(*(jnp.sum(jnp.asarray(x, jnp.float32), axis=0) for x in stacked))
+    return jax.tree.map(lambda x: jnp.sum(jnp.asarray(x, jnp.float32), axis=0), stacked)
 
 
-def class_means_head(stats: ClassStatistics, *, prior_smoothing: float = 1.0) -> dict[str, jax.Array]:
+DEFAULT_SHRINKAGE = 0.05
+"""The LDA head's shrinkage of the within-class covariance towards its mean eigenvalue: on the
+default task (MiniLM, 8,192 training glosses) 0.03 gave 0.678, 0.1 0.672, 0.3 0.650 and 0.6
+0.635; 0.05 leaves room for clients with fewer rows than dimensions."""
+
+
+def class_means_head(stats: ClassStatistics, *, prior_smoothing: float = 1.0,
+                     shrinkage: float = DEFAULT_SHRINKAGE) -> dict[str, jax.Array]:
     """The linear head ``{"w": [D, L], "b": [L]}`` of the Gaussian classifier of ``stats``.
 
     Class means ``mu_c``, one within-class variance per dimension ``s^2`` (pooled over
-    classes and dimensions), and log class frequencies (``prior_smoothing`` added to every
-    count); centred so that the weights and biases average to zero over classes (logit
-    differences, hence the softmax, are unchanged). A class no client has seen gets zero
-    weights and the lowest bias.
+    classes and dimensions) -- or, when ``stats.scatter`` is there, the pooled within-class
+    covariance ``S`` shrunk to ``(1 - shrinkage) S + shrinkage tr(S) / D I`` -- and log class
+    frequencies (``prior_smoothing`` added to every count); centred so that the weights and
+    biases average to zero over classes (logit differences, hence the softmax, are unchanged).
+    A class no client has seen gets zero weights and the lowest bias.
 
     Raises:
       ValueError: no example at all.
@@ -147,9 +174,21 @@ def class_means_head(stats: ClassStatistics, *, prior_smoothing: float = 1.0) ->
     within = jnp.sum(jnp.asarray(stats.squares, jnp.float32)) - jnp.sum(counts * jnp.sum(mu * mu, axis=1))
     variance = jnp.maximum(within / (total * dim), 1e-6)
     mean = jnp.sum(sums, axis=0) / total
-    w = jnp.where(seen[:, None], mu - mean, 0.0) / variance
     prior = jnp.log((counts + prior_smoothing) / (total + prior_smoothing * counts.shape[0]))
-    b = -0.5 * jnp.sum(mu * mu, axis=1) / variance + prior
+    if stats.scatter is None:
+        w = jnp.where(seen[:, None], mu - mean, 0.0) / variance
+        b = -0.5 * jnp.sum(mu * mu, axis=1) / variance + prior
+    else:  # solved once, on the host, in float64 (the covariance can be ill-conditioned)
+        mu64 = np.asarray(sums, np.float64) / np.maximum(np.asarray(counts, np.float64), 1.0)[:, None]
+        n = np.asarray(counts, np.float64)
+        within = (np.asarray(stats.scatter, np.float64) - (mu64 * n[:, None]).T @ mu64) / total
+        within = 0.5 * (within + within.T)
+        target = max(float(np.trace(within)) / dim, 1e-6)
+        shrunk = (1.0 - shrinkage) * within + shrinkage * target * np.eye(dim)
+        centre = mu64.T @ n / total
+        solved = np.linalg.solve(shrunk, (mu64 - centre).T).T  # S^-1 (mu_c - mean), [L, D]
+        w = jnp.asarray(np.where(np.asarray(seen)[:, None], solved, 0.0), jnp.float32)
+        b = jnp.asarray(-0.5 * np.sum(solved * (mu64 + centre), axis=1), jnp.float32) + prior
     b = jnp.where(seen, b, jnp.min(jnp.where(seen, b, jnp.inf)))
     b = b - jnp.mean(b)
     return {"w": w.T, "b": b}

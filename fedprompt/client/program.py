@@ -52,6 +52,10 @@ class ClientProgram(NamedTuple):
       client_state: the program keeps state between rounds in ``ClientResult.control`` (shaped
         like the global params); the runtime stores it per client and passes it back as
         ``client_control``.
+      seeds: a zeroth-order program's seed space
+        (:class:`~fedprompt.client.zeroth_order.SeedSpace`): how merged seed pairs move the
+        global params, for the seed-only downlink (:mod:`fedprompt.federation.seeds`); None
+        for other programs.
     """
 
     update: Callable[..., ClientResult]
@@ -59,6 +63,7 @@ class ClientProgram(NamedTuple):
     init: Callable[[Any], Pytree] | None = None
     to_trainable: Callable[[Pytree], Pytree] | None = None
     client_state: bool = False
+    seeds: Any = None
 
 
 def identity_delta(global_params: Pytree, payload: Pytree) -> Pytree:

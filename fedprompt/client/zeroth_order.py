@@ -31,9 +31,9 @@ round number from 128 on adds one byte, from 256 on two). ``S = 64`` (the defaul
 
 Bitwise reproducibility: on one platform, :func:`replay` gives the very bits of the client's
 own final parameters (the tests check it with both sides jit-compiled, and through the
-simulation's ``vmap``). The server's *mean* over clients is what the simulation engine
-computes; a deployed client that wants the identical global state calls
-:func:`apply_payloads` (the same program on the same inputs gives the same bits).
+simulation's ``vmap``). Under FedAvg the server's move of the global state is a sum of seed
+directions as well, which is what lets the server broadcast seeds too
+(:mod:`fedprompt.federation.seeds`, the program's :class:`SeedSpace`).
 """
 
 from __future__ import annotations
@@ -120,6 +120,22 @@ def spsa_estimate(
     plus = jax.tree.map(lambda x, d: x + eps * d, params, z)
     minus = jax.tree.map(lambda x, d: x - eps * d, params, z)
     return (loss(plus) - loss(minus)) / (2 * eps), z
+
+
+class SeedSpace(NamedTuple):
+    """What a seed downlink needs of a ZO program (:mod:`fedprompt.federation.seeds`).
+
+    Attributes:
+      replay: ``(params, indices [N], scalars [N]) -> params``, jit-compiled: the global
+        params moved by ``-lr * sum_j scalars_j z_{indices_j}`` on the perturbed part
+        (:func:`replay`; zero scalars leave a coordinate's value unchanged).
+      num_seeds: the pool's size ``K``.
+      local_steps: the pairs one client sends per round.
+    """
+
+    replay: Callable[[Pytree, jax.Array, jax.Array], Pytree]
+    num_seeds: int
+    local_steps: int
 
 
 class ZOResult(NamedTuple):
@@ -251,23 +267,12 @@ def make_zo_program(
         delta = jax.tree.map(jnp.zeros_like, global_params)
         return merge(delta, jax.tree.map(lambda a, b: a - b, end, start))
 
-    return ClientProgram(update=update, to_delta=to_delta)
+    @jax.jit
+    def replay_merged(global_params, indices, scalars):
+        return merge(global_params, replay(split(global_params), indices, scalars, lr, seed=seed))
 
-
-def apply_payloads(
-    params: Pytree, indices: jax.Array, scalars: jax.Array, weights: jax.Array, lr: float, *, seed: int = 0
-) -> Pytree:
-    """The weighted mean of several clients' replayed updates, added to ``params``.
-
-    ``indices``/``scalars`` are ``[clients, S]``, ``weights`` ``[clients]`` (e.g. example
-    counts). Deterministic: every party that runs it on the same inputs gets the same bits.
-    """
-    deltas = jax.vmap(lambda i, g: jax.tree.map(lambda a, b: a - b, replay(params, i, g, lr, seed=seed), params))(
-        indices, scalars
-    )
-    w = jnp.asarray(weights, jnp.float32)
-    w = w / jnp.maximum(w.sum(), 1e-30)
-    return jax.tree.map(lambda p, d: p + jnp.tensordot(w, d, axes=1), params, deltas)
+    return ClientProgram(update=update, to_delta=to_delta,
+                         seeds=SeedSpace(replay_merged, num_seeds=num_seeds, local_steps=local_steps))
 
 
 def _check_positive(**values: int) -> None:

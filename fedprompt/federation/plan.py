@@ -43,6 +43,7 @@ from fedprompt.client.program import ClientProgram, gradient_program, identity_d
 from fedprompt.config import DPConfig, RunConfig
 from fedprompt.errors import ConfigError
 from fedprompt.federation.keys import KeySchedule
+from fedprompt.federation.seeds import SeedDownlink
 from fedprompt.privacy import dp
 from fedprompt.prompts import PromptConfig
 from fedprompt.server import algorithms, rounds
@@ -107,13 +108,16 @@ def make_program(
 
         head_optimizer = None if config.local_lr is None else optax.adam(config.local_lr)
         return make_bbt_program(backbone, prompt_config, task, local_steps=config.local_steps,
-                                batch_size=config.batch_size, seed=config.seed, head_optimizer=head_optimizer)
+                                batch_size=config.batch_size, seed=config.seed, head_optimizer=head_optimizer,
+                                dim=config.bbt_dim, popsize=config.bbt_popsize,
+                                fitness_examples=config.bbt_fitness_examples or None)
     if config.method == "zo":
         from fedprompt.client.zeroth_order import make_zo_program
 
         lr = {} if config.local_lr is None else {"lr": config.local_lr}
         return make_zo_program(backbone, prompt_config, task, local_steps=config.local_steps,
-                               batch_size=config.batch_size, seed=config.seed, **lr)
+                               batch_size=config.batch_size, seed=config.seed, num_seeds=config.zo_seeds,
+                               eps=config.zo_eps, head=config.zo_head, **lr)
     program = gradient_program(
         backbone, prompt_config, task, algorithm or make_algorithm(config), make_local_optimizer(config),
         local_steps=config.local_steps, batch_size=config.batch_size, scaffold_lr=config.resolved_local_lr,
@@ -262,6 +266,10 @@ class FederationPlan:
       head_statistics: with ``head_init = "class_means"``, the clients' class statistics
         ``(trainable, weights, rows, n, key) -> ClassStatistics``
         (:func:`~fedprompt.client.class_means.make_class_statistics`); None: a random head.
+      head_covariance: the class statistics carry the features' covariance (``head_init =
+        "lda"``: the head is linear discriminant analysis).
+      seeds: a zeroth-order federation's seed-only downlink
+        (:class:`~fedprompt.federation.seeds.SeedDownlink`); None: the state is broadcast.
     """
 
     backbone: Backbone
@@ -279,6 +287,8 @@ class FederationPlan:
     secagg: SecureAggregationSettings | None
     _eval_step: Callable[..., Any] = dataclasses.field(repr=False)
     head_statistics: Callable[..., class_means.ClassStatistics] | None = dataclasses.field(default=None, repr=False)
+    seeds: SeedDownlink | None = dataclasses.field(default=None, repr=False)
+    head_covariance: bool = False
 
     @property
     def scaffold(self) -> bool:
@@ -297,6 +307,7 @@ class FederationPlan:
         return class_means.ClassStatistics(
             jax.ShapeDtypeStruct((labels, width), np.float32), jax.ShapeDtypeStruct((labels,), np.float32),
             jax.ShapeDtypeStruct((labels,), np.float32),
+            jax.ShapeDtypeStruct((width, width), np.float32) if self.head_covariance else None,
         )
 
     def with_class_means_head(self, params: Pytree, total: class_means.ClassStatistics) -> Pytree:
@@ -387,6 +398,7 @@ def build_plan(
     head_init: str = "random",
     head_init_examples: int = 256,
     update_clip: float | None = None,
+    downlink: str = "state",
 ) -> FederationPlan:
     """A :class:`FederationPlan` from its parts (what :func:`make_plan` does for a RunConfig).
 
@@ -404,9 +416,12 @@ def build_plan(
       secagg: secure aggregation (only the sum of the round's updates is revealed).
       head_init, head_init_examples: ``"class_means"`` sets the head once before the first
         round from the clients' class statistics on up to ``head_init_examples`` rows each
-        (:mod:`fedprompt.client.class_means`).
+        (:mod:`fedprompt.client.class_means`); ``"lda"`` with their feature covariance too.
       update_clip: the server's L2 bound on every client's delta (None or 0: none; with DP,
         :func:`resolve_update_clip`).
+      downlink: ``"state"`` (the server broadcasts the global state) or ``"seeds"`` (a
+        zeroth-order program under FedAvg's weighted mean: the rounds' merged seed pairs,
+        :mod:`fedprompt.federation.seeds`; needs ``total_rounds``).
 
     Raises:
       ConfigError: a combination that cannot run.
@@ -427,30 +442,46 @@ def build_plan(
         init = program.init or (lambda key: init_trainable(backbone, prompt_config, task, key))
         size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(init, jax.random.key(0))))
         bound = resolve_update_clip(update_clip, privacy, size)
+    seeds = None
+    if downlink == "seeds":
+        if program.seeds is None or algorithm.plain_server_lr is None or aggregator is not None:
+            raise ConfigError("a seed downlink needs a zeroth-order client, FedAvg and the weighted mean (the "
+                              "round's move must be a sum of seed directions)")
+        if privacy.mode is not None or secagg is not None or total_rounds is None:
+            raise ConfigError("a seed downlink needs the number of rounds, and no DP or secure aggregation")
+        seeds = SeedDownlink(
+            program.seeds.replay, num_seeds=program.seeds.num_seeds,
+            pairs_per_round=clients_per_round * program.seeds.local_steps, rounds=int(total_rounds),
+            num_clients=num_clients, server_lr=algorithm.plain_server_lr, initial_held=head_init == "random",
+        )
+    elif downlink != "state":
+        raise ConfigError(f"downlink must be 'state' or 'seeds', got {downlink!r}")
     server = rounds.ServerRound(
         algorithm, num_clients=num_clients, aggregate=stage,
         to_delta=None if program.to_delta is identity_delta else program.to_delta, ledger=privacy.ledger,
-        update_clip=bound,
+        update_clip=bound, seeds=seeds,
     )
     encode = None
     if privacy.mode == "local":
         encode = dp.local_dp_stage(privacy.config.clip, privacy.noise_multiplier)
     head_statistics = None
-    if head_init == "class_means":
+    if head_init in ("class_means", "lda"):
         if privacy.mode is not None or secagg is not None:
             raise ConfigError("class-means head initialisation sends class means in the clear: not with DP or "
                               "secure aggregation")
         if task.verbalizer is not None:
             raise ConfigError("a verbalizer task has no head to initialise from class means")
         head_statistics = class_means.make_class_statistics(backbone, prompt_config, task,
-                                                            max_examples=head_init_examples)
+                                                            max_examples=head_init_examples,
+                                                            covariance=head_init == "lda")
     elif head_init != "random":
-        raise ConfigError(f"head_init must be 'random' or 'class_means', got {head_init!r}")
+        raise ConfigError(f"head_init must be 'random', 'class_means' or 'lda', got {head_init!r}")
     return FederationPlan(
         backbone=backbone, prompt_config=prompt_config, task=task, algorithm=algorithm, program=program,
         server=server, privacy=privacy, encode=encode, keys=KeySchedule(seed), num_clients=num_clients,
         clients_per_round=clients_per_round, dropout=dropout, secagg=secagg,
-        _eval_step=make_eval_step(backbone, prompt_config, task), head_statistics=head_statistics,
+        _eval_step=make_eval_step(backbone, prompt_config, task), head_statistics=head_statistics, seeds=seeds,
+        head_covariance=head_init == "lda",
     )
 
 
@@ -474,8 +505,9 @@ def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_s
         backbone, prompt_config, task, algorithm, num_clients=config.clients,
         clients_per_round=config.clients_per_round, seed=config.seed, dropout=config.dropout,
         program=make_program(config, backbone, prompt_config, task, algorithm, batch_sharding),
-        aggregator=make_aggregator(config.aggregator, **config.aggregator_options()),
+        aggregator=None if config.aggregator == "mean" else make_aggregator(config.aggregator,
+                                                                            **config.aggregator_options()),
         dp_config=config.dp_config(), total_rounds=config.rounds, secagg=secagg,
         head_init=config.head_init, head_init_examples=config.head_init_examples,
-        update_clip=config.resolved_update_clip,
+        update_clip=config.resolved_update_clip, downlink=config.resolved_zo_downlink,
     )

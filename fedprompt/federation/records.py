@@ -118,6 +118,8 @@ def build_summary(
         "label_names": list(label_names),
         "config": config.to_dict(),
     }
+    if config.method == "zo":
+        summary["zo_downlink"] = config.resolved_zo_downlink
     ledger = plan.privacy.ledger
     if ledger is not None:
         summary["privacy"] = {**ledger.summary(state.privacy), "clip": config.dp_clip, "adaptive": config.dp_adaptive}

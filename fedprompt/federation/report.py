@@ -289,7 +289,9 @@ def compare_runs(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> list[dict[s
 
     ``runs`` maps a label to a run's per-round records (as :func:`read_metrics` returns them).
     The bytes are sums over the rounds; ``bytes_up_per_client_round`` divides the upload by the
-    clients that reported (``clients``) in each round.
+    clients that reported (``clients``) in each round, ``bytes_down_per_client_round`` the
+    download by the clients sent a message (``sampled``); ``largest_down`` is the largest single
+    message sent (None when the records do not say).
     """
     rows = []
     for label, metrics in runs.items():
@@ -299,14 +301,19 @@ def compare_runs(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> list[dict[s
         accuracies = [a for a in (_finite_or_none(r.get("eval_accuracy")) for r in records) if a is not None]
         up = sum(int(r.get("bytes_up") or 0) for r in records)
         reports = sum(int(r.get("clients") or 0) for r in records)
+        down = sum(int(r.get("bytes_down") or 0) for r in records)
+        sent = sum(int(r.get("sampled") or 0) for r in records)
+        largest = [int(r["largest_down"]) for r in records if r.get("largest_down") is not None]
         rows.append({
             "run": label,
             "rounds": int(records[-1].get("round", len(records))),
             "final_accuracy": accuracies[-1] if accuracies else None,
             "best_accuracy": max(accuracies) if accuracies else None,
             "bytes_up": up,
-            "bytes_down": sum(int(r.get("bytes_down") or 0) for r in records),
+            "bytes_down": down,
             "bytes_up_per_client_round": up / reports if reports else None,
+            "bytes_down_per_client_round": down / sent if sent else None,
+            "largest_down": max(largest) if largest else None,
             "seconds": sum(float(r.get("seconds") or 0.0) for r in records),
         })
     return rows

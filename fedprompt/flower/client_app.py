@@ -72,6 +72,9 @@ from fedprompt.wire import codec
 CLIENT_STATE_KIND = "client-state"
 """The wire ``kind`` of a program's client state kept in the node's context."""
 
+HELD_STATE_KIND = "held-state"
+"""The wire ``kind`` of the copy of the global state a seed downlink's node keeps in its context."""
+
 app = ClientApp()
 
 
@@ -162,9 +165,33 @@ def class_statistics(message: Message, context: Context) -> Message:
     return Message(RecordDict({common.RECORD: ConfigRecord({"statistics": payload, **binding})}), reply_to=message)
 
 
-def _global_state(message: Message, context: Context) -> tuple[_Client, int, int, dict[str, Any]]:
+@app.query(common.INSTALL)
+def install(message: Message, context: Context) -> Message:
+    """Once before the first round, with a seed downlink and a head set in the set-up: keeps the
+    state the rounds' seeds start from, and acknowledges it (bound to round 0, this client and
+    the message's nonce)."""
+    client, client_id = _this_client(context)
+    plan, fingerprint = client.federation.plan, client.federation.backbone.fingerprint
+    if plan.seeds is None:
+        raise common.FederationError("this run has no seed downlink to install a state for")
+    fields = _fields(message)
+    if fields["client-id"] != client_id or fields["round"] != 0:
+        raise common.FederationError(f"the server addressed client {fields['client-id']} (round {fields['round']}), "
+                                     f"this node is client {client_id}")
+    received = codec.check_message(codec.decode(fields["global"]), kind=GLOBAL_KIND, round=0, fingerprint=fingerprint)
+    params = codec.check_template(received.tree, {"params": plan.broadcast_template()["params"]})["params"]
+    _keep(context, "held-state", codec.encode(params, kind=HELD_STATE_KIND, round=0, fingerprint=fingerprint))
+    binding = common.update_binding(0, client_id, fields.get("nonce"))
+    return Message(RecordDict({common.RECORD: ConfigRecord(binding)}), reply_to=message)
+
+
+def _global_state(message: Message, context: Context, *, train: bool = False) -> tuple[_Client, int, int, dict[str, Any]]:
     """The client, its id, the round and the global state of a ``train`` or ``evaluate`` message,
-    checked as hostile input (kind, round, backbone fingerprint, tree)."""
+    checked as hostile input (kind, round, backbone fingerprint, tree).
+
+    With a seed downlink a ``train`` message may carry the rounds this node missed as seeds
+    instead (:meth:`~fedprompt.federation.seeds.SeedDownlink.catch_up` replays them onto the
+    copy this node holds); either way the node then holds the round's state."""
     client, client_id = _this_client(context)
     fields = _fields(message)
     round_index = fields["round"]
@@ -173,18 +200,41 @@ def _global_state(message: Message, context: Context) -> tuple[_Client, int, int
             f"the server addressed client {fields['client-id']}, this node is client {client_id}"
         )
     plan = client.federation.plan
-    received = codec.check_message(
-        codec.decode(fields["global"]), kind=GLOBAL_KIND, round=round_index,
-        fingerprint=client.federation.backbone.fingerprint,
-    )
-    return client, client_id, round_index, codec.check_template(received.tree, plan.broadcast_template())
+    fingerprint = client.federation.backbone.fingerprint
+    received = codec.check_message(codec.decode(fields["global"]), round=round_index, fingerprint=fingerprint)
+    if not (train and plan.seeds is not None):
+        codec.check_message(received, kind=GLOBAL_KIND)
+        return client, client_id, round_index, codec.check_template(received.tree, plan.broadcast_template())
+    template = plan.broadcast_template()["params"]
+    params = plan.seeds.catch_up(received, _held_state(context, plan, template, fingerprint), template)
+    _keep(context, "held-state", codec.encode(jax.device_get(params), kind=HELD_STATE_KIND, round=round_index,
+                                              fingerprint=fingerprint))
+    return client, client_id, round_index, {"params": params}
+
+
+def _held_state(context: Context, plan: Any, template: Any, fingerprint: str) -> tuple[int, Any] | None:
+    """The copy of the global state this node holds for a seed downlink, with its rounds: the
+    one it kept, else the initial state when every party computes it from the seed."""
+    record = context.state.config_records.get(common.RECORD)
+    if record is None or "held-state" not in record:
+        return (0, plan.init_params()) if plan.seeds.initial_held else None
+    held = codec.check_message(codec.decode(record["held-state"]), kind=HELD_STATE_KIND, fingerprint=fingerprint)
+    return held.round, codec.check_template(held.tree, template)
+
+
+def _keep(context: Context, key: str, data: bytes) -> None:
+    """Stores ``data`` under ``key`` in this node's record of the run's ``context.state``."""
+    record = context.state.config_records.get(common.RECORD)
+    values = {} if record is None else {k: record[k] for k in record}
+    values[key] = data
+    context.state[common.RECORD] = ConfigRecord(values)
 
 
 def _local_result(message: Message, context: Context) -> tuple[_Client, int, int, Any, float]:
     """This node's round of local training on the server's ``train`` message: the client, its
     id, the round, its (encoded) ``ClientResult`` on the host and the start time."""
     start = time.perf_counter()
-    client, client_id, round_index, broadcast = _global_state(message, context)
+    client, client_id, round_index, broadcast = _global_state(message, context, train=True)
     fed = client.federation
     plan = fed.plan
     fingerprint = fed.backbone.fingerprint
@@ -337,5 +387,5 @@ def _load_client_state(context: Context, zeros: Any, fingerprint: str) -> Any:
 
 
 def _store_client_state(context: Context, state: Any, round_index: int, fingerprint: str) -> None:
-    data = codec.encode(state, kind=CLIENT_STATE_KIND, round=round_index, fingerprint=fingerprint)
-    context.state[common.RECORD] = ConfigRecord({"client-state": data})
+    _keep(context, "client-state", codec.encode(state, kind=CLIENT_STATE_KIND, round=round_index,
+                                                fingerprint=fingerprint))

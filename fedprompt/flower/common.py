@@ -56,6 +56,14 @@ Messages (all payloads are :mod:`fedprompt.wire.codec` bytes, the simulation's w
   "class_statistics">}}``, the node's
   :meth:`~fedprompt.federation.plan.FederationPlan.class_statistics` of its rows.
 
+* ``query.install`` server -> client, once before round 1 with a seed downlink and a
+  class-means head: the fields of ``train`` for round 0 with the state after the set-up; the
+  node keeps it (the rounds' seeds start from it) and replies with its binding.
+* With a seed downlink (``method = "zo"``, FedAvg, the mean), a ``train`` message's
+  ``"global"`` is either codec kind ``"global"`` or kind ``"seeds"``: the merged seed pairs of
+  the rounds since the copy the node holds (:mod:`fedprompt.federation.seeds`), whichever is
+  fewer bytes; a node that cannot replay them answers with an error, and gets the state next.
+
 Replay protection: the server draws a fresh nonce from the operating system's entropy
 (:func:`fresh_nonce`) for every round and refuses an update whose binding does not echo it,
 with the round and the client id it sent to that node. The binding travels in the reply's
@@ -107,6 +115,9 @@ HELLO = "hello"
 
 CLASS_STATISTICS = "class_statistics"
 """The ``query`` of the one-time class statistics (message type ``query.class_statistics``)."""
+
+INSTALL = "install"
+"""The ``query`` that hands a seed downlink's nodes the state after the set-up (``query.install``)."""
 
 MESSAGE_SLACK = 4096
 """Bytes a reply's codec payload may exceed twice its template's encoded size by (headers, meta)."""

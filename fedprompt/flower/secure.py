@@ -172,6 +172,7 @@ def secure_round(grid, settings, fed, nodes, state, r: int, template) -> tuple[A
         broadcast = codec.encode(jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=r,
                                  fingerprint=fingerprint)
         bytes_down = len(broadcast) * len(u2)
+        extra["largest_down"] = len(broadcast)
         nonce = common.fresh_nonce()  # a masked input must echo it (common.check_binding)
         replies = send(u2, f"train.{MASKED}", lambda s: {
             **meta(s, inbox={str(u): c for u, c in inbox[s].items()}, u2=u2), "global": broadcast, "nonce": nonce})

@@ -277,6 +277,9 @@ def run_federation(
         if plan.head_statistics is not None:  # the class-means head, once before round 1
             params, setup = class_means_setup(grid, settings, fed, nodes, params, test, log=log)
         state = plan.server.init(params)
+        if plan.seeds is not None and not plan.seeds.initial_held:  # hand the set-up's state to the nodes
+            state, installed = install_state(grid, settings, fed, nodes, state, log=log)
+            setup["bytes_down"] += installed
         template = plan.update_template(fed.template_rows())
         metrics: list[dict[str, Any]] = []
         with report.MetricsWriter(out / report.METRICS_FILE) as writer:
@@ -325,6 +328,39 @@ def run_federation(
         report.write_summary(out / "summary.json", summary)
     log(f"done: final accuracy {summary['final_accuracy']}, prompt in {(out / 'prompt.fpp').resolve()}")
     return FlowerRunResult(state, metrics, summary, out)
+
+
+def install_state(grid, settings, fed, nodes, state, *, log: Callable[[str], None] = _log):
+    """A seed downlink's set-up: every client with a node gets the state the rounds' seeds start
+    from (a ``query.install`` message) and acknowledges it, bound to round 0, its id and a fresh
+    nonce; a client that does not is sent the whole state in its first round. Returns the new
+    state (its log knows who holds the state) and the bytes sent to one client."""
+    plan = fed.plan
+    payload = codec.encode(jax.device_get({"params": state.server.params}), kind=rounds.GLOBAL_KIND, round=0,
+                           fingerprint=fed.backbone.fingerprint)
+    clients = sorted(nodes.node_of)
+    nonce = common.fresh_nonce()
+    messages = [
+        Message(RecordDict({common.RECORD: ConfigRecord({"global": payload, "round": 0, "client-id": c,
+                                                         "nonce": nonce})}),
+                dst_node_id=nodes.node_of[c], message_type=f"query.{common.INSTALL}", ttl=settings.round_timeout + 60.0)
+        for c in clients
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
+    acknowledged = []
+    for reply in replies:
+        client = client_of.get(reply.metadata.reply_to_message_id)
+        if client is None or reply.has_error() or not reply.has_content():
+            continue
+        try:
+            common.check_binding(reply.content.config_records.get(common.RECORD) or {}, round_index=0,
+                                 client_id=client, nonce=nonce)
+        except WireError:
+            continue
+        acknowledged.append(client)
+    log(f"seed downlink: {len(acknowledged)} of {len(clients)} clients hold the set-up's state")
+    return state._replace(downlink=plan.seeds.installed(state.downlink, acknowledged)), len(payload)
 
 
 def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable[[str], None] = _log):
@@ -422,7 +458,8 @@ def check_class_statistics(
     non-negative integers summing to between 1 and ``max_examples``; squares non-negative and at
     most :data:`MAX_FEATURE_SQUARE` per example; a class with no example has zero sums and
     squares, and no class's sum is longer than its squares allow (``|sum|^2 <= count * squares``,
-    Cauchy-Schwarz).
+    Cauchy-Schwarz). A covariance (``head-init = "lda"``) must be symmetric, its trace the sum of
+    the squares, and no entry beyond what its diagonal allows (``|s_ij| <= sqrt(s_ii s_jj)``).
 
     Raises:
       WireError: the first check that fails (its text before the colon is the counted reason).
@@ -439,7 +476,7 @@ def check_class_statistics(
     except WireError as err:
         what = "non-finite" if "not finite" in str(err) else "malformed"
         raise WireError(f"{what} class statistics: {err}") from err
-    sums, squares, counts = (np.asarray(x, np.float64) for x in stats)
+    sums, squares, counts = (np.asarray(x, np.float64) for x in stats[:3])
     total = counts.sum()
     if np.any(counts < 0) or np.any(counts != np.round(counts)) or not 1 <= total <= max_examples:
         raise WireError(f"bad class counts: {total:g} examples (expected non-negative integers summing to "
@@ -451,6 +488,16 @@ def check_class_statistics(
         raise WireError("inconsistent class statistics: a class without examples has features")
     if np.any(np.sum(sums * sums, axis=1) > counts * squares * (1 + 1e-3) + 1e-6):
         raise WireError("inconsistent class statistics: a class's sum is longer than its squares allow")
+    if stats.scatter is not None:
+        scatter = np.asarray(stats.scatter, np.float64)
+        diagonal = np.diag(scatter)
+        scale = max(float(squares.sum()), 1e-12)
+        if np.any(np.abs(scatter - scatter.T) > 1e-4 * scale) or np.any(diagonal < 0):
+            raise WireError("bad covariance: not symmetric, or a negative variance")
+        if abs(float(diagonal.sum()) - float(squares.sum())) > 1e-3 * scale + 1e-6:
+            raise WireError("inconsistent class statistics: the covariance's trace is not the sum of the squares")
+        if np.any(np.abs(scatter) > np.sqrt(np.outer(diagonal, diagonal)) * (1 + 1e-3) + 1e-6 * scale):
+            raise WireError("bad covariance: an entry larger than its variances allow")
     return stats
 
 
@@ -466,11 +513,16 @@ def _round(grid, settings, fed, nodes, state, r, template):
 
     slot_of_message: list[int] = []
     messages = []
+    bytes_down = largest_down = 0
     for slot, client in enumerate(ids.tolist()):
         node = nodes.node_of.get(client)
         if node is None:
             continue
-        record = ConfigRecord({"global": payload, "round": r, "client-id": client, "nonce": nonce})
+        sent = payload if plan.seeds is None else plan.seeds.message(  # the rounds it missed, or the state
+            state.downlink, client, r, state.server.params, fingerprint=fingerprint, full=payload)
+        bytes_down += len(sent)
+        largest_down = max(largest_down, len(sent))
+        record = ConfigRecord({"global": sent, "round": r, "client-id": client, "nonce": nonce})
         messages.append(Message(RecordDict({common.RECORD: record}), dst_node_id=node, message_type="train",
                                 group_id=str(r), ttl=settings.round_timeout + 60.0))
         slot_of_message.append(slot)
@@ -489,6 +541,7 @@ def _round(grid, settings, fed, nodes, state, r, template):
     losses = np.full(len(ids), np.nan)
     errors, extra_rejections, bytes_up, wire_up = 0, {}, 0, []
     unbound: dict[int, str] = {}  # slot -> why its reply's binding is refused
+    errored: set[int] = set()
     for reply in replies:
         slot = slot_of.get(reply.metadata.reply_to_message_id)
         if slot is None or answered[slot]:
@@ -497,6 +550,7 @@ def _round(grid, settings, fed, nodes, state, r, template):
         wire_up.append(common.flower_message_bytes(reply))
         if reply.has_error():
             errors += 1
+            errored.add(slot)
             continue
         update, loss, count, reason = _reply_fields(reply, None if known is None else int(known[ids[slot]]))
         if update is not None:
@@ -519,15 +573,20 @@ def _round(grid, settings, fed, nodes, state, r, template):
     # Central DP's noise comes from this machine's entropy: nobody who knows the seed can remove it.
     weights = common.example_weights(settings, counts)
     state, outcome = plan.server.apply(state, received, weights, key=fresh_key(), losses=losses, participants=ids)
+    if plan.seeds is not None:  # a node that answered without an error holds the round's state
+        delivered = answered.copy()
+        delivered[list(errored)] = False
+        state = state._replace(downlink=plan.seeds.delivered(state.downlink, ids, delivered, r))
     rejections = dict(received.rejections)
     for reason, count in extra_rejections.items():
         rejections[reason] = rejections.get(reason, 0) + count
     record = RoundRecord(
         round=r + 1, train_loss=outcome.train_loss, clients=outcome.num_aggregated, sampled=len(ids),
         dropped=int(len(ids) - answered.sum()) + errors, rejections=rejections, bytes_up=bytes_up,
-        bytes_down=len(payload) * len(messages), participants=[int(ids[slot]) for slot in np.flatnonzero(received.accepted)],
+        bytes_down=bytes_down, participants=[int(ids[slot]) for slot in np.flatnonzero(received.accepted)],
         extra={
             **outcome.metrics,
+            "largest_down": largest_down,
             "unreachable": len(ids) - len(messages),
             "errors": errors,
             "timeouts": int(len(messages) - answered.sum()),

@@ -52,12 +52,16 @@ class Algorithm:
       server_optimizer: optax transformation applied to the pseudo-gradient ``-mean_delta``.
       prox_mu: FedProx proximal coefficient for the client objective.
       scaffold: whether clients run SCAFFOLD's corrected local steps.
+      plain_server_lr: FedAvg's server learning rate ``eta`` when the server step is exactly
+        ``params + eta * mean_delta`` (what a seed downlink can replay); None for servers with
+        state (momentum, adaptivity).
     """
 
     name: str
     server_optimizer: optax.GradientTransformation
     prox_mu: float = 0.0
     scaffold: bool = False
+    plain_server_lr: float | None = None
 
     def init(self, params: Pytree) -> ServerState:
         """The initial server state for initial global ``params``."""
@@ -93,7 +97,7 @@ class Algorithm:
 
 def fedavg(server_lr: float = 1.0) -> Algorithm:
     """FedAvg: the global state moves by the example-weighted mean client delta (times ``server_lr``)."""
-    return Algorithm("fedavg", optimizers.fedavg_optimizer(server_lr))
+    return Algorithm("fedavg", optimizers.fedavg_optimizer(server_lr), plain_server_lr=float(server_lr))
 
 
 def fedavgm(server_lr: float = 1.0, momentum: float = 0.9) -> Algorithm:

@@ -228,11 +228,14 @@ class RoundState(NamedTuple):
         for a stateless stage.
       privacy: the privacy accountant's spent budget
         (:class:`~fedprompt.privacy.accounting.PrivacySpent`), ``()`` without DP.
+      downlink: the seed downlink's :class:`~fedprompt.federation.seeds.SeedLog` (every
+        round's merged seed pairs, what each client holds), ``()`` without one.
     """
 
     server: ServerState
     aggregate: Any = ()
     privacy: Any = ()
+    downlink: Any = ()
 
     @property
     def params(self) -> Pytree:
@@ -279,6 +282,12 @@ class ServerRound:
         mean); None: unbounded. SCAFFOLD's control deltas are not clipped: they steer the
         clients' corrections, and whatever the corrections, the deltas that move the global
         state are bounded.
+      seeds: a zeroth-order federation's seed downlink
+        (:class:`~fedprompt.federation.seeds.SeedDownlink`): the round's clients' pairs are
+        merged, each client weighted by its normalized weight times its update bound's factor,
+        and the state moves along them (FedAvg's weighted mean, with the server's learning
+        rate, as pairs every client can replay); the aggregation stage and the optax step are
+        not used.
     """
 
     def __init__(
@@ -290,8 +299,10 @@ class ServerRound:
         to_delta: Callable[[Pytree, Pytree], Pytree] | None = None,
         ledger: Any = None,
         update_clip: float | None = None,
+        seeds: Any = None,
     ):
         self.algorithm = algorithm
+        self.seeds = seeds
         self.num_clients = int(num_clients)
         self.update_clip = None if update_clip is None else float(update_clip)
         self.stage = aggregate or mean_stage()
@@ -306,7 +317,8 @@ class ServerRound:
     def init(self, params: Pytree) -> RoundState:
         """The state before the first round, for initial global ``params``."""
         privacy = self.ledger.init_spent() if self.ledger is not None else ()
-        return RoundState(self.algorithm.init(params), self.stage.init(), privacy)
+        downlink = self.seeds.init() if self.seeds is not None else ()
+        return RoundState(self.algorithm.init(params), self.stage.init(), privacy, downlink)
 
     def apply(
         self,
@@ -344,6 +356,8 @@ class ServerRound:
         size = int(self.stage.bucket(len(weights)))
         payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
         params = state.server.params
+        if self.seeds is not None:
+            return self._seed_round(state, payloads, weights, losses, participants, accepted)
         deltas = payloads if self._to_delta is None else self._to_delta(params, payloads)
         mean_delta, stage_state, metrics = self.stage.apply(
             state.aggregate, deltas, np.pad(weights, (0, size - len(weights))), key)
@@ -356,8 +370,32 @@ class ServerRound:
         train_loss = float("nan")
         if losses is not None:
             train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
-        return self._account(RoundState(server, stage_state, state.privacy), participants, accepted, train_loss,
-                             count, metrics)
+        return self._account(state._replace(server=server, aggregate=stage_state), participants, accepted,
+                             train_loss, count, metrics)
+
+    def _seed_round(self, state, payloads, weights, losses, participants, accepted):
+        """The seed downlink's round: merged pairs of weight x bound factor (see ``seeds``)."""
+        rows = len(weights)
+        factors = np.ones(rows)
+        metrics: dict[str, Any] = {}
+        if self.update_clip is not None:
+            deltas = self._to_delta(state.server.params, payloads)
+            norms = np.asarray(clip_clients(deltas, self.update_clip)[1], np.float64)[:rows]
+            over = np.isfinite(norms) & (norms > self.update_clip)
+            factors = np.where(over, self.update_clip / np.where(over, norms, 1.0), 1.0)
+            factors = np.where(np.isfinite(norms), factors, 0.0)
+            metrics.update(update_clip=self.update_clip, clipped=int(np.sum(over & accepted)))
+        shares = weights / weights.sum()
+        present = jax.tree.map(lambda x: np.asarray(x)[:rows], payloads)
+        params, log, count = self.seeds.step(state.server.params, state.downlink, int(state.server.round), present,
+                                             shares * factors)
+        server = state.server._replace(params=params, round=state.server.round + 1)
+        metrics["seed_pairs"] = count
+        train_loss = float("nan")
+        if losses is not None:
+            train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
+        return self._account(state._replace(server=server, downlink=log), participants, accepted, train_loss,
+                             int(accepted.sum()), metrics)
 
     def apply_mean(
         self,
@@ -388,7 +426,7 @@ class ServerRound:
     def skip(self, state: RoundState, metrics: dict[str, Any] | None = None) -> tuple[RoundState, RoundOutcome]:
         """A round that published nothing (secure aggregation below its threshold)."""
         server = state.server._replace(round=state.server.round + 1)
-        return RoundState(server, state.aggregate, state.privacy), RoundOutcome(float("nan"), 0, dict(metrics or {}))
+        return state._replace(server=server), RoundOutcome(float("nan"), 0, dict(metrics or {}))
 
     def _account(self, state, participants, accepted, train_loss, count, metrics):
         if self.ledger is not None:

@@ -219,6 +219,9 @@ class FederatedSimulation:
         if head and self._statistics is not None:
             params = self.plan.with_class_means_head(params, class_means.combine(self.class_statistics(params)))
         state = self.plan.server.init(params)
+        if self.plan.seeds is not None and not self.plan.seeds.initial_held:  # the set-up hands it to all
+            state = state._replace(downlink=self.plan.seeds.installed(state.downlink,
+                                                                      np.arange(self.client_data.num_clients)))
         client_states = jax.tree.map(
             lambda x: jnp.zeros((self.client_data.num_clients, *x.shape), x.dtype), state.server.params
         )
@@ -244,15 +247,17 @@ class FederatedSimulation:
 
     def setup_bytes(self) -> dict[str, int]:
         """Bytes of the one-time set-up before the first round, per client: the initial state
-        down and the class statistics up (zero without a class-means head)."""
+        down and the class statistics up (zero without a class-means head); with a seed
+        downlink, the state with its head down once more (what the clients then replay from)."""
         if self._statistics is None:
             return {"bytes_up": 0, "bytes_down": 0}
         plan = self.plan
         zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), plan.class_statistics_template())
-        down = jax.device_get({"params": plan.init_params()})
+        down = codec.encoded_size(jax.device_get({"params": plan.init_params()}), kind=rounds.GLOBAL_KIND,
+                                  fingerprint=self.backbone.fingerprint)
         return {"bytes_up": codec.encoded_size(dict(zeros._asdict()), kind=class_means.STATISTICS_KIND,
                                                fingerprint=self.backbone.fingerprint),
-                "bytes_down": codec.encoded_size(down, kind=rounds.GLOBAL_KIND, fingerprint=self.backbone.fingerprint)}
+                "bytes_down": down * (2 if plan.seeds is not None else 1)}
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -293,8 +298,13 @@ class FederatedSimulation:
         plan = self.plan
         ids, dropped = self.sample(round_index)
         fingerprint = self.backbone.fingerprint
-        bytes_down = len(codec.encode(jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND,
-                                      round=round_index, fingerprint=fingerprint)) * len(ids)
+        full = codec.encode(jax.device_get(plan.broadcast(state)), kind=rounds.GLOBAL_KIND, round=round_index,
+                            fingerprint=fingerprint)
+        sizes = [len(full)] * len(ids)
+        if plan.seeds is not None:  # each client is sent the rounds it missed, or the state (fewer bytes wins)
+            sizes = [len(plan.seeds.message(state.downlink, int(c), round_index, state.server.params,
+                                            fingerprint=fingerprint, full=full)) for c in ids]
+        bytes_down = sum(sizes)
         results = self.train_clients(state, client_states, ids, round_index)
         noise = plan.keys.round_noise(round_index)
         payload = results.delta
@@ -329,10 +339,12 @@ class FederatedSimulation:
                 rows = jnp.asarray(ids[accepted], jnp.int32)
                 new = jax.tree.map(lambda x: jnp.asarray(x[accepted]), host.control)
                 client_states = jax.tree.map(lambda c, n: c.at[rows].set(n), client_states, new)
+        if plan.seeds is not None:  # a client that dropped out may not have what it was sent
+            state = state._replace(downlink=plan.seeds.delivered(state.downlink, ids, ~dropped, round_index))
         record = RoundRecord(
             round=round_index + 1, train_loss=outcome.train_loss, clients=outcome.num_aggregated, sampled=len(ids),
             dropped=int(dropped.sum()), rejections=rejections, bytes_up=bytes_up, bytes_down=bytes_down,
-            participants=participants, extra=outcome.metrics,
+            participants=participants, extra={**outcome.metrics, "largest_down": max(sizes)},
         )
         return state, client_states, record
 

@@ -5,7 +5,9 @@ Numbers are measured side by side in one process; nothing here is a pass/fail te
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -543,7 +545,7 @@ def kernels_bench(*, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- tables
 
 
-def _machine_line(m: dict[str, Any]) -> str:
+def machine_line(m: dict[str, Any]) -> str:
     load = m.get("load_average")
     load_text = f", load average {load[0]:.1f}" if load else ""
     return f"{m['cpu']} ({m['cpu_count']} CPUs, {m['machine']}), JAX {m['jax']} on {m['platform']}:{m['device_kind']}{load_text}"
@@ -552,7 +554,7 @@ def _machine_line(m: dict[str, Any]) -> str:
 def format_aggregate(result: dict[str, Any]) -> str:
     bw = result["bandwidth"]
     lines = [
-        _machine_line(result["machine"]),
+        machine_line(result["machine"]),
         f"memory bandwidth (copy, read+write bytes/s): numpy {bw['numpy_copy'] / 1e9:.1f} GB/s, jax {bw['jax_add'] / 1e9:.1f} GB/s",
         "median ms per aggregation; speed-up over NumPy and effective GB/s (update bytes read / time) of kernel_mean",
         f"{'clients':>7} {'floats':>7} {'numpy':>9} {'kernel_mean':>11} {'clip+sum':>9} {'jit wmean':>10} {'Aggregation':>11} "
@@ -571,7 +573,7 @@ def format_aggregate(result: dict[str, Any]) -> str:
 def format_train(result: dict[str, Any]) -> str:
     r = result
     lines = [
-        _machine_line(r["machine"]),
+        machine_line(r["machine"]),
         f"{r['method']} tuning step, batch {r['batch_size']} x {r['tokens']} tokens, {r['virtual_tokens']} virtual tokens",
         f"step FLOPs (XLA cost analysis)  {r['step_flops'] / 1e9:10.2f} GFLOP",
         f"step time (median)              {r['step_seconds'] * 1e3:10.1f} ms",
@@ -601,7 +603,7 @@ def format_block_memory(rows: list[dict[str, Any]]) -> str:
 
 
 def format_kernels(result: dict[str, Any]) -> str:
-    lines = [_machine_line(result["machine"]), f"inputs [clients, values] = {result['shape']}"]
+    lines = [machine_line(result["machine"]), f"inputs [clients, values] = {result['shape']}"]
     if result["note"]:
         lines.append(result["note"])
     for r in result["rows"]:
@@ -613,3 +615,138 @@ def format_kernels(result: dict[str, Any]) -> str:
         else:
             lines.append(f"{r['kernel']:<22} ran (interpret), max |pallas - xla| {r['max_abs_difference']:.2e}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- a step's memory, abstract backbones
+
+
+ANALYSIS_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def step_memory_report(
+    backbone: Backbone,
+    *,
+    batch_size: int = 4,
+    tokens: int = 512,
+    devices: int = 1,
+    num_virtual_tokens: int = 20,
+    task: str = "classification",
+    remat: tuple[bool, ...] = (False, True),
+    compiler_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compile one prompt-tuning Adam step (never run it) and return XLA's per-device memory analysis.
+
+    Works on an abstract backbone (:func:`~fedprompt.backbones.abstract.abstract_backbone`):
+    every argument is a ``jax.ShapeDtypeStruct``, so nothing is allocated, and the program is
+    only lowered and compiled (``jax.jit(step).lower(...).compile()``).
+
+    Args:
+      backbone: the frozen backbone (abstract or loaded).
+      batch_size, tokens: the batch shape (``tokens`` real tokens per row, plus the prompt).
+      devices: 1 for one device (:func:`~fedprompt.client.local.make_train_step`); N > 1 for
+        the weights split over N devices (:func:`~fedprompt.sharding.make_sharded_train_step`,
+        batch replicated).
+      num_virtual_tokens: length of the soft prompt (float32, trained).
+      task: ``"classification"`` (a 26-way linear head on the last token) or ``"lm"``
+        (causal LM loss on every token: the logits over the vocabulary are computed).
+      remat: the rematerialisation settings to compile, one row each.
+      compiler_options: XLA options for these compilations, e.g. :data:`ANALYSIS_COMPILER_OPTIONS`
+        (the programs are only analysed, never run).
+
+    Returns:
+      ``{"backbone", "parameters", "weight_bytes", "weight_bytes_per_device", "weight_dtype",
+      "devices", "platform", "batch_size", "tokens", "virtual_tokens", "task",
+      "cpu_memory_scheduler", "rows"}`` where ``rows``
+      maps ``"remat"``/``"no_remat"`` to :func:`~fedprompt.client.local.compiled_memory`'s
+      per-device bytes plus ``compile_seconds``.
+    """
+    from fedprompt.errors import ConfigError
+    from fedprompt.sharding import CPU_MEMORY_SCHEDULER_FLAG, make_mesh, make_sharded_train_step, weight_bytes_per_device
+    from fedprompt.tasks import CausalLM, Task
+
+    for name, n in (("batch_size", batch_size), ("tokens", tokens), ("devices", devices), ("num_virtual_tokens", num_virtual_tokens)):
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {n!r}")
+    if task not in ("classification", "lm"):
+        raise ConfigError(f"task must be 'classification' or 'lm', got {task!r}")
+    prompt_config = PromptConfig(num_virtual_tokens=num_virtual_tokens, init="random", random_std=0.02)
+    the_task: Task = SequenceClassification(26) if task == "classification" else CausalLM()
+    the_task = the_task.resolve(backbone)
+    optimizer = optax.adam(1e-3)
+    trainable = jax.eval_shape(lambda key: init_trainable(backbone, prompt_config, the_task, key), jax.random.key(0))
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    shape = (batch_size, tokens)
+    batch = {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32), "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32)}
+    if task == "classification":
+        batch["labels"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    else:
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+    mesh = make_mesh(model=devices) if devices > 1 else None
+    rows: dict[str, dict[str, Any]] = {}
+    for on in remat:
+        start = time.perf_counter()
+        if mesh is None:
+            step = make_train_step(backbone, prompt_config, the_task, optimizer, remat=on)
+            row: dict[str, Any] = compiled_memory(
+                step, trainable, opt_state, batch, backbone.weights, compiler_options=compiler_options
+            )
+        else:
+            row = make_sharded_train_step(backbone, prompt_config, the_task, optimizer, mesh, remat=on).memory(
+                trainable, opt_state, batch, compiler_options=compiler_options
+            )
+        row["compile_seconds"] = round(time.perf_counter() - start, 1)
+        rows["remat" if on else "no_remat"] = row
+    return {
+        "backbone": backbone.name,
+        "parameters": backbone.num_parameters(),
+        "weight_bytes": backbone.weight_bytes(),
+        "weight_bytes_per_device": weight_bytes_per_device(backbone, mesh) if mesh is not None else backbone.weight_bytes(),
+        "weight_dtype": str(jax.tree.leaves(backbone.weights)[0].dtype),
+        "devices": devices,
+        "platform": jax.devices()[0].platform,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "virtual_tokens": num_virtual_tokens,
+        "task": task,
+        "cpu_memory_scheduler": CPU_MEMORY_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": dict(compiler_options or {}),
+        "rows": rows,
+    }
+
+
+def format_step_memory_report(report: dict[str, Any]) -> str:
+    """A text table of :func:`step_memory_report` in GiB (per device)."""
+    gib = 2**30
+    where = "one device" if report["devices"] == 1 else f"{report['devices']} devices, weights split over them"
+    lines = [
+        f"prompt-tuning step of {report['backbone']} ({report['parameters'] / 1e9:.2f}e9 parameters, "
+        f"{report['weight_dtype']} weights {report['weight_bytes'] / gib:.2f} GiB, float32 prompt), "
+        f"batch {report['batch_size']} x {report['tokens']} tokens + {report['virtual_tokens']} virtual, "
+        f"task {report['task']}, {where}",
+        f"XLA memory analysis per device (compiled, not run) on {report['platform']}"
+        + (_cpu_caption(report["devices"], report["cpu_memory_scheduler"]) if report["platform"] == "cpu" else ""),
+        f"weights per device (closed form): {report['weight_bytes_per_device'] / gib:.2f} GiB"
+        + (f"; compiled with {report['compiler_options']}" if report.get("compiler_options") else ""),
+        f"{'':<10}{'arguments':>11}{'temporaries':>13}{'peak':>9}{'compile s':>11}  (GiB)",
+    ]
+    for name, row in report["rows"].items():
+        lines.append(
+            f"{name:<10}{row['arguments'] / gib:>11.2f}{row['temporaries'] / gib:>13.2f}{row['peak'] / gib:>9.2f}"
+            f"{row['compile_seconds']:>11.1f}"
+        )
+    if min(row["arguments"] for row in report["rows"].values()) < report["weight_bytes_per_device"]:
+        lines.append("arguments below the weights: XLA leaves out weights the step never reads "
+                     "(an untied LM head in a classification step)")
+    if report["platform"] == "cpu":
+        lines.append(
+            "note: on CPU, XLA computes bfloat16 matrix products in float32 on converted copies of the weights; "
+            "without remat those copies stay alive through the step (up to 2x the weights' bytes in temporaries), "
+            "which a device with bfloat16 matrix units does not need"
+        )
+    return "\n".join(lines)
+
+
+def _cpu_caption(devices: int, memory_scheduler: bool) -> str:
+    where = "" if devices == 1 else f" for {devices} forced host devices"
+    schedule = "memory-minimising schedule" if memory_scheduler else "XLA's default CPU schedule"
+    return f" (XLA's CPU buffer assignment{where}, {schedule})"

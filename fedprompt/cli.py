@@ -31,7 +31,7 @@ import sys
 import warnings
 
 from fedprompt.config import RunConfig
-from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.errors import ConfigError, run_command
 
 
 def _mib(n: int) -> str:
@@ -262,12 +262,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(f"{'run':<20} {'rounds':>6} {'final acc':>9} {'best acc':>8} {'up total':>10} "
-              f"{'up/client/round':>15} {'down total':>10} {'time':>8}")
+              f"{'up/client/round':>15} {'down total':>10} {'down/client/round':>17} {'time':>8}")
         for r in rows:
-            per_client = report.format_bytes(r["bytes_up_per_client_round"] or 0)
+            up, down = (report.format_bytes(r[key]) if r[key] is not None else "-"
+                        for key in ("bytes_up_per_client_round", "bytes_down_per_client_round"))
             print(f"{r['run']:<20} {r['rounds']:>6} {r['final_accuracy'] or float('nan'):>9.4f} "
                   f"{r['best_accuracy'] or float('nan'):>8.4f} {report.format_bytes(r['bytes_up']):>10} "
-                  f"{per_client:>15} {report.format_bytes(r['bytes_down']):>10} "
+                  f"{up:>15} {report.format_bytes(r['bytes_down']):>10} {down:>17} "
                   f"{report.format_duration(r['seconds']):>8}")
     if args.out:
         report.plot_comparison(runs, args.out)
@@ -376,7 +377,7 @@ def _bench_memory_abstract(args: argparse.Namespace) -> int:
 
     from fedprompt import bench
     from fedprompt.backbones.abstract import abstract_backbone
-    from fedprompt.client.memory import ANALYSIS_COMPILER_OPTIONS, format_step_memory_report, step_memory_report
+    from fedprompt.bench import ANALYSIS_COMPILER_OPTIONS, format_step_memory_report, step_memory_report
 
     backbone = abstract_backbone(args.abstract, dtype=jnp.dtype(args.dtype))
     remat = {"both": (False, True), "on": (True,), "off": (False,)}[args.remat]
@@ -390,7 +391,7 @@ def _bench_memory_abstract(args: argparse.Namespace) -> int:
         compiler_options=ANALYSIS_COMPILER_OPTIONS,
     )
     report["machine"] = bench.machine()
-    text = format_step_memory_report(report) + "\nmachine: " + bench._machine_line(report["machine"])
+    text = format_step_memory_report(report) + "\nmachine: " + bench.machine_line(report["machine"])
     return _bench_report(args, report, text)
 
 
@@ -766,28 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        try:
-            return args.func(args)
-        except FedPromptError as err:
-            print(f"fedprompt: error: {_one_line(err)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as err:
-            print(f"fedprompt: {_one_line(err) or 'interrupted'}", file=sys.stderr)
-            return 130
-        except OSError as err:
-            print(f"fedprompt: error: {_one_line(err)}", file=sys.stderr)
-            return 1
-
-
-def _one_line(err: BaseException) -> str:
-    """An exception's message and notes on one line; an OSError as ``file: reason``."""
-    if isinstance(err, OSError) and err.strerror:
-        names = [str(name) for name in (err.filename, err.filename2) if name is not None]
-        text = f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
-    else:
-        text = str(err)
-    parts = [part for part in (text, *getattr(err, "__notes__", ())) if part]
-    return " ".join("; ".join(parts).split())
+        return run_command(lambda: args.func(args))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001

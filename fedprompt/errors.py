@@ -7,6 +7,9 @@ while still telling them apart.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class FedPromptError(Exception):
     """Base class of every error fedprompt raises on bad input."""
@@ -68,3 +71,33 @@ class OutOfMemoryError(FedPromptError, MemoryError):
 class RunFolderError(FedPromptError):
     """A run folder cannot be used: it is a file, not writable, in use by another run, or holds
     another run that was neither overwritten (``--overwrite``) nor resumed (``--resume``)."""
+
+
+def run_command(command: Callable[[], int], *, prog: str = "fedprompt") -> int:
+    """Runs a command-line command; every error becomes one line on stderr and an exit status.
+
+    Returns the command's status; 2 for bad input (a :class:`FedPromptError`), 1 for an
+    operating-system error (a full disk, a read-only or missing folder) and 130 for Ctrl-C.
+    """
+    try:
+        return command()
+    except FedPromptError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"{prog}: {one_line(err) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message and notes on one line; an OSError as ``file: reason``."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [str(name) for name in (err.filename, err.filename2) if name is not None]
+        text = f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    else:
+        text = str(err)
+    parts = [part for part in (text, *getattr(err, "__notes__", ())) if part]
+    return " ".join("; ".join(parts).split())

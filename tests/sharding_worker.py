@@ -24,7 +24,7 @@ from conftest import tiny_backbone  # noqa: E402
 from fedprompt import CausalLM, PromptConfig, SequenceClassification  # noqa: E402
 from fedprompt.backbones.abstract import abstract_backbone  # noqa: E402
 from fedprompt.client.local import init_trainable, make_train_step  # noqa: E402
-from fedprompt.client.memory import step_memory_report  # noqa: E402
+from fedprompt.bench import step_memory_report  # noqa: E402
 from fedprompt.sharding import make_mesh, make_sharded_train_step, weight_bytes_per_device  # noqa: E402
 
 STEPS = 2

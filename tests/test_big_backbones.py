@@ -27,7 +27,7 @@ from fedprompt.backbones.abstract import ABSTRACT_CONFIGS, abstract_backbone
 from fedprompt.backbones.backbone import REMAT_MIN_PARAMETERS
 from fedprompt.cli import main
 from fedprompt.client.local import init_trainable, make_loss_fn, make_train_step
-from fedprompt.client.memory import ANALYSIS_COMPILER_OPTIONS, format_step_memory_report, step_memory_report
+from fedprompt.bench import ANALYSIS_COMPILER_OPTIONS, format_step_memory_report, step_memory_report
 from fedprompt.errors import ConfigError, UnsupportedArchitectureError
 
 WORKER = Path(__file__).parent / "sharding_worker.py"

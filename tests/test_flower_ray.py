@@ -25,7 +25,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -41,7 +40,7 @@ import pytest
 from test_flower import APP, BIN, _assert_close, _read_run, _reference, _settings
 
 from fedprompt.flower import server_app
-from fedprompt.flower.loopback import free_port, toml_value
+from fedprompt.flower.loopback import free_port, toml_value, wait_for_port
 from fedprompt.simulation.engine import run_rounds
 from fedprompt.wire import codec
 
@@ -161,15 +160,8 @@ class LocalSimulation:
         """The SuperLink, in simulation mode, installing nothing at run time; waits for its port."""
         self._start("superlink", ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
                                   "--port", str(self.port), "--disable-runtime-dependency-installation"])
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.processes["superlink"].poll() is not None:
-                    raise RuntimeError(f"the SuperLink did not start:\n{self.log('superlink')}") from None
-                time.sleep(0.5)
+        wait_for_port(self.port, self.processes["superlink"], timeout,
+                      what=lambda: f"the SuperLink did not start:\n{self.log('superlink')}")
 
     def run(self, overrides: dict[str, Any], federation: dict[str, Any]) -> subprocess.Popen:
         """``flwr run examples/flower_app local-simulation --run-config <toml> --federation-config <toml> --stream``."""

@@ -245,7 +245,8 @@ def test_compare_runs_table_plot_and_cli(tmp_path, capsys):
     png = tmp_path / "compare.png"
     assert main(["compare", str(tmp_path / "grad"), str(tmp_path / "zo"), "--out", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "grad" in out and "1.00 KB" in out and "250 B" in out
+    assert "grad" in out and "1.00 KB" in out and "250 B" in out and "2.00 KB" in out  # up, and down per client
+    assert out.splitlines()[2].split()[-2] == "-"  # the zo run's records do not say who was sent what
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["compare", str(tmp_path / "grad"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["bytes_up"] == 24_000

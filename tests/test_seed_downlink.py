@@ -116,12 +116,17 @@ def test_clients_that_replay_their_messages_hold_the_servers_state_bit_for_bit(h
                for c in range(sim.client_data.num_clients))
 
 
-def test_a_client_off_step_or_with_a_damaged_copy_refuses_the_message():
+def _started():
+    """A seed-downlink simulation before its first round: it, its plan, state, client states,
+    the params' template and the initial params on the host."""
     sim = _simulation("seeds")
-    plan = sim.plan
     state, controls = sim.init()
-    template = plan.broadcast_template()["params"]
-    start = jax.device_get(state.server.params)
+    return (sim, sim.plan, state, controls, sim.plan.broadcast_template()["params"],
+            jax.device_get(state.server.params))
+
+
+def test_a_client_off_step_or_with_a_damaged_copy_refuses_the_message():
+    sim, plan, state, controls, template, start = _started()
     for r in range(2):
         state, controls, _ = sim.run_round(state, controls, r)
     client = int(np.flatnonzero(np.asarray(state.downlink.held) == 0)[0])  # still holds the initial state
@@ -212,3 +217,37 @@ def test_index_dtype_is_the_narrowest_that_holds_the_pool():
     assert sim.plan.seeds.index_dtype == np.uint16
     assert jnp.dtype(seeds.SeedDownlink(sim.plan.seeds.apply, num_seeds=1 << 17, pairs_per_round=1, rounds=1,
                                         num_clients=1).index_dtype) == jnp.int32
+
+
+def test_a_checkpoint_keeps_the_seed_log_and_a_resumed_run_sends_the_same_bytes(tmp_path):
+    from fedprompt.simulation import checkpoint
+
+    sim = _simulation("seeds", dropout=0.3)
+    test = {k: np.asarray(v[0]) for k, v in sim.client_data.columns.items()}
+    straight, _, expected = run_rounds(sim, 4, test)
+    state, controls, first = run_rounds(sim, 2, test)
+    checkpoint.save_checkpoint(tmp_path, completed_rounds=2, config={"k": 1}, state=(state, controls))
+    done, (state, controls) = checkpoint.load_checkpoint(tmp_path, template=sim.init(), config={"k": 1})
+    assert done == 2
+    resumed, _, rest = run_rounds(sim, 2, test, state=state, client_states=controls, start_round=2)
+    assert [m["bytes_down"] for m in first + rest] == [m["bytes_down"] for m in expected]
+    jax.tree.map(np.testing.assert_array_equal, resumed.server.params, straight.server.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.downlink, straight.downlink)
+
+
+def test_a_round_without_updates_leaves_the_state_and_clients_replay_it_as_nothing():
+    from fedprompt.server import rounds
+
+    sim, plan, state, controls, template, start = _started()
+    state, controls, _ = sim.run_round(state, controls, 0)
+    after_one = jax.device_get(state.server.params)
+    nothing = rounds.receive_updates([None, None], round_index=1, fingerprint=sim.backbone.fingerprint,
+                                     template=plan.update_template({k: v[0, :1] for k, v in
+                                                                    sim.client_data.columns.items()}))
+    state, outcome = plan.server.apply(state, nothing, [1.0, 1.0])
+    assert outcome.num_aggregated == 0 and int(state.server.round) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.server.params), after_one)
+    message = codec.decode(plan.seeds.message(state.downlink, 0, 2, state.server.params, fingerprint=None))
+    assert message.tree["counts"].tolist()[1] == 0
+    caught_up = plan.seeds.catch_up(message, (0, start), template)
+    jax.tree.map(np.testing.assert_array_equal, caught_up, after_one)

@@ -167,8 +167,11 @@ class SeedDownlink:
 
     def replay(self, params: Pytree, indices: np.ndarray, scalars: np.ndarray) -> Pytree:
         """``params`` moved by one round's merged pairs, padded (zero scalars) to a power-of-two
-        length so every party runs the same compiled program on the same inputs."""
-        size = aggregators.bucket_size(max(len(indices), 1))
+        length so every party runs the same compiled program on the same inputs; a round
+        without pairs leaves ``params`` as they are (no program runs)."""
+        if len(indices) == 0:
+            return params
+        size = aggregators.bucket_size(len(indices))
         padded_indices = np.zeros(size, np.int32)
         padded_scalars = np.zeros(size, np.float32)
         padded_indices[: len(indices)] = indices

@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.errors import ConfigError, run_command
 
 CURVE = ec.SECP384R1
 """Every key's curve: NIST P-384 (``flwr supernode register`` accepts NIST EC curves only)."""
@@ -253,14 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command: writes the credentials and says what goes where. Returns the exit status
     (0; 2 for bad input; 1 for an operating-system error)."""
     args = build_parser().parse_args(argv)
-    try:
-        creds = write_credentials(args.out_dir, args.nodes, args.host, days=args.days, overwrite=args.overwrite)
-    except FedPromptError as err:
-        print(f"fedprompt: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"fedprompt: error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _write_and_say(args))
+
+
+def _write_and_say(args: argparse.Namespace) -> int:
+    creds = write_credentials(args.out_dir, args.nodes, args.host, days=args.days, overwrite=args.overwrite)
     print(f"CA certificate:        {creds.ca_certificate}  (its key {creds.ca_key.name}: keep it offline)")
     print(f"SuperLink certificate: {creds.superlink_certificate}, key {creds.superlink_key.name}, valid for "
           f"{', '.join(creds.hosts)}")

@@ -50,6 +50,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float, *, what: Callable[[], str]) -> None:
+    """Waits until something listens on 127.0.0.1:``port``.
+
+    Raises:
+      FederationError: ``what()`` when ``process`` exited or ``timeout`` seconds passed first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise FederationError(what()) from None
+            time.sleep(0.5)
+
+
 def toml_value(value: Any) -> str:
     """``value`` (a bool, number or string) as a TOML value, for run-config files."""
     if isinstance(value, bool):
@@ -197,15 +214,8 @@ class LoopbackDeployment:
                        "--ssl-keyfile", str(self.credentials / "superlink.key"), "--enable-supernode-auth"]
         self._start("superlink", ["flower-superlink", *channel, "--host", "127.0.0.1", "--port", str(self.port),
                                   "--disable-runtime-dependency-installation"])
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.processes["superlink"].poll() is not None:
-                    raise FederationError(f"the SuperLink did not start:\n{self.log('superlink')}") from None
-                time.sleep(0.5)
+        wait_for_port(self.port, self.processes["superlink"], timeout,
+                      what=lambda: f"the SuperLink did not start:\n{self.log('superlink')}")
         if self.credentials is not None:
             for i in range(self.nodes):
                 self.register(i)

@@ -71,19 +71,19 @@ def test_cli_refuses_a_bad_value_before_any_work(capsys):
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.slow
 def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
-    """The main job end to end on MiniLM with a small JSONL file and string labels."""
+    """The main job end to end on a small JSONL file with string labels (the tiny BERT with a
+    word-level tokenizer: the MiniLM run is the README's, and tests/test_training.py's)."""
     rng = np.random.default_rng(0)
-    words = {"animal": ["dog", "cat", "horse", "cow", "sheep"], "tool": ["hammer", "saw", "drill", "wrench", "chisel"]}
-    rows = [{"text": f"a {rng.choice(words[k])} that is {rng.choice(['big', 'small', 'old'])}", "label": k}
-            for k in words for _ in range(30)]
+    words = {"animal": [f"w{i}" for i in range(3, 30)], "tool": [f"w{i}" for i in range(30, 60)]}
+    rows = [{"text": " ".join(rng.choice(words[k], 4)) + " w99", "label": k} for k in words for _ in range(30)]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
-    args = ["run", "--data", str(data), "--rounds", "2", "--clients", "4", "--clients-per-round", "2",
-            "--local-steps", "2", "--batch-size", "8", "--max-length", "12", "--virtual-tokens", "4",
-            "--out", str(out), "--no-progress", "--tpt", "--tpt-test-clients", "3"]
+    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    args = ["run", "--data", str(data), "--backbone", str(backbone), "--rounds", "2", "--clients", "4",
+            "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "8", "--max-length", "12",
+            "--virtual-tokens", "4", "--out", str(out), "--no-progress", "--tpt", "--tpt-test-clients", "3"]
     cmd = [sys.executable, "-m", "fedprompt.cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -107,7 +107,7 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     from fedprompt.wire.artifact import load_prompt
 
     artifact = load_prompt(out / "prompt.fpp")
-    assert artifact.params["embeddings"].shape == (4, 384) and artifact.label_names == ("animal", "tool")
+    assert artifact.params["embeddings"].shape == (4, 32) and artifact.label_names == ("animal", "tool")
 
 
 @pytest.mark.slow

@@ -101,8 +101,8 @@ def test_clients_that_replay_their_messages_hold_the_servers_state_bit_for_bit(h
     kinds = []
     for r in range(ROUNDS):
         ids, _ = sim.sample(r)
-        for c in ids:  # each sampled client catches up from what the server sends it
-            data = plan.seeds.message(state.downlink, int(c), r, state.server.params, fingerprint=fingerprint)
+        sent = plan.seeds.messages(state.downlink, ids.tolist(), r, state.server.params, fingerprint=fingerprint)
+        for c, data in zip(ids, sent, strict=True):  # each sampled client catches up from what it is sent
             message = codec.decode(data)
             kinds.append(message.kind)
             params = plan.seeds.catch_up(message, held[int(c)], template)
@@ -111,9 +111,9 @@ def test_clients_that_replay_their_messages_hold_the_servers_state_bit_for_bit(h
         state, controls, _ = sim.run_round(state, controls, r)
     assert kinds.count(seeds.SEEDS_KIND) == len(kinds)  # a tiny prompt: seeds are always fewer bytes here
     # missed rounds are caught up in one message, round by round
-    assert any(codec.decode(plan.seeds.message(state.downlink, c, ROUNDS - 1, state.server.params,
-                                               fingerprint=fingerprint)).tree["counts"].shape[0] > 1
-               for c in range(sim.client_data.num_clients))
+    assert any(codec.decode(data).tree["counts"].shape[0] > 1
+               for data in plan.seeds.messages(state.downlink, range(sim.client_data.num_clients), ROUNDS - 1,
+                                               state.server.params, fingerprint=fingerprint))
 
 
 def _started():
@@ -130,7 +130,7 @@ def test_a_client_off_step_or_with_a_damaged_copy_refuses_the_message():
     for r in range(2):
         state, controls, _ = sim.run_round(state, controls, r)
     client = int(np.flatnonzero(np.asarray(state.downlink.held) == 0)[0])  # still holds the initial state
-    message = codec.decode(plan.seeds.message(state.downlink, client, 2, state.server.params, fingerprint=None))
+    message = codec.decode(plan.seeds.messages(state.downlink, [client], 2, state.server.params, fingerprint=None)[0])
     assert message.kind == seeds.SEEDS_KIND and message.meta["base"] == 0
     with pytest.raises(seeds.SeedDownlinkError, match="holds the state after 1 rounds"):
         plan.seeds.catch_up(message, (1, start), template)
@@ -174,8 +174,8 @@ def test_the_simulation_counts_each_clients_real_downlink_bytes_and_a_dropout_ge
         ids, dropped = seeded.sample(r)
         full = codec.encode(jax.device_get(plan.broadcast(replay_state)), kind="global", round=r,
                             fingerprint=fingerprint)
-        sent = [plan.seeds.message(replay_state.downlink, int(c), r, replay_state.server.params,
-                                   fingerprint=fingerprint) for c in ids]
+        sent = plan.seeds.messages(replay_state.downlink, ids.tolist(), r, replay_state.server.params,
+                                   fingerprint=fingerprint)
         assert m["bytes_down"] == sum(map(len, sent)) and reference[r]["bytes_down"] == len(full) * len(ids)
         for c, data in zip(ids, sent):  # one that dropped out before holds nothing known: the state
             nothing = np.asarray(replay_state.downlink.held)[c] == seeds.NOTHING
@@ -247,7 +247,7 @@ def test_a_round_without_updates_leaves_the_state_and_clients_replay_it_as_nothi
     state, outcome = plan.server.apply(state, nothing, [1.0, 1.0])
     assert outcome.num_aggregated == 0 and int(state.server.round) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.server.params), after_one)
-    message = codec.decode(plan.seeds.message(state.downlink, 0, 2, state.server.params, fingerprint=None))
+    message = codec.decode(plan.seeds.messages(state.downlink, [0], 2, state.server.params, fingerprint=None)[0])
     assert message.tree["counts"].tolist()[1] == 0
     caught_up = plan.seeds.catch_up(message, (0, start), template)
     jax.tree.map(np.testing.assert_array_equal, caught_up, after_one)

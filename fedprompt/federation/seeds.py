@@ -14,7 +14,7 @@ index) and applies them with :func:`~fedprompt.client.zeroth_order.replay`; it k
 round's merged pairs in a :class:`SeedLog`, with the number of rounds each client's copy of
 the state has seen.
 
-What a sampled client is sent (:meth:`SeedDownlink.message`), chosen by bytes:
+What a sampled client is sent (:meth:`SeedDownlink.messages`), chosen by bytes:
 
 * ``kind = "seeds"``: the merged pairs of every round since the state it holds, with
   ``meta = {"base": rounds it holds, "digest": the state's digest after them}``; the client
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -196,28 +196,40 @@ class SeedDownlink:
         held[np.asarray(clients, np.int64)] = 0
         return log._replace(held=held)
 
-    def message(self, log: SeedLog, client: int, round_index: int, params: Pytree, *, fingerprint: str | None,
-                full: bytes | None = None) -> bytes:
-        """What client ``client`` is sent in round ``round_index``: the rounds it missed as seeds,
-        or ``full`` (the encoded global state) when that is fewer bytes or it holds nothing known."""
+    def messages(self, log: SeedLog, clients: Sequence[int], round_index: int, params: Pytree, *,
+                 fingerprint: str | None, full: bytes | None = None) -> list[bytes]:
+        """What each of ``clients`` is sent in round ``round_index``: the rounds it missed as seeds,
+        or ``full`` (the encoded global state) when that is fewer bytes or it holds nothing known.
+        The state's digest and its full encoding are made once for all of them."""
         if full is None:
             full = codec.encode({"params": jax.device_get(params)}, kind=GLOBAL_KIND, round=round_index,
                                 fingerprint=fingerprint)
-        base = int(np.asarray(log.held)[client])
-        if base == NOTHING or base > round_index:
-            return full
+        held = np.asarray(log.held)
+        digest = None
+        sent = []
+        for client in clients:
+            base = int(held[int(client)])
+            if base == NOTHING or base > round_index:
+                sent.append(full)
+                continue
+            if digest is None:
+                digest = state_digest(params)
+            seeds = self._encode_missed(log, base, round_index, digest, fingerprint)
+            sent.append(seeds if len(seeds) < len(full) else full)
+        return sent
+
+    def _encode_missed(self, log: SeedLog, base: int, round_index: int, digest: str, fingerprint: str | None) -> bytes:
+        """The merged pairs of rounds ``base`` to ``round_index - 1``, as one seeds message."""
         counts = np.asarray(log.counts)[base:round_index]
         index_rows = np.asarray(log.indices)[base:round_index]
         scalar_rows = np.asarray(log.scalars)[base:round_index]
         indices = np.concatenate([row[:n] for row, n in zip(index_rows, counts)] or [np.zeros(0, np.int32)])
         scalars = np.concatenate([row[:n] for row, n in zip(scalar_rows, counts)] or [np.zeros(0, np.float32)])
-        seeds = codec.encode(
+        return codec.encode(
             {"counts": counts.astype(np.int32), "indices": indices.astype(self.index_dtype),
              "scalars": scalars.astype(np.float32)},
-            kind=SEEDS_KIND, round=round_index, fingerprint=fingerprint,
-            meta={"base": base, "digest": state_digest(params)},
+            kind=SEEDS_KIND, round=round_index, fingerprint=fingerprint, meta={"base": base, "digest": digest},
         )
-        return seeds if len(seeds) < len(full) else full
 
     @property
     def index_dtype(self) -> np.dtype:

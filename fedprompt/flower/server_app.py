@@ -514,12 +514,11 @@ def _round(grid, settings, fed, nodes, state, r, template):
     slot_of_message: list[int] = []
     messages = []
     bytes_down = largest_down = 0
-    for slot, client in enumerate(ids.tolist()):
-        node = nodes.node_of.get(client)
-        if node is None:
-            continue
-        sent = payload if plan.seeds is None else plan.seeds.message(  # the rounds it missed, or the state
-            state.downlink, client, r, state.server.params, fingerprint=fingerprint, full=payload)
+    reachable = [(slot, client) for slot, client in enumerate(ids.tolist()) if client in nodes.node_of]
+    sent_to = ([payload] * len(reachable) if plan.seeds is None else plan.seeds.messages(  # the rounds each
+        state.downlink, [c for _, c in reachable], r, state.server.params, fingerprint=fingerprint, full=payload))
+    for (slot, client), sent in zip(reachable, sent_to, strict=True):  # missed, or the state
+        node = nodes.node_of[client]
         bytes_down += len(sent)
         largest_down = max(largest_down, len(sent))
         record = ConfigRecord({"global": sent, "round": r, "client-id": client, "nonce": nonce})

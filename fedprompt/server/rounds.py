@@ -356,8 +356,11 @@ class ServerRound:
         size = int(self.stage.bucket(len(weights)))
         payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
         params = state.server.params
+        train_loss = float("nan")
+        if losses is not None:
+            train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
         if self.seeds is not None:
-            return self._seed_round(state, payloads, weights, losses, participants, accepted)
+            return self._seed_round(state, payloads, weights, train_loss, participants, accepted)
         deltas = payloads if self._to_delta is None else self._to_delta(params, payloads)
         mean_delta, stage_state, metrics = self.stage.apply(
             state.aggregate, deltas, np.pad(weights, (0, size - len(weights))), key)
@@ -367,13 +370,10 @@ class ServerRound:
             mean_control = self._controls([tree["control_delta"] for tree in received.trees], uniform).aggregate
         count = int(accepted.sum())
         server = self._server_step(state.server, mean_delta, mean_control, count / self.num_clients)
-        train_loss = float("nan")
-        if losses is not None:
-            train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
         return self._account(state._replace(server=server, aggregate=stage_state), participants, accepted,
                              train_loss, count, metrics)
 
-    def _seed_round(self, state, payloads, weights, losses, participants, accepted):
+    def _seed_round(self, state, payloads, weights, train_loss, participants, accepted):
         """The seed downlink's round: merged pairs of weight x bound factor (see ``seeds``)."""
         rows = len(weights)
         factors = np.ones(rows)
@@ -391,9 +391,6 @@ class ServerRound:
                                              shares * factors)
         server = state.server._replace(params=params, round=state.server.round + 1)
         metrics["seed_pairs"] = count
-        train_loss = float("nan")
-        if losses is not None:
-            train_loss = float(np.average(np.asarray(losses)[accepted], weights=weights[accepted]))
         return self._account(state._replace(server=server, downlink=log), participants, accepted, train_loss,
                              int(accepted.sum()), metrics)
 

@@ -302,8 +302,8 @@ class FederatedSimulation:
                             fingerprint=fingerprint)
         sizes = [len(full)] * len(ids)
         if plan.seeds is not None:  # each client is sent the rounds it missed, or the state (fewer bytes wins)
-            sizes = [len(plan.seeds.message(state.downlink, int(c), round_index, state.server.params,
-                                            fingerprint=fingerprint, full=full)) for c in ids]
+            sizes = [len(m) for m in plan.seeds.messages(state.downlink, ids.tolist(), round_index,
+                                                         state.server.params, fingerprint=fingerprint, full=full)]
         bytes_down = sum(sizes)
         results = self.train_clients(state, client_states, ids, round_index)
         noise = plan.keys.round_noise(round_index)

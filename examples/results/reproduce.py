@@ -345,9 +345,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         rows=(
             run_row({"method": "gradient soft prompt + head", "sends": "the prompt + head delta (17,690 floats)",
                      "work": "8 forward + backward passes"}, method="prompt"),
-            run_row({"method": "BBT / FedBPT (CMA-ES, d = 500, 10 candidates ranked on 4 examples)",
+            run_row({"method": "BBT / FedBPT (CMA-ES, d = 500, 10 candidates ranked on 4 examples), LDA head",
                      "sends": "z (500 floats), sigma, head delta", "work": "8 generations x (10 x 4 + 16) examples"},
-                    method="bbt"),
+                    method="bbt", head_init="lda"),
             run_row({"method": "ZO / FedKSeed, random head, the state down", "sends": "8 (seed index, scalar) pairs",
                      "work": "8 x 2 forwards"}, method="zo", zo_downlink="state"),
             *(run_row({"method": f"ZO / FedKSeed, LDA head, seeds down (seed {seed})",

@@ -152,15 +152,20 @@ def test_sigint_after_the_first_round_says_how_to_resume(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", *tiny.args(out, "--rounds", "100000")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        # the round's metrics line is written before its checkpoint: wait for the checkpoint
-        if metrics.is_file() and metrics.read_text().count("\n") >= 1 and (out / "checkpoint.msgpack").is_file():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.communicate()[1]
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            # the round's metrics line is written before its checkpoint: wait for the checkpoint
+            if metrics.is_file() and metrics.read_text().count("\n") >= 1 and (out / "checkpoint.msgpack").is_file():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:  # a run of 100,000 rounds must not outlive a failed test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130
     done = checkpoint.completed_rounds(out)
     assert done >= 1

@@ -157,3 +157,40 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_ctrl_c_during_a_run_stops_after_the_round_is_saved():
+    """The first SIGINT after a saved round is deferred to the next saved round; a second one,
+    or one before any round was saved, stops at once; Python's handler is back afterwards."""
+    import os
+    import signal
+
+    from fedprompt.simulation.run import StopAfterRound
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner may have its own
+    try:
+        _deferred_ctrl_c(StopAfterRound)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _deferred_ctrl_c(StopAfterRound):
+    import os
+    import signal
+
+    notes = []
+    with pytest.raises(KeyboardInterrupt), StopAfterRound(notes.append):
+        os.kill(os.getpid(), signal.SIGINT)  # before any round is saved: at once
+        time.sleep(1)
+    assert notes == []
+    with StopAfterRound(notes.append) as stop:
+        stop.round_saved(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs; the run goes on
+        assert stop.requested and notes == ["interrupted: stopping once this round is saved (Ctrl-C again to stop now)"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second one: at once
+            time.sleep(1)
+        with pytest.raises(KeyboardInterrupt):
+            stop.round_saved(2)  # the round under way is saved: stop here
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -77,6 +79,7 @@ def simulate(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     previous_metrics: list[dict[str, Any]] | None = None,
+    on_saved: Callable[[int], None] | None = None,
 ) -> SimulationResult:
     """Run a federated prompt-tuning simulation.
 
@@ -88,6 +91,8 @@ def simulate(
       checkpoint_dir: write a crash-safe checkpoint there after every round.
       resume: continue from the checkpoint in ``checkpoint_dir``.
       previous_metrics: the metrics of the rounds before the checkpoint (when resuming).
+      on_saved: called with the number of completed rounds after each round's checkpoint is
+        written (it may raise to stop the run there, e.g. ``KeyboardInterrupt``).
 
     Example:
       >>> result = fedprompt.simulate(RunConfig(rounds=2, clients=4, clients_per_round=2))  # doctest: +SKIP
@@ -121,6 +126,8 @@ def simulate(
         def on_state(done: int, new_state: RoundState, states: Any) -> None:
             checkpoint.save_checkpoint(checkpoint_dir, completed_rounds=done, config=config.to_dict(),
                                        state=(new_state, states))
+            if on_saved is not None:
+                on_saved(done)
 
     state, _, metrics = run_rounds(
         simulation, config.rounds - completed, encoded_test, eval_every=config.eval_every, state=state,
@@ -259,6 +266,48 @@ def resume(folder: str | Path, *, stream=None, progress: bool | None = None) -> 
     return _run_in(out, config, stream=stream, progress=progress, resume=True)
 
 
+class StopAfterRound:
+    """Ctrl-C during a run in a folder: the round under way ends and its checkpoint is written,
+    then the run stops with ``KeyboardInterrupt``. A second Ctrl-C, or one before any round of
+    this process has been saved, stops at once.
+
+    The first Ctrl-C only sets a flag, so it cannot be lost inside a finalizer or a callback
+    from compiled code (where Python reports an exception and carries on). The handler is
+    installed only from the main thread and only over Python's default one, and restored after.
+    """
+
+    def __init__(self, note: Callable[[str], None]):
+        self.requested = False
+        self._saved = False
+        self._note = note
+        self._previous: Any = None
+
+    def __enter__(self) -> StopAfterRound:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested or not self._saved:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:
+            self._note("interrupted: stopping once this round is saved (Ctrl-C again to stop now)")
+        except RuntimeError:  # the stream was mid-write when the signal came: the stop stands
+            pass
+
+    def round_saved(self, done: int) -> None:
+        """After round ``done``'s checkpoint: stop here if Ctrl-C was pressed."""
+        self._saved = True
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resume: bool,
             overwrite: bool = False) -> SimulationResult:
     """Load the inputs, then lock ``out`` and run in it; a failure's note says what was kept."""
@@ -288,8 +337,10 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
             writer = report.MetricsWriter(metrics_path)
             cumulative = sum(m["bytes_up"] + m["bytes_down"] for m in previous)
             bar.note(f"round {start + 1}/{config.rounds}: compiling, then training (the first round takes longest)")
-            result = simulate(config, backbone=backbone, train=train, test=test, callback=on_round, checkpoint_dir=out,
-                              resume=start > 0, previous_metrics=previous)
+            with StopAfterRound(bar.note) as stop:
+                result = simulate(config, backbone=backbone, train=train, test=test, callback=on_round,
+                                  checkpoint_dir=out, resume=start > 0, previous_metrics=previous,
+                                  on_saved=stop.round_saved)
             save_run_prompt(out / "prompt.fpp", result.plan, result.round_state, config=config,
                             label_names=result.label_names, summary=result.summary)
             report.write_summary(out / "summary.json", result.summary)

@@ -149,8 +149,14 @@ def test_sigint_after_the_first_round_says_how_to_resume(tiny, tmp_path):
     """A real run (in a fresh process, as a user starts it): SIGINT after its first round."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", *tiny.args(out, "--rounds", "100000")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A child inherits an ignored SIGINT (a test runner's worker may ignore it) and Python then
+    # leaves it ignored: start the run as a terminal would, with SIGINT handled.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", *tiny.args(out, "--rounds", "100000")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     metrics = out / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 300

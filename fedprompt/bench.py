@@ -92,17 +92,26 @@ def simulate_round(
     examples_per_client: int = 64,
     repeats: int = 3,
     seed: int = 0,
-    client_block: int | None = 32,
+    client_block: int | str | None = "auto",
+    compare_blocks: tuple[int, ...] = (),
+    loops: tuple[str, ...] = ("per_client", "per_step"),
 ) -> dict[str, Any]:
-    """One round's local training three ways, side by side, on the same clients and data.
+    """One round's local training several ways, side by side, on the same clients and data.
 
-    * ``vmapped``: the engine's program, the round's clients in vmapped blocks of at most
-      ``client_block`` (None: all in one block; a block's activations grow with its clients);
-    * ``per_client``: a Python loop over clients, each running the same jitted client update;
-    * ``per_step``: a Python loop over clients and local steps of the jitted local train step.
+    * ``vmapped``: the engine (:meth:`~fedprompt.simulation.engine.FederatedSimulation.train_clients`)
+      with ``client_block`` (``"auto"``: its own choice; a number; None: all in one block);
+    * ``vmapped_<b>``: the engine in blocks of at most ``b``, for every ``b`` of ``compare_blocks``;
+    * ``per_client`` (in ``loops``): a Python loop over clients, each running the same jitted
+      client update;
+    * ``per_step`` (in ``loops``): a Python loop over clients and local steps of the jitted
+      local train step.
 
-    Returns median seconds per round for each and the speed-ups of ``vmapped`` over the loops.
+    Returns median seconds per round for each, the speed-ups of ``vmapped`` over the loops, the
+    block the engine used, and the process's peak resident memory after the row
+    (``peak_rss_bytes``: the largest since the process started).
     """
+    import resource
+
     from fedprompt.server import algorithms
     from fedprompt.simulation.engine import FederatedSimulation, build_client_data
 
@@ -113,27 +122,30 @@ def simulate_round(
     config = PromptConfig(num_virtual_tokens=virtual_tokens)
     task = SequenceClassification(num_labels=4)
     optimizer = optax.adam(1e-2)
-    sim = FederatedSimulation.build(
-        backbone, config, task, algorithms.fedavg(), optimizer, build_client_data(encoded, parts, 4),
-        clients_per_round=clients_per_round, local_steps=local_steps, batch_size=batch_size, seed=seed,
-        client_block=client_block,
-    )
+    data = build_client_data(encoded, parts, 4)
+
+    def engine(block):
+        return FederatedSimulation.build(
+            backbone, config, task, algorithms.fedavg(), optimizer, data, clients_per_round=clients_per_round,
+            local_steps=local_steps, batch_size=batch_size, seed=seed, client_block=block)
+
+    sim = engine(client_block)
     state, controls = sim.init()
     ids = np.arange(clients_per_round)
     keys = sim.client_keys(0)
     single = jax.jit(sim.plan.program.update)
     step = make_train_step(backbone, config, task, optimizer)
 
-    def vmapped():
-        jax.block_until_ready(sim.train_clients(state, controls, ids, 0))
+    def vmapped(simulation):
+        return lambda clients: jax.block_until_ready(simulation.train_clients(state, controls, clients, 0))
 
-    def per_client():
-        for c in ids:
+    def per_client(clients):
+        for c in clients:
             data = {k: v[c] for k, v in sim.client_data.columns.items()}
             jax.block_until_ready(single(state.params, backbone.weights, data, examples_per_client, keys[c]))
 
-    def per_step():
-        for c in ids:
+    def per_step(clients):
+        for c in clients:
             params = jax.tree.map(jnp.array, state.params)
             opt_state = optimizer.init(params)
             for s in range(local_steps):
@@ -148,18 +160,21 @@ def simulate_round(
     cost = step.lower(params, optimizer.init(params), batch, backbone.weights).compile().cost_analysis()
     step_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
     round_flops = step_flops * local_steps * clients_per_round
-    timings = {}
-    for name, fn in (("vmapped", vmapped), ("per_client", per_client), ("per_step", per_step)):
-        fn()  # compile
-        times = []
-        for _ in range(repeats):
+    ways = {"vmapped": vmapped(sim), **{f"vmapped_{b}": vmapped(engine(b)) for b in compare_blocks}}
+    ways.update({name: {"per_client": per_client, "per_step": per_step}[name] for name in loops})
+    for fn in ways.values():
+        fn(ids[:1])  # compiles every program the way runs (a block of one client is padded to the block)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):  # interleaved, so that a machine whose speed drifts slows every way alike
+        for name, fn in ways.items():
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        timings[name] = float(np.median(times))
+            fn(ids)
+            times[name].append(time.perf_counter() - start)
+    timings = {name: float(np.median(t)) for name, t in times.items()}
     return {
         "clients_per_round": clients_per_round,
         "client_block": sim.block,
+        "client_block_setting": client_block,
         "local_steps": local_steps,
         "batch_size": batch_size,
         "tokens": tokens,
@@ -168,8 +183,8 @@ def simulate_round(
         "clients_per_second": {k: clients_per_round / v for k, v in timings.items()},
         "step_flops": step_flops,
         "achieved_flops_per_second": {k: round_flops / v for k, v in timings.items()},
-        "speedup_vs_per_client": timings["per_client"] / timings["vmapped"],
-        "speedup_vs_per_step": timings["per_step"] / timings["vmapped"],
+        **{f"speedup_vs_{name}": timings[name] / timings["vmapped"] for name in loops},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -287,18 +302,27 @@ def aggregate(
     * ``jit_mean``: ``jax.jit(fedprompt.server.aggregators.weighted_mean)`` over the stacked
       ``[K, *shape]`` device array (the kernels' weighted sum, per leaf);
     * ``aggregation``: :class:`~fedprompt.server.aggregators.Aggregation` with its default
-      ``weighted_mean`` called as the engine calls it, on the list of ``K`` decoded host
-      updates: it stacks them into the padded bucket (one host copy), checks every client for
-      non-finite values and takes the weighted mean, so it pays a copy and an extra read that
-      the others do not.
+      ``weighted_mean`` on the list of ``K`` decoded host updates (the generic path of the
+      robust rules): it stacks them into a new padded buffer, checks every client for
+      non-finite values and takes the weighted mean;
+    * ``server_round``: the server's calls from the ``K`` encoded messages to the mean
+      (:meth:`~fedprompt.server.rounds.ServerRound.receive`, then ``apply``'s default stage with
+      update bound ``clip_norm``): every message decoded, checked and written straight into
+      reused row buffers (:class:`~fedprompt.server.aggregators.RowBuffers`), then one pass
+      over the rows that drops non-finite ones, clips the others and takes the weighted mean
+      (:func:`fedprompt.kernels.clipped_mean_of_finite`);
+    * ``one_pass_mean``: that pass alone, from the decoded updates in their rows.
 
     Effective bandwidth is the updates' bytes (``K x size x 4``) over the time, next to this
     machine's copy bandwidth measured in the same run.
     """
     from fedprompt import kernels
-    from fedprompt.server import aggregators
+    from fedprompt.server import aggregators, rounds
+    from fedprompt.wire import codec
 
     bandwidth = memory_bandwidth()
+    stage = rounds.update_clip_stage(rounds.mean_stage(), clip_norm)
+    buffers = aggregators.RowBuffers()
     rng = np.random.default_rng(seed)
     rows = []
     jit_mean = jax.jit(aggregators.weighted_mean)
@@ -319,12 +343,29 @@ def aggregate(
             slow_repeats = n_rep if k * size < 5e7 else 1  # the column reductions take seconds there
             expected = flower_style_aggregate(results)[0]
             got = np.asarray(kernel_mean(tree, weights)["prompt"])
+            rows_k = aggregators.bucket_size(k)
+            padded = np.pad(counts, (0, rows_k - k)).astype(np.float32)
+            template = {"delta": {"prompt": np.zeros(shape, np.float32)}}
+            messages = [codec.encode({"delta": d}, kind=rounds.UPDATE_KIND, round=0, fingerprint="bench")
+                        for d in decoded]
+
+            def receive():
+                return rounds.receive_updates(messages, round_index=0, fingerprint="bench", template=template,
+                                              buffers=buffers, rows=rows_k)
+
+            def server_round():
+                return jax.block_until_ready(stage.apply((), receive().stacked, padded, None)[0])
+
+            stacked_rows = receive().stacked
             seconds = {
                 "numpy": _median_seconds(lambda: flower_style_aggregate(results), n_rep),
                 "kernel_mean": _median_seconds(lambda: jax.block_until_ready(kernel_mean(tree, weights)), n_rep),
                 "fused_clip": _median_seconds(lambda: jax.block_until_ready(fused(stacked, weights)), n_rep),
                 "jit_mean": _median_seconds(lambda: jax.block_until_ready(jit_mean(tree, weights)), slow_repeats),
                 "aggregation": _median_seconds(lambda: jax.block_until_ready(aggregation(decoded, counts)), slow_repeats),
+                "server_round": _median_seconds(server_round, n_rep),
+                "one_pass_mean": _median_seconds(
+                    lambda: jax.block_until_ready(stage.apply((), stacked_rows, padded, None)[0]), n_rep),
             }
             nbytes = k * size * 4
             rows.append(
@@ -340,7 +381,7 @@ def aggregate(
                     "max_abs_error_vs_numpy": float(np.max(np.abs(got - expected))),
                 }
             )
-            del stacked_np, results, stacked, tree, decoded
+            del stacked_np, results, stacked, tree, decoded, stacked_rows, messages
     return {"machine": machine(), "bandwidth": bandwidth, "rows": rows}
 
 
@@ -468,22 +509,17 @@ def block_memory(
         optax.adam(1e-2), build_client_data(encoded, parts, 4), clients_per_round=total, local_steps=local_steps,
         batch_size=batch_size, seed=seed,
     )
-    state, controls = sim.init()
-    keys = sim.client_keys(0)
     weights_bytes = backbone.weight_bytes()
     rows = []
     for k in clients:
-        ids = jnp.arange(k, dtype=jnp.int32)
-        memory = compiled_memory(
-            sim._train_block, state.params, backbone.weights, sim.client_data.columns, sim._sizes, ids, keys[ids],
-            state.control, jax.tree.map(lambda c: c[ids], controls),
-        )
+        cost = sim.block_cost(k)
         rows.append(
             {
                 "clients": k,
                 "weights_bytes": weights_bytes,
-                **{f"compiled_{name}_bytes": value for name, value in memory.items()},
-                "temporaries_per_client_bytes": memory["temporaries"] / k,
+                "flops": cost["flops"],
+                **{f"compiled_{name}_bytes": int(cost[name]) for name in ("arguments", "outputs", "temporaries", "peak")},
+                "temporaries_per_client_bytes": cost["temporaries"] / k,
             }
         )
     return rows
@@ -558,7 +594,7 @@ def format_aggregate(result: dict[str, Any]) -> str:
         f"memory bandwidth (copy, read+write bytes/s): numpy {bw['numpy_copy'] / 1e9:.1f} GB/s, jax {bw['jax_add'] / 1e9:.1f} GB/s",
         "median ms per aggregation; speed-up over NumPy and effective GB/s (update bytes read / time) of kernel_mean",
         f"{'clients':>7} {'floats':>7} {'numpy':>9} {'kernel_mean':>11} {'clip+sum':>9} {'jit wmean':>10} {'Aggregation':>11} "
-        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5}",
+        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5} {'round':>9} {'% bw':>5}",
     ]
     for r in result["rows"]:
         s, up, gbs, frac = r["seconds"], r["speedup_vs_numpy"], r["gb_per_second"], r["fraction_of_bandwidth"]
@@ -566,6 +602,7 @@ def format_aggregate(result: dict[str, Any]) -> str:
             f"{r['clients']:>7} {r['floats_per_client']:>7} {s['numpy'] * 1e3:>9.2f} {s['kernel_mean'] * 1e3:>11.2f} "
             f"{s['fused_clip'] * 1e3:>9.2f} {s['jit_mean'] * 1e3:>10.2f} {s['aggregation'] * 1e3:>11.2f} "
             f"{up['kernel_mean']:>7.1f}x {gbs['kernel_mean']:>6.1f} {100 * frac['kernel_mean']:>4.0f}%"
+            f" {s['server_round'] * 1e3:>9.2f} {100 * frac['server_round']:>4.0f}%"
         )
     return "\n".join(lines)
 

@@ -132,7 +132,10 @@ RUN_HELP: dict[str, str] = {
     "eval_examples": "evaluate on at most this many test examples",
     "eval_every": "evaluate every N rounds",
     "dropout": "probability that a sampled client drops out",
-    "client_block": "clients trained together in one vmapped program (unset: all of a round)",
+    "client_block": "clients trained together in one vmapped program: auto (by the block's work on a CPU, "
+                    "by its compiled memory on an accelerator) or a number",
+    "client_block_memory": "client-block auto: GiB one block program may use (unset: 0.9 x an accelerator's free "
+                           "memory)",
     "seed": "the run's seed",
     "baselines": "also train centralized and local-only baselines",
     "aggregator": "mean | median | trimmed_mean | krum | multi_krum | norm_bound",
@@ -283,12 +286,16 @@ def cmd_bench_simulate(args: argparse.Namespace) -> int:
     from fedprompt.backbones.loading import load_backbone
 
     backbone = load_backbone(args.backbone)
-    rows = [bench.simulate_round(backbone, clients_per_round=k, local_steps=args.local_steps, repeats=args.repeats,
-                                 client_block=args.client_block or None)
-            for k in args.clients]
+    block = args.client_block if args.client_block == "auto" else (int(args.client_block) or None)
+    rows = []
+    for k in args.clients:  # each row printed as soon as it is measured (the largest rounds take minutes)
+        rows.append(bench.simulate_round(backbone, clients_per_round=k, local_steps=args.local_steps,
+                                         repeats=args.repeats, client_block=block))
+        print(f"{k} clients: engine {rows[-1]['seconds']['vmapped']:.2f} s (blocks of {rows[-1]['client_block']})",
+              file=sys.stderr, flush=True)
     device = jax.devices()[0]
     print(f"one round of local training, {backbone.name}, {args.local_steps} local steps x batch 16 x 32 tokens, "
-          f"20 virtual tokens, vmapped in blocks of at most {args.client_block or 'all'} clients, "
+          f"20 virtual tokens, client blocks {args.client_block}, "
           f"on {device.platform}:{device.device_kind}")
     print(f"{'clients':>7} {'vmapped':>10} {'per client':>11} {'per-client loop':>16} {'per-step loop':>14} {'speed-up':>18}")
     for r in rows:
@@ -742,8 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--memory-clients", type=_int_list, default=[8, 32, 128, 512],
                      help="block sizes for the compiled memory analysis (compiled, not run); empty to skip")
     sim.add_argument("--local-steps", type=int, default=4)
-    sim.add_argument("--client-block", type=int, default=32,
-                     help="clients per vmapped program (bounds the activations held at once); 0: all")
+    sim.add_argument("--client-block", default="auto",
+                     help="clients per vmapped program: auto (the engine's choice), a number, or 0: all")
     sim.add_argument("--repeats", type=int, default=3)
     sim.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     sim.set_defaults(func=cmd_bench_simulate)

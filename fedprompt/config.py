@@ -298,7 +298,12 @@ class RunConfig:
       eval_examples: evaluate on at most this many test examples (None: all).
       eval_every: evaluate every this many rounds (and always after the last).
       dropout: probability that a sampled client drops out of a round.
-      client_block: clients trained together in one vmapped program (None: all of a round).
+      client_block: clients trained together in one vmapped program: ``"auto"`` (from the
+        block's work on a CPU, from its compiled memory and the device's free memory on an
+        accelerator; :func:`fedprompt.simulation.engine.choose_client_block`) or a number
+        (written as a number or its digits).
+      client_block_memory: ``client_block = "auto"``: GiB one block program may use (None: 90%
+        of an accelerator's free memory; on a CPU unchecked).
       seed: the one seed of the run (sampling, partition, initialization).
       baselines: also train centralized and local-only baselines.
       aggregator: mean, median, trimmed_mean, krum, multi_krum or norm_bound (robust rules
@@ -373,7 +378,8 @@ class RunConfig:
     eval_examples: int | None = 1024
     eval_every: int = 1
     dropout: float = 0.0
-    client_block: int | None = None
+    client_block: str | int = "auto"
+    client_block_memory: float | None = None
     seed: int = 0
     baselines: bool = False
     aggregator: str = "mean"
@@ -414,10 +420,19 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_examples", "eval_examples", "client_block"):
+        for name in ("train_examples", "eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or unset, got {value}")
+        block = self.client_block
+        if isinstance(block, str) and block != "auto":
+            if not block.strip().isdigit():
+                raise ConfigError(f"client_block must be 'auto' or a number >= 1, got {block!r}")
+            object.__setattr__(self, "client_block", block := int(block))
+        if isinstance(block, int) and block < 1:
+            raise ConfigError(f"client_block must be 'auto' or a number >= 1, got {block}")
+        if self.client_block_memory is not None and self.client_block_memory <= 0:
+            raise ConfigError(f"client_block_memory must be > 0 GiB or unset, got {self.client_block_memory}")
         _choice("method", self.method, ("prompt", "prefix", "bbt", "zo"))
         if self.method in ("bbt", "zo") and (self.dp is not None or self.secagg or self.algorithm == "scaffold"):
             raise ConfigError(f"method {self.method!r} sends seeds/low-dimensional vectors: DP, secure aggregation "
@@ -631,6 +646,8 @@ def _check_type(field: dataclasses.Field, value: Any) -> None:
         return
     if annotation.startswith("bool"):
         ok = isinstance(value, bool)
+    elif annotation.startswith("str | int"):
+        ok = isinstance(value, (str, int)) and not isinstance(value, bool)
     elif annotation.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif annotation.startswith("float"):

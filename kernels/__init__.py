@@ -7,7 +7,8 @@ interpreter. The folder is mapped into the package by ``pyproject.toml`` and is 
 as a top-level ``kernels`` module (that name belongs to another package).
 
 * :mod:`~fedprompt.kernels.aggregate`: fused per-client norm clipping, weighting and sum of
-  stacked client updates (:func:`clipped_weighted_sum`, :func:`make_clipped_mean`).
+  stacked client updates (:func:`clipped_weighted_sum`, :func:`make_clipped_mean`), and the
+  server's default mean in one pass (:func:`clipped_mean_of_finite`).
 * :mod:`~fedprompt.kernels.robust`: coordinate-wise median and trimmed mean over the client
   axis (:func:`coordinate_median`, :func:`trimmed_mean`, :func:`make_median`,
   :func:`make_trimmed_mean`).
@@ -22,6 +23,8 @@ Import from a submodule with ``from fedprompt.kernels.quantize import compress``
 from fedprompt.kernels.aggregate import (
     client_sq_norms,
     clip_scales,
+    clipped_mean_of_finite,
+    clipped_mean_of_finite_reference,
     clipped_weighted_sum,
     clipped_weighted_sum_reference,
     make_clipped_mean,
@@ -62,6 +65,8 @@ __all__ = [
     "bitonic_sort_rows",
     "client_sq_norms",
     "clip_scales",
+    "clipped_mean_of_finite",
+    "clipped_mean_of_finite_reference",
     "clipped_weighted_sum",
     "clipped_weighted_sum_reference",
     "compress",

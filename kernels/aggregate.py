@@ -43,6 +43,8 @@ Pytree = Any
 __all__ = [
     "client_sq_norms",
     "clip_scales",
+    "clipped_mean_of_finite",
+    "clipped_mean_of_finite_reference",
     "clipped_weighted_sum",
     "clipped_weighted_sum_reference",
     "make_clipped_mean",
@@ -228,3 +230,111 @@ def make_clipped_mean(
         return jax.tree.unflatten(treedef, out)
 
     return aggregate
+
+
+# ----------------------------------------------------------------------------- finite rows, clip, mean in one pass
+
+
+def _row_norm(parts: list[jax.Array]) -> jax.Array:
+    """The L2 norm of one client's row (all its parts together), overflow-safe as
+    :func:`fedprompt.server.robust.client_norms`: ``m * sqrt(sum((x / m)^2))``, ``m = max |x|``."""
+    peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p), initial=0.0) for p in parts])
+    safe = jnp.where(peak > 0, peak, 1.0)
+    return peak * jnp.sqrt(sum(jnp.sum(jnp.square(p / safe)) for p in parts))
+
+
+def _clip_factor(norm: jax.Array, clip_norm: float | None) -> jax.Array:
+    if clip_norm is None:
+        return jnp.ones_like(norm)
+    return jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+
+def clipped_mean_of_finite_reference(
+    rows: list[jax.Array], weights: jax.Array, clip_norm: float | None = None
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """What :func:`clipped_mean_of_finite` computes, in whole-array jnp (two reads and a
+    clipped copy): ``(means, accepted [K], clipped count)``."""
+    k = weights.shape[0]
+    flat = [jnp.asarray(x).reshape(k, -1).astype(jnp.float32) for x in rows]
+    w = jnp.asarray(weights, jnp.float32)
+    finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x), axis=1) for x in flat])
+    accepted = finite & jnp.isfinite(w) & (w > 0)
+    w = jnp.where(accepted, w, 0.0)
+    peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(jnp.where(finite[:, None], x, 0.0)), axis=1, initial=0.0)
+                                          for x in flat])
+    safe = jnp.where(peak > 0, peak, 1.0)
+    norms = peak * jnp.sqrt(sum(jnp.sum(jnp.square(jnp.where(finite[:, None], x, 0.0) / safe[:, None]), axis=1)
+                                for x in flat))
+    factor = _clip_factor(norms, clip_norm)
+    total = jnp.sum(w)
+    scales = w * factor / jnp.where(total > 0, total, 1.0)
+    means = [weighted_sum_reference(jnp.where(accepted[:, None], x, 0.0), scales).reshape(jnp.shape(r)[1:])
+             for x, r in zip(flat, rows)]
+    clipped = jnp.sum(accepted & (factor < 1), dtype=jnp.int32)
+    return means, accepted, clipped
+
+
+def _clipped_mean_rows(flat: list[jax.Array], w: jax.Array, clip_norm: float | None):
+    """The CPU layout: one loop over clients, each client's row read from memory once while
+    its norm and weighted contribution are taken (XLA's CPU reductions run below memory speed,
+    so the loop takes one: the sum of squares, whose finiteness shows that every value is
+    finite and the norm did not overflow; only a row where it is not pays the exact checks)."""
+
+    def exact(k):
+        parts = [x[k].astype(jnp.float32) for x in flat]
+        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(p)) for p in parts])
+        return _row_norm([jnp.where(finite, p, 0.0) for p in parts]), finite
+
+    def add(k, carry):
+        sums, total, accepted, clipped = carry
+        sq = sum(jnp.sum(jnp.square(x[k].astype(jnp.float32))) for x in flat)
+        norm, finite = jax.lax.cond(jnp.isfinite(sq), lambda k: (jnp.sqrt(sq), jnp.bool_(True)), exact, k)
+        ok = finite & jnp.isfinite(w[k]) & (w[k] > 0)
+        factor = _clip_factor(norm, clip_norm)
+        scale = jnp.where(ok, w[k] * factor, 0.0)
+        sums = [acc + jnp.where(ok, x[k].astype(jnp.float32) * scale, 0.0) for acc, x in zip(sums, flat)]
+        return (sums, total + jnp.where(ok, w[k], 0.0), accepted.at[k].set(ok),
+                clipped + (ok & (factor < 1)).astype(jnp.int32))
+
+    init = ([jnp.zeros(x.shape[1:], jnp.float32) for x in flat], jnp.float32(0.0),
+            jnp.zeros(w.shape[0], bool), jnp.int32(0))
+    sums, total, accepted, clipped = jax.lax.fori_loop(0, w.shape[0], add, init)
+    return [s / jnp.where(total > 0, total, 1.0) for s in sums], accepted, clipped
+
+
+def clipped_mean_of_finite(
+    rows: list[jax.Array], weights: jax.Array, clip_norm: float | None = None
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """The server's default aggregation in one read of the updates: drop every client with a
+    non-finite value (or a weight that is not a finite number > 0), clip each remaining
+    client's whole update to L2 norm ``clip_norm`` (all of ``rows`` together; None: no clip)
+    and take the weighted mean, ``sum_k w_k min(1, C/||x_k||) x_k / sum_k w_k`` over the kept
+    clients.
+
+    Args:
+      rows: the update's leaves, each ``[K, ...]`` (any float dtype).
+      weights: ``[K]`` per-client weights.
+      clip_norm: the L2 bound of a client's update, or None.
+
+    Returns:
+      ``(means, accepted, clipped)``: per leaf the float32 mean (one client's shape; zeros when
+      no client is kept), ``[K]`` bool of the kept clients, and how many kept clients were
+      scaled down (int32).
+
+    On CPU a loop over clients (each row is read from memory once: finiteness, norm and sum
+    while it is cached); elsewhere :func:`clipped_mean_of_finite_reference`'s array form.
+    """
+    if not rows:
+        raise InputError("the update has no leaves")
+    w = jnp.asarray(weights, jnp.float32)
+    k = w.shape[0]
+    shapes = [jnp.shape(x) for x in rows]
+    if any(not s or s[0] != k for s in shapes):
+        raise InputError(f"every leaf needs a leading axis of {k} clients, got shapes {shapes}")
+    flat = [jnp.asarray(x).reshape(k, -1) for x in rows]
+    means, accepted, clipped = jax.lax.platform_dependent(
+        flat, w,
+        cpu=lambda f, v: _clipped_mean_rows(f, v, clip_norm),
+        default=lambda f, v: clipped_mean_of_finite_reference(f, v, clip_norm),
+    )  # both give flat means
+    return [m.reshape(s[1:]) for m, s in zip(means, shapes)], accepted, clipped

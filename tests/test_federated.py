@@ -13,9 +13,16 @@ from fedprompt import PromptConfig, SequenceClassification
 from fedprompt.client.federated import make_client_update
 from fedprompt.client.program import ClientProgram, identity_delta
 from fedprompt.federation.keys import KeySchedule
-from fedprompt.errors import OutOfMemoryError
+from fedprompt.errors import ConfigError, OutOfMemoryError
 from fedprompt.server import algorithms
-from fedprompt.simulation.engine import ClientData, FederatedSimulation, build_client_data, run_rounds
+from fedprompt.simulation.engine import (
+    CPU_BLOCK_FLOPS,
+    ClientData,
+    FederatedSimulation,
+    build_client_data,
+    choose_client_block,
+    run_rounds,
+)
 from fedprompt.data.partition import dirichlet_partition
 
 LABELS = 3
@@ -30,7 +37,7 @@ def _encoded(n=72, seed=0):
 
 
 def _simulation(algorithm, *, clients=6, per_round=4, dropout=0.0, seed=0, block=None, optimizer=None, scaffold_lr=None,
-                program=None):
+                program=None, block_memory=None):
     encoded = _encoded()
     parts = dirichlet_partition(encoded["labels"], clients, 0.5, seed=0)
     return FederatedSimulation.build(
@@ -38,6 +45,7 @@ def _simulation(algorithm, *, clients=6, per_round=4, dropout=0.0, seed=0, block
         SequenceClassification(LABELS), algorithm, optimizer or optax.adam(0.05),
         build_client_data(encoded, parts, LABELS), clients_per_round=per_round, local_steps=3, batch_size=4,
         dropout=dropout, client_block=block, seed=seed, scaffold_lr=scaffold_lr, program=program,
+        client_block_memory=block_memory,
     ), encoded
 
 
@@ -248,3 +256,38 @@ def test_a_block_that_does_not_fit_says_to_lower_client_block():
         ids, _ = sim.sample(0)
         with pytest.raises(error, match="client_block" if error is OutOfMemoryError else "something else"):
             sim.train_clients(state, controls, ids, 0)
+
+
+def test_auto_client_blocks_follow_the_work_on_a_cpu_and_a_memory_budget():
+    sim, _ = _simulation(algorithms.fedavg(), per_round=4, block="auto")
+    one, two = sim.block_cost(1), sim.block_cost(2)
+    assert one["flops"] > 0 and two["flops"] == pytest.approx(2 * one["flops"], rel=0.1)
+    assert two["temporaries"] > one["temporaries"] and one["peak"] >= one["arguments"]
+    # a tiny model's client is far below CPU_BLOCK_FLOPS: the whole round in one block
+    assert one["flops"] < CPU_BLOCK_FLOPS / 4 and sim.block == 4
+    assert choose_client_block(4, cpu=True, flops_per_client=CPU_BLOCK_FLOPS) == 1
+    assert choose_client_block(4, cpu=True, flops_per_client=CPU_BLOCK_FLOPS / 2) == 2
+    assert choose_client_block(3, cpu=False) == 4  # an accelerator without a budget: the round, padded
+    # a budget between one and two clients' compiled peak: blocks of one, with the same results
+    budget = one["peak"] + 0.5 * (two["peak"] - one["peak"])
+    tight, _ = _simulation(algorithms.fedavg(), per_round=4, block="auto", block_memory=budget)
+    assert tight.block == 1
+    state, controls = sim.init()
+    ids, _ = sim.sample(0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 tight.train_clients(state, controls, ids, 0).delta, sim.train_clients(state, controls, ids, 0).delta)
+    for bad in (0, "8", True, 2.5):
+        with pytest.raises(ConfigError, match="client_block"):
+            _simulation(algorithms.fedavg(), block=bad)
+
+
+def test_run_config_reads_client_block_as_auto_or_a_number():
+    from fedprompt.config import RunConfig
+
+    assert RunConfig().client_block == "auto"
+    assert RunConfig(client_block="16").client_block == 16 and RunConfig(client_block=4).client_block == 4
+    for bad in ("sixteen", "0", 0, -2):
+        with pytest.raises(ConfigError, match="client_block"):
+            RunConfig(client_block=bad)
+    with pytest.raises(ConfigError, match="client_block_memory"):
+        RunConfig(client_block_memory=0.0)

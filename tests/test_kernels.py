@@ -149,6 +149,39 @@ class TestKernels:
         for impl in (dict(), _pallas()):
             np.testing.assert_allclose(kernels.clipped_weighted_sum(x, w, None, **impl), [7.0, 10.0])
 
+    def test_one_pass_clipped_mean_of_finite_rows_matches_numpy(self):
+        """The fused pass (CPU: one loop over client rows; elsewhere the array form) against a
+        NumPy float64 reference: NaN, Inf and overflowing rows, zero, negative and NaN weights,
+        norms above and below the bound, two leaves of one update."""
+        rng = np.random.default_rng(5)
+        a = rng.standard_normal((9, 4, 6)).astype(np.float32)
+        b = rng.standard_normal((9, 5)).astype(np.float32)
+        a[1, 0, 0] = np.nan                 # dropped
+        b[2, 3] = np.inf                    # dropped
+        a[3] *= 1e30                        # finite; its sum of squares overflows float32
+        a[4] *= 100                         # clipped
+        weights = np.array([1, 2, 3, 4, 5, 0, -1, np.nan, 2], np.float32)
+        kept = np.array([True, False, False, True, True, False, False, False, True])
+        rows = np.concatenate([a.reshape(9, -1), b], axis=1).astype(np.float64)
+        rows[~np.isfinite(rows).all(axis=1)] = 0.0  # weight 0 below: a dropped row adds nothing
+        norms = np.sqrt(np.sum(np.square(rows), axis=1))
+        for bound in (None, 3.0):
+            factor = np.ones(9) if bound is None else np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+            w = np.where(kept, weights, 0).astype(np.float64)
+            expected = (w * factor) @ rows / w.sum()
+            for fn in (jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite(r, v, c)),
+                       jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite_reference(r, v, c))):
+                means, accepted, clipped = fn([a, b], weights)
+                np.testing.assert_allclose(np.concatenate([np.ravel(means[0]), means[1]]), expected, rtol=1e-5, atol=1e-6)
+                assert means[0].shape == (4, 6) and means[0].dtype == jnp.float32
+                np.testing.assert_array_equal(accepted, kept)
+                assert int(clipped) == (0 if bound is None else int(np.sum(kept & (norms > bound))))
+        none = kernels.clipped_mean_of_finite([a], np.zeros(9, np.float32), 1.0)
+        np.testing.assert_array_equal(none[0][0], np.zeros((4, 6)))
+        assert not bool(none[1].any())
+        with pytest.raises(InputError, match="leading axis"):
+            kernels.clipped_mean_of_finite([a, b[:3]], weights)
+
     def test_bitonic_network_sorts(self):
         x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 9)), jnp.float32)
         np.testing.assert_array_equal(kernels.bitonic_sort_rows(x), jnp.sort(x, axis=0))

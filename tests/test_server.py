@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from fedprompt.errors import ConfigError, InputError
+from fedprompt.server import aggregators
 from fedprompt.server.aggregators import (
     Aggregation,
     bucket_size,
@@ -326,3 +327,37 @@ def test_make_server_optimizer_by_name():
     opt = make_server_optimizer("fedyogi", server_lr=0.2, b1=0.5)
     b, _ = server_update(params, opt.init(params), delta, opt)
     np.testing.assert_array_equal(a["w"], b["w"])
+
+
+def test_row_buffers_are_reused_aligned_and_zero_their_padding():
+    buffers = aggregators.RowBuffers()
+    first = [{"p": np.full((2, 3), i + 1.0, np.float32), "b": np.full(4, -1.0 - i, np.float32)} for i in range(5)]
+    stacked = buffers.stack(first, 8)
+    assert stacked["p"].shape == (8, 2, 3) and stacked["p"].ctypes.data % 64 == 0
+    np.testing.assert_array_equal(stacked["p"][:5, 0, 0], [1, 2, 3, 4, 5])
+    again = buffers.stack(first[:2], 8)  # the same memory, the rows of the clients now absent zeroed
+    assert np.shares_memory(again["p"], stacked["p"]) and np.shares_memory(again["b"], stacked["b"])
+    np.testing.assert_array_equal(again["p"][2:], 0)
+    np.testing.assert_array_equal(again["b"][:2, 0], [-1, -2])
+    fresh = aggregators.stack_clients(first, 8)
+    assert not np.shares_memory(fresh["p"], again["p"]) and fresh["b"].ctypes.data % 64 == 0
+
+
+def test_the_default_mean_stage_equals_the_unfused_composition():
+    """The plain mean runs fused (finite rows, clip, mean in one pass); the same aggregator
+    through the generic path (:class:`Aggregation` after :func:`clip_clients`) agrees."""
+    from fedprompt.server import rounds
+
+    rng = np.random.default_rng(3)
+    stacked = {"prompt": rng.standard_normal((8, 5, 4)).astype(np.float32) * 3,
+               "head": rng.standard_normal((8, 7)).astype(np.float32)}
+    stacked["prompt"][2, 1, 1] = np.nan
+    weights = np.array([3, 1, 4, 1, 5, 9, 0, 0], np.float32)
+    generic = rounds.mean_stage(lambda s, w: aggregators.weighted_mean(s, w))  # not the fused path
+    for bound in (None, 4.0):
+        fused = rounds.mean_stage() if bound is None else rounds.update_clip_stage(rounds.mean_stage(), bound)
+        other = generic if bound is None else rounds.update_clip_stage(generic, bound)
+        got, _, metrics = fused.apply((), stacked, weights, None)
+        want, _, want_metrics = other.apply((), stacked, weights, None)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got, want)
+        assert metrics == want_metrics

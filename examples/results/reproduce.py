@@ -195,14 +195,6 @@ def _step_time(row: Row, rows: Sequence[Row]) -> str:
     return duration(row["step_seconds_median"])
 
 
-def _block_memory(row: Row, rows: Sequence[Row]) -> str:
-    shown = gib(row["memory"]["compiled_temporaries_bytes"])
-    block = row["config"].get("client_block")
-    if block and row["config"]["clients_per_round"] > block:
-        shown += " (as one block)"
-    return shown
-
-
 def _attack_cell(row: Row, rows: Sequence[Row]) -> str:
     """The accuracy under attack: in bold with its share of the clean run's where it is the best
     rule against this attack, marked ``(collapse)`` at or below chance (one over the labels)."""
@@ -424,7 +416,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
             value("GB/s", "gb_per_second.kernel_mean", lambda x: f"{x:.1f}"),
             column_max("of bandwidth", "fraction_of_bandwidth.kernel_mean", lambda x: f"{100 * x:.0f}%"),
             value("clip + sum", "seconds.fused_clip", duration),
-            value("engine path from K host updates", "seconds.aggregation", duration),
+            value("server round from K decoded updates", "seconds.server_round", duration),
+            value("of bandwidth", "fraction_of_bandwidth.server_round", lambda x: f"{100 * x:.0f}%"),
+            value("its one-pass mean", "seconds.one_pass_mean", duration),
+            value("generic `Aggregation`", "seconds.aggregation", duration),
         ),
     ),
     Experiment(
@@ -468,15 +463,20 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     ),
     Experiment(
         "simulate", "bench_simulate",
-        {"backbone": "minilm", "local_steps": 1, "client_block": 32, "repeats": 3},
-        rows=tuple(run_row({"clients": str(k)}, clients_per_round=k) for k in (8, 32, 128))
-        + (run_row({"clients": "512"}, clients_per_round=512, timed=False),),
+        {"backbone": "minilm", "local_steps": 1, "client_block": "auto", "repeats": 3,
+         "compare_blocks": [], "loops": ["per_client", "per_step"]},
+        rows=tuple(run_row({"clients": str(k)}, clients_per_round=k, compare_blocks=[32]) for k in (8, 32, 128))
+        + (run_row({"clients": "1000"}, clients_per_round=1000, repeats=1, loops=["per_client"]),),
         columns=(
             text("clients", "clients per round"),
-            value("engine (vmapped blocks of <= 32)", "seconds.vmapped", duration),
+            value("engine, `--client-block auto`", "seconds.vmapped", duration),
+            value("its blocks", "client_block", lambda b: f"{b} client" + ("s" if b > 1 else "")),
             value("per-client loop", "seconds.per_client", duration),
+            value("engine speed / loop's", "speedup_vs_per_client", lambda x: f"{x:.2f}x"),
             value("per-step loop", "seconds.per_step", duration),
-            Column("compiled block temporaries", _block_memory, "memory"),
+            value("engine, blocks of 32", "seconds.vmapped_32", duration),
+            value("peak RSS of the process", "peak_rss_bytes", gib),
+            value("compiled temporaries of the round as one block", "memory.compiled_temporaries_bytes", gib),
         ),
     ),
 )}
@@ -601,10 +601,10 @@ def measure_bench_simulate(config: Mapping[str, Any], context: Context) -> dict[
         context.cache[key] = {r["clients"]: r for r in bench.block_memory(backbone, clients=sizes,
                                                                             local_steps=config["local_steps"])}
     numbers: dict[str, Any] = {"clients_per_round": config["clients_per_round"]}
-    if config.get("timed", True):
-        numbers.update(bench.simulate_round(backbone, clients_per_round=config["clients_per_round"],
-                                            local_steps=config["local_steps"], repeats=config["repeats"],
-                                            client_block=config["client_block"]))
+    numbers.update(bench.simulate_round(backbone, clients_per_round=config["clients_per_round"],
+                                        local_steps=config["local_steps"], repeats=config["repeats"],
+                                        client_block=config["client_block"],
+                                        compare_blocks=tuple(config["compare_blocks"]), loops=tuple(config["loops"])))
     numbers["memory"] = context.cache[key][config["clients_per_round"]]
     return _plain(numbers)
 

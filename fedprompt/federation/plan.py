@@ -12,7 +12,7 @@ The in-process simulation (:mod:`fedprompt.simulation.engine`) and the Flower ap
     ids, _ = plan.sample(r)                                        # both runtimes
     result = plan.program.update(params, weights, rows, n, plan.client_keys(r)[i], ...)  # client i
     payload = plan.encode(result.delta, noise_key)                 # client i: local DP
-    received = receive_updates(messages, ..., template=plan.update_template(rows))       # server
+    received = plan.server.receive(messages, ..., template=plan.update_template(rows))   # server
     state, outcome = plan.server.apply(state, received, sizes, key=noise_key, ...)       # server
 
 A deployment with the same seed and data therefore ends with the prompt of the simulation

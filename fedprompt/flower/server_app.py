@@ -566,8 +566,8 @@ def _round(grid, settings, fed, nodes, state, r, template):
         except WireError as err:
             unbound[slot] = rounds.rejection_reason(err)
 
-    received = rounds.receive_updates(updates, round_index=r, fingerprint=fingerprint, template=template,
-                                      max_bytes=limit, max_objects=objects)
+    received = plan.server.receive(updates, round_index=r, fingerprint=fingerprint, template=template,
+                                   max_bytes=limit, max_objects=objects)
     received = rounds.refuse(received, unbound)  # valid content, but not bound to what this node was sent
     # Central DP's noise comes from this machine's entropy: nobody who knows the seed can remove it.
     weights = common.example_weights(settings, counts)

@@ -166,10 +166,47 @@ def pad_clients(stacked: PyTree, weights: jax.Array, size: int) -> tuple[PyTree,
     return jax.tree.map(leaf, stacked), jnp.pad(weights, (0, pad)) if pad else weights
 
 
-def stack_clients(updates: Sequence[PyTree], size: int | None = None) -> PyTree:
+def aligned_zeros(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np.ndarray:
+    """A zeroed host array whose data starts on an ``alignment``-byte boundary: JAX's CPU
+    backend then uses its memory as it is (no copy when it is passed to a compiled program),
+    where NumPy's own allocations (16-byte aligned) are copied first."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + alignment, np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+class RowBuffers:
+    """Host memory for stacking a round's client updates, kept from round to round.
+
+    Stacking 1,000 updates of 409,600 floats into fresh memory spent most of its time in page
+    faults, and NumPy's 16-byte aligned result was copied once more on its way into the compiled
+    aggregation. These buffers are allocated once per leaf shape and row count, 64-byte aligned,
+    and reused: the stack is one copy into warm memory and the compiled program reads it in
+    place. A stack is valid until the next :meth:`stack` of the same shapes overwrites it.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple, np.ndarray] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: Any, slot: int = 0) -> np.ndarray:
+        """The buffer for ``shape`` and ``dtype`` (``slot`` tells apart two leaves of one shape)."""
+        key = (tuple(shape), np.dtype(dtype).str, slot)
+        if key not in self._buffers:
+            self._buffers[key] = aligned_zeros(shape, dtype)
+        return self._buffers[key]
+
+    def stack(self, updates: Sequence[PyTree], size: int | None = None) -> PyTree:
+        """:func:`stack_clients` into these buffers."""
+        return stack_clients(updates, size, buffers=self)
+
+
+def stack_clients(updates: Sequence[PyTree], size: int | None = None, *, buffers: RowBuffers | None = None) -> PyTree:
     """Stacks per-client pytrees of identical structure and shapes into one ``[K, ...]`` pytree
     of host (NumPy) arrays, zero rows appended up to ``size`` clients when given (padding and
-    stacking in one copy).
+    stacking in one copy); into reused ``buffers`` when given (:class:`RowBuffers`), else into
+    new 64-byte aligned arrays.
 
     Raises:
       InputError: no clients, a client whose structure or leaf shapes differ from client 0's,
@@ -192,15 +229,19 @@ def stack_clients(updates: Sequence[PyTree], size: int | None = None) -> PyTree:
     size = k if size is None else int(size)
     if size < k:
         raise InputError(f"cannot stack {k} clients into {size} rows")
+    columns = zip(*(jax.tree.leaves(u) for u in updates))
 
-    def leaf(*xs):
+    def leaf(slot, xs):
         first = np.asarray(xs[0])
-        out = np.zeros((size, *first.shape), first.dtype)
+        shape = (size, *first.shape)
+        out = aligned_zeros(shape, first.dtype) if buffers is None else buffers.take(shape, first.dtype, slot)
         for row, x in enumerate(xs):
             out[row] = np.asarray(x)
+        if buffers is not None:
+            out[k:] = 0
         return out
 
-    return jax.tree.map(leaf, *updates)
+    return jax.tree.unflatten(treedef, [leaf(slot, xs) for slot, xs in enumerate(columns)])
 
 
 def _num_clients(stacked: PyTree) -> int:

@@ -54,6 +54,7 @@ import numpy as np
 
 from fedprompt.config import check_number
 from fedprompt.errors import WireError
+from fedprompt.kernels.aggregate import clipped_mean_of_finite
 from fedprompt.server import aggregators
 from fedprompt.server.algorithms import ServerState
 from fedprompt.server.robust import clip_clients
@@ -77,12 +78,16 @@ class ReceivedUpdates(NamedTuple):
       accepted: ``[K]`` bool, per slot: did a valid update arrive.
       rejections: reason -> count, over the slots whose message was refused.
       bytes_up: the total length of every message that arrived, refused ones included.
+      stacked: when received into row buffers (``buffers=``), the deltas stacked ``[rows, ...]``
+        (zeros in every slot without a valid update and in the padding rows); each accepted
+        slot's ``trees[slot]["delta"]`` is a view of its row. None otherwise.
     """
 
     trees: list[Pytree]
     accepted: np.ndarray
     rejections: dict[str, int]
     bytes_up: int
+    stacked: Pytree | None = None
 
 
 def rejection_reason(err: Exception) -> str:
@@ -98,6 +103,8 @@ def receive_updates(
     template: Pytree,
     max_bytes: int = codec.DEFAULT_MAX_BYTES,
     max_objects: int | None = None,
+    buffers: aggregators.RowBuffers | None = None,
+    rows: int | None = None,
 ) -> ReceivedUpdates:
     """Decodes and validates one round's client messages.
 
@@ -110,6 +117,12 @@ def receive_updates(
       max_bytes, max_objects: the decoder's limits (:func:`fedprompt.wire.codec.decode`); a
         deployment derives them from the template (``fedprompt.flower.common.message_limit``
         and ``object_limit``).
+      buffers: decode every valid delta straight into these reused row buffers
+        (:class:`~fedprompt.server.aggregators.RowBuffers`), ``rows`` rows in all (at least
+        one per message): the result's ``stacked`` is then what the aggregation reads, with no
+        copy of its own, and a decoded message's bytes are freed as soon as its row is written.
+        :meth:`ServerRound.receive` passes its own.
+      rows: the stack's rows (the aggregation stage's bucket); default one per message.
 
     Returns:
       :class:`ReceivedUpdates`; a bad message never raises, it is counted as rejected.
@@ -119,23 +132,39 @@ def receive_updates(
     accepted = np.zeros(len(messages), bool)
     rejections: dict[str, int] = {}
     bytes_up = 0
+    stacked = None
+    if buffers is not None:
+        rows = len(messages) if rows is None else int(rows)
+        if rows < len(messages):
+            raise ValueError(f"{len(messages)} messages do not fit in {rows} rows")
+        leaves, treedef = jax.tree.flatten(template["delta"])
+        stacked = jax.tree.unflatten(treedef, [
+            buffers.take((rows, *np.shape(x)), np.dtype(x.dtype), slot) for slot, x in enumerate(leaves)])
     for slot, message in enumerate(messages):
         if message is None:
             continue
         bytes_up += len(message)
         try:
-            received = codec.decode(message, max_bytes=max_bytes, max_objects=max_objects)
+            # read-only views over the decoded bytes: copied once, into a row of the stack
+            received = codec.decode(message, max_bytes=max_bytes, max_objects=max_objects, writable=False)
             if received.kind != UPDATE_KIND:
                 raise WireError(f"not an update: kind {received.kind!r}")
             if received.round != round_index or received.fingerprint != fingerprint:
                 raise WireError("update is for another round or backbone")
-            trees[slot] = codec.check_template(received.tree, template)
+            tree = codec.check_template(received.tree, template)
         except WireError as err:
             reason = rejection_reason(err)
             rejections[reason] = rejections.get(reason, 0) + 1
             continue
+        if stacked is not None:
+            jax.tree.map(lambda out, x, s=slot: out.__setitem__(s, x), stacked, tree["delta"])
+            tree = {**tree, "delta": jax.tree.map(lambda out, s=slot: out[s], stacked)}
+        trees[slot] = tree
         accepted[slot] = True
-    return ReceivedUpdates(trees, accepted, rejections, bytes_up)
+    if stacked is not None:
+        absent = np.flatnonzero(~np.pad(accepted, (0, rows - len(messages))))
+        jax.tree.map(lambda out: out.__setitem__(absent, 0), stacked)
+    return ReceivedUpdates(trees, accepted, rejections, bytes_up, stacked)
 
 
 def refuse(received: ReceivedUpdates, refused: Mapping[int, str]) -> ReceivedUpdates:
@@ -146,11 +175,13 @@ def refuse(received: ReceivedUpdates, refused: Mapping[int, str]) -> ReceivedUpd
     if not slots:
         return received
     trees, accepted, rejections = list(received.trees), received.accepted.copy(), dict(received.rejections)
-    zeros = jax.tree.map(np.zeros_like, trees[slots[0]])
+    zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), trees[slots[0]])
     for slot in slots:
         trees[slot], accepted[slot] = zeros, False
         rejections[refused[slot]] = rejections.get(refused[slot], 0) + 1
-    return ReceivedUpdates(trees, accepted, rejections, received.bytes_up)
+    if received.stacked is not None:
+        jax.tree.map(lambda out: out.__setitem__(np.array(slots), 0), received.stacked)
+    return ReceivedUpdates(trees, accepted, rejections, received.bytes_up, received.stacked)
 
 
 # ----------------------------------------------------------------------------- aggregation stages
@@ -167,17 +198,56 @@ class AggregateStage(NamedTuple):
         stage draws no noise), ``metrics`` is a dict of plain numbers for the round record.
       bucket: the padded number of rows for ``K`` slots (one compiled program per bucket).
       noisy: whether ``apply`` needs a key.
+      clipped: ``bound -> apply`` of this stage after every update is clipped to ``bound``,
+        in one program (the plain mean's fused pass); None: :func:`update_clip_stage` clips
+        first, then calls ``apply``.
     """
 
     init: Callable[[], Any]
     apply: Callable[[Any, Pytree, np.ndarray, Any], tuple[Pytree, Any, dict[str, Any]]]
     bucket: Callable[[int], int] = aggregators.bucket_size
     noisy: bool = False
+    clipped: Callable[[float], Callable] | None = None
+
+
+def _clipped_mean(bound: float | None):
+    """The weighted mean of the finite rows, each clipped to ``bound`` (None: not clipped),
+    compiled: one read of the stacked updates (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
+
+    @jax.jit
+    def run(stacked, weights):
+        leaves, treedef = jax.tree.flatten(stacked)
+        means, _, clipped = clipped_mean_of_finite(leaves, weights, bound)
+        return jax.tree.unflatten(treedef, means), clipped
+
+    return run
 
 
 def mean_stage(aggregator: aggregators.Aggregator = aggregators.weighted_mean) -> AggregateStage:
     """The plain (robust) rule: ``aggregator(stacked, weights)`` compiled once per bucket, with
-    non-finite rows dropped (:class:`~fedprompt.server.aggregators.Aggregation`). Stateless."""
+    non-finite rows dropped (:class:`~fedprompt.server.aggregators.Aggregation`). Stateless.
+
+    The default weighted mean runs as one pass over the updates that also drops the
+    non-finite rows and, under :func:`update_clip_stage`, clips every row
+    (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
+    if aggregator is aggregators.weighted_mean:
+        plain = _clipped_mean(None)
+
+        def apply(state, stacked, weights, key):
+            del key
+            return plain(stacked, weights)[0], state, {}
+
+        def clipped(bound):
+            run = _clipped_mean(bound)
+
+            def apply_clipped(state, stacked, weights, key):
+                del key
+                mean, count = run(stacked, weights)
+                return mean, state, {"update_clip": bound, "clipped": int(count)}
+
+            return apply_clipped
+
+        return AggregateStage(init=lambda: (), apply=apply, clipped=clipped)
     aggregation = aggregators.Aggregation(aggregator)
 
     def apply(state, stacked, weights, key):
@@ -201,6 +271,8 @@ def update_clip_stage(stage: AggregateStage, bound: float) -> AggregateStage:
     """
     check_number("update_clip", bound, lower=0.0, strict=True)
     bound = float(bound)
+    if stage.clipped is not None:
+        return stage._replace(apply=stage.clipped(bound), clipped=None)
 
     @jax.jit
     def clip(stacked, weights):
@@ -313,6 +385,13 @@ class ServerRound:
         self._to_delta_one = None if to_delta is None else jax.jit(to_delta)
         self._server_step = jax.jit(algorithm.apply)
         self._controls = aggregators.Aggregation()
+        self._rows = aggregators.RowBuffers()
+
+    def receive(self, messages: Sequence[bytes | None], **options: Any) -> ReceivedUpdates:
+        """:func:`receive_updates` into this server's reused row buffers, stacked in the
+        aggregation stage's bucket of rows (what :meth:`apply` reads without another copy).
+        The stack is valid until the next :meth:`receive`."""
+        return receive_updates(messages, buffers=self._rows, rows=int(self.stage.bucket(len(messages))), **options)
 
     def init(self, params: Pytree) -> RoundState:
         """The state before the first round, for initial global ``params``."""
@@ -354,7 +433,9 @@ class ServerRound:
             raise ValueError("this aggregation stage adds noise: pass the round's key")
         # Stacked straight into the stage's bucket of rows (zero payloads of weight 0 pad it).
         size = int(self.stage.bucket(len(weights)))
-        payloads = aggregators.stack_clients([tree["delta"] for tree in received.trees], size)
+        payloads = received.stacked
+        if payloads is None or jax.tree.leaves(payloads)[0].shape[0] != size:
+            payloads = self._rows.stack([tree["delta"] for tree in received.trees], size)
         params = state.server.params
         train_loss = float("nan")
         if losses is not None:
@@ -364,6 +445,7 @@ class ServerRound:
         deltas = payloads if self._to_delta is None else self._to_delta(params, payloads)
         mean_delta, stage_state, metrics = self.stage.apply(
             state.aggregate, deltas, np.pad(weights, (0, size - len(weights))), key)
+        jax.block_until_ready(mean_delta)  # done with the row buffers before the next round fills them
         mean_control = None
         if self.algorithm.scaffold:
             uniform = accepted.astype(np.float32)
@@ -386,7 +468,7 @@ class ServerRound:
             factors = np.where(np.isfinite(norms), factors, 0.0)
             metrics.update(update_clip=self.update_clip, clipped=int(np.sum(over & accepted)))
         shares = weights / weights.sum()
-        present = jax.tree.map(lambda x: np.asarray(x)[:rows], payloads)
+        present = jax.tree.map(lambda x: np.array(x[:rows]), payloads)  # a copy: the row buffers are reused
         params, log, count = self.seeds.step(state.server.params, state.downlink, int(state.server.round), present,
                                              shares * factors)
         server = state.server._replace(params=params, round=state.server.round + 1)

@@ -287,22 +287,27 @@ def cmd_bench_simulate(args: argparse.Namespace) -> int:
 
     backbone = load_backbone(args.backbone)
     block = args.client_block if args.client_block == "auto" else (int(args.client_block) or None)
+    loops = tuple(name for name in args.loops.split(",") if name)
+    if set(loops) - {"per_client", "per_step"}:
+        raise ConfigError(f"--loops takes per_client and per_step, got {args.loops!r}")
     rows = []
     for k in args.clients:  # each row printed as soon as it is measured (the largest rounds take minutes)
         rows.append(bench.simulate_round(backbone, clients_per_round=k, local_steps=args.local_steps,
-                                         repeats=args.repeats, client_block=block))
-        print(f"{k} clients: engine {rows[-1]['seconds']['vmapped']:.2f} s (blocks of {rows[-1]['client_block']})",
-              file=sys.stderr, flush=True)
+                                         repeats=args.repeats, client_block=block, loops=loops))
+        print(f"{k} clients: engine {rows[-1]['seconds']['vmapped']:.2f} s (blocks of {rows[-1]['client_block']}), "
+              f"peak RSS {rows[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     device = jax.devices()[0]
     print(f"one round of local training, {backbone.name}, {args.local_steps} local steps x batch 16 x 32 tokens, "
           f"20 virtual tokens, client blocks {args.client_block}, "
           f"on {device.platform}:{device.device_kind}")
-    print(f"{'clients':>7} {'vmapped':>10} {'per client':>11} {'per-client loop':>16} {'per-step loop':>14} {'speed-up':>18}")
+    print(f"{'clients':>7} {'vmapped':>10} {'per client':>11} {'per-client loop':>16} {'per-step loop':>14} "
+          f"{'speed-up':>18} {'peak RSS':>10}")
     for r in rows:
         t = r["seconds"]
+        loop_times = [f"{t[name]:.2f}s" if name in t else "-" for name in ("per_client", "per_step")]
+        ups = [f"{r[f'speedup_vs_{name}']:.2f}x" if name in t else "-" for name in ("per_client", "per_step")]
         print(f"{r['clients_per_round']:>7} {t['vmapped']:>9.2f}s {t['vmapped'] / r['clients_per_round']:>10.3f}s "
-              f"{t['per_client']:>15.2f}s {t['per_step']:>13.2f}s "
-              f"{r['speedup_vs_per_client']:>6.2f}x / {r['speedup_vs_per_step']:.2f}x")
+              f"{loop_times[0]:>16} {loop_times[1]:>14} {' / '.join(ups):>18} {r['peak_rss_bytes'] / 2**30:>6.2f} GiB")
     peak = bench.matmul_flops()["flops_per_second"]
     print("achieved GFLOP/s (vmapped / per-client / per-step) against the measured matmul "
           f"{peak / 1e9:.1f} GFLOP/s: " + "; ".join(
@@ -752,6 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--client-block", default="auto",
                      help="clients per vmapped program: auto (the engine's choice), a number, or 0: all")
     sim.add_argument("--repeats", type=int, default=3)
+    sim.add_argument("--loops", default="per_client,per_step",
+                     help="the loops timed beside the engine: per_client, per_step (comma-separated; empty: none)")
     sim.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     sim.set_defaults(func=cmd_bench_simulate)
     add_bench_commands(bench_sub)

@@ -302,8 +302,9 @@ class RunConfig:
         block's work on a CPU, from its compiled memory and the device's free memory on an
         accelerator; :func:`fedprompt.simulation.engine.choose_client_block`) or a number
         (written as a number or its digits).
-      client_block_memory: ``client_block = "auto"``: GiB one block program may use (None: 90%
-        of an accelerator's free memory; on a CPU unchecked).
+      client_block_memory: ``client_block = "auto"``: GiB one block program may use beyond its
+        arguments (weights and data already on the device) (None: 90% of an accelerator's free
+        memory; on a CPU unchecked).
       seed: the one seed of the run (sampling, partition, initialization).
       baselines: also train centralized and local-only baselines.
       aggregator: mean, median, trimmed_mean, krum, multi_krum or norm_bound (robust rules

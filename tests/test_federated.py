@@ -268,8 +268,10 @@ def test_auto_client_blocks_follow_the_work_on_a_cpu_and_a_memory_budget():
     assert choose_client_block(4, cpu=True, flops_per_client=CPU_BLOCK_FLOPS) == 1
     assert choose_client_block(4, cpu=True, flops_per_client=CPU_BLOCK_FLOPS / 2) == 2
     assert choose_client_block(3, cpu=False) == 4  # an accelerator without a budget: the round, padded
-    # a budget between one and two clients' compiled peak: blocks of one, with the same results
-    budget = one["peak"] + 0.5 * (two["peak"] - one["peak"])
+    # a budget between what blocks of one and two need beyond their arguments: blocks of one,
+    # with the same results
+    need = [cost["peak"] - cost["arguments"] for cost in (one, two)]
+    budget = need[0] + 0.5 * (need[1] - need[0])
     tight, _ = _simulation(algorithms.fedavg(), per_round=4, block="auto", block_memory=budget)
     assert tight.block == 1
     state, controls = sim.init()

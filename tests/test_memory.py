@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import tiny_backbone
 
@@ -34,3 +35,15 @@ def test_memory_table_lists_every_step(report):
 def test_bench_memory_rejects_an_unknown_backbone(capsys):
     assert main(["bench", "memory", "--backbone", "/no/such/model"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_peak_rss_can_be_reset_to_measure_one_stretch_of_work():
+    from fedprompt import bench
+
+    big = np.ones(64 * 2**20, np.float32)  # 256 MiB, touched
+    during = bench.peak_rss()
+    assert during >= big.nbytes
+    del big
+    assert bench.reset_peak_rss()  # Linux, as on every machine the suite runs on
+    after = bench.peak_rss()
+    assert after < during - 128 * 2**20, (after, during)

@@ -361,3 +361,40 @@ def test_the_default_mean_stage_equals_the_unfused_composition():
         want, _, want_metrics = other.apply((), stacked, weights, None)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got, want)
         assert metrics == want_metrics
+
+
+def test_updates_received_into_row_buffers_are_the_stacked_updates():
+    """``ServerRound.receive`` decodes straight into its reused rows: the stack equals stacking
+    the accepted trees (zeros for refused, missing and padding slots), a later refusal zeroes
+    its row, and the round's result equals the one from a plain ``receive_updates``."""
+    from fedprompt.server import algorithms, rounds
+    from fedprompt.wire import codec
+
+    rng = np.random.default_rng(4)
+    template = {"delta": {"w": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32)}}
+
+    def message(scale, round_index=0):
+        tree = {"delta": {"w": scale * rng.standard_normal((3, 2)).astype(np.float32),
+                          "b": scale * rng.standard_normal(4).astype(np.float32)}}
+        return codec.encode(tree, kind=rounds.UPDATE_KIND, round=round_index, fingerprint="fp")
+
+    messages = [message(1.0), b"junk", None, message(50.0), message(1.0, round_index=7)]
+    server = rounds.ServerRound(algorithms.fedavg(), num_clients=5, update_clip=10.0)
+    state = server.init({"w": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32)})
+    options = dict(round_index=0, fingerprint="fp", template=template)
+    rows = server.receive(messages, **options)
+    plain = rounds.receive_updates(messages, **options)
+    assert rows.accepted.tolist() == plain.accepted.tolist() == [True, False, False, True, False]
+    assert rows.rejections == plain.rejections and plain.stacked is None
+    expected = aggregators.stack_clients([t["delta"] for t in plain.trees], 8)
+    jax.tree.map(np.testing.assert_array_equal, rows.stacked, expected)
+    assert rows.stacked["w"].shape == (8, 3, 2) and rows.stacked["w"].ctypes.data % 64 == 0
+    weights = [3, 1, 1, 2, 1]
+    got, outcome = server.apply(state, rows, weights)
+    want, want_outcome = server.apply(state, plain, weights)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got.server.params, want.server.params)
+    assert outcome.metrics == want_outcome.metrics == {"update_clip": 10.0, "clipped": 1}
+    refused = rounds.refuse(server.receive(messages, **options), {3: "unbound"})
+    assert refused.accepted.tolist() == [True, False, False, False, False] and refused.rejections["unbound"] == 1
+    np.testing.assert_array_equal(refused.stacked["b"][3], 0)
+    np.testing.assert_array_equal(refused.stacked["b"][0], expected["b"][0])

@@ -123,7 +123,8 @@ def choose_client_block(
 
     On a CPU (``cpu``) no more than :data:`CPU_BLOCK_FLOPS` of work (``flops_per_client`` each);
     with a ``budget`` (bytes) no more than fit it, a block of ``b`` costing
-    ``fixed_bytes + b * bytes_per_client`` (from XLA's memory analysis of blocks of 1 and 2).
+    ``fixed_bytes + b * bytes_per_client`` (outputs and temporaries, from XLA's memory analysis
+    of blocks of 1 and 2).
 
     Example:
       >>> choose_client_block(8, cpu=True, flops_per_client=4e10)   # MiniLM: one at a time
@@ -163,7 +164,8 @@ class FederatedSimulation:
         work, one client for a backbone whose step already keeps the cores busy; on an
         accelerator as many as fit the device's free memory), a number, or None (all clients of
         a round in one block).
-      client_block_memory: bytes one block program may use (``"auto"`` only; None: 90% of an
+      client_block_memory: bytes one block program may use beyond its arguments (the weights
+        and the clients' data, already on the device) (``"auto"`` only; None: 90% of an
         accelerator's free memory; on a CPU no check beyond the block's bounded work).
       attack: malicious clients (a fixed fraction, chosen by seed) and what they do.
       parallel: spread each block of clients over the local devices: ``"shard_map"`` or
@@ -331,10 +333,13 @@ class FederatedSimulation:
         budget = self._block_memory if self._block_memory is not None or cpu else free_memory(device)
         block = choose_client_block(per_device, cpu=cpu, flops_per_client=flops)
         if block > 1 and budget is not None:
-            one, two = self.block_cost(1), self.block_cost(2)
-            per_client = max(two["peak"] - one["peak"], one["temporaries"], 1)
+            # what a block needs beyond its arguments (the weights and all clients' data, already
+            # on the device): outputs and temporaries, linear in the block
+            one, two = (self.block_cost(b) for b in (1, 2))
+            need = [cost["peak"] - cost["arguments"] for cost in (one, two)]
+            per_client = max(need[1] - need[0], 1)
             block = choose_client_block(per_device, cpu=cpu, flops_per_client=flops, budget=budget,
-                                        fixed_bytes=one["peak"] - per_client, bytes_per_client=per_client)
+                                        fixed_bytes=max(need[0] - per_client, 0), bytes_per_client=per_client)
         return block * devices
 
     # -- state -------------------------------------------------------------------------------

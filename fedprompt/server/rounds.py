@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedprompt.config import check_number
-from fedprompt.errors import WireError
+from fedprompt.errors import InputError, WireError
 from fedprompt.kernels.aggregate import clipped_mean_of_finite
 from fedprompt.server import aggregators
 from fedprompt.server.algorithms import ServerState
@@ -136,7 +136,7 @@ def receive_updates(
     if buffers is not None:
         rows = len(messages) if rows is None else int(rows)
         if rows < len(messages):
-            raise ValueError(f"{len(messages)} messages do not fit in {rows} rows")
+            raise InputError(f"{len(messages)} messages do not fit in {rows} rows")
         leaves, treedef = jax.tree.flatten(template["delta"])
         stacked = jax.tree.unflatten(treedef, [
             buffers.take((rows, *np.shape(x)), np.dtype(x.dtype), slot) for slot, x in enumerate(leaves)])

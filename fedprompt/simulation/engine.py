@@ -105,8 +105,8 @@ def _local_devices(count: int | None) -> list[jax.Device]:
 CPU_BLOCK_FLOPS = 1e9
 """On a CPU, ``client_block="auto"`` batches clients until a block holds about this many
 floating-point operations: a client whose program is larger already keeps every core busy on
-its own, and batching it with others only adds memory (``fedprompt bench simulate``: a block
-of 32 MiniLM clients ran at 0.76-0.85x the speed of one client at a time)."""
+its own, and batching it with others only adds memory (``fedprompt bench simulate``: blocks
+of 32 MiniLM clients ran at 0.63-0.71x the speed of one client at a time)."""
 
 
 def choose_client_block(
@@ -216,8 +216,7 @@ class FederatedSimulation:
             )
 
         def train_one(global_params, weights, columns, sizes, ids, keys, control, client_controls):
-            # a block of one without vmap: XLA's CPU code for the batched program (a batch axis
-            # of 1 on every matmul) ran the MiniLM client 1.6x slower than the plain program
+            # a block of one is the plain client program, with no batch axis of 1 on every op
             data = {name: column[ids[0]] for name, column in columns.items()}
             out = update(global_params, weights, data, sizes[ids[0]], keys[0], control,
                          jax.tree.map(lambda c: c[0], client_controls))

@@ -152,6 +152,46 @@ def test_read_lexnames_prefers_file(tmp_path):
     assert build_wordnet.read_lexnames(tmp_path) == {5: "noun.animal"}
 
 
+SYNTHETIC_DATA_VERB = """\
+  1 This software and database is being provided to you, the LICENSEE, by  
+00001740 29 v 04 breathe 0 take_a_breath 0 respire 0 suspire 3 000 | draw air into, and expel out of, the lungs; "I can breathe better"  
+01835496 38 v 01 travel 0 000 | change location; move, travel, or proceed  
+01835497 38 v 01 go 0 000 | go"  
+02604760 42 v 01 be 0 000 | have the quality of being; (copula, used with an adjective)  
+01835498 05 v 01 dog 0 000 | a line whose lexicographer file is a noun file  
+"""
+
+
+def test_verb_supersenses_as_user_files(tmp_path):
+    """--pos verb: the verb glosses as the two JSONL files fedprompt run reads, split as the
+    packaged data set is, with the licence; the verb lexnames from the file when it is there."""
+    data_verb = tmp_path / "data.verb"
+    data_verb.write_text(SYNTHETIC_DATA_VERB, encoding="utf-8")
+    copyright_path = tmp_path / "copyright"
+    copyright_path.write_text("Copyright: (c) Princeton University\n WordNet 3.0 licence\n", encoding="utf-8")
+    out = tmp_path / "verbs"
+    assert build_wordnet.main(["--pos", "verb", "--wordnet-dir", str(tmp_path), "--out", str(out),
+                               "--copyright", str(copyright_path)]) == 0
+    records = {split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+               for split in ("train", "test")}
+    expected = [
+        ("verb.body", "draw air into, and expel out of, the lungs"),
+        ("verb.motion", "change location; move, travel, or proceed"),
+        ("verb.stative", "have the quality of being; (copula, used with an adjective)"),
+    ]  # "go" is too short; lex file 05 is not a verb file
+    got = sorted((r["label"], r["text"]) for split in records.values() for r in split)
+    assert got == sorted(expected)
+    assert all(build_wordnet.split_of(r["text"]) == split for split, rs in records.items() for r in rs)
+    assert all(set(r) == {"text", "label"} for rs in records.values() for r in rs)
+    licence = (out / "WORDNET_LICENSE.txt").read_text()
+    assert "train.jsonl and test.jsonl are derived from WordNet 3.0" in licence and "verb synset" in licence
+    assert len(build_wordnet.VERB_LEXNAMES) == 15
+    (tmp_path / "lexnames").write_text("05\tnoun.animal\t1\n38\tverb.motion\t2\n", encoding="utf-8")
+    assert build_wordnet.read_lexnames(tmp_path, "verb") == {38: "verb.motion"}
+    with pytest.raises(SystemExit):  # the packaged folder is for the noun set only
+        build_wordnet.main(["--pos", "verb", "--wordnet-dir", str(tmp_path)])
+
+
 def test_license_text_keeps_wordnet_stanza_only():
     copyright_text = (
         "Format: x\n\nFiles: *\nCopyright: (c) Princeton University\nLicense: WordNet3.0\n"

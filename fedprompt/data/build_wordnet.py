@@ -1,4 +1,4 @@
-"""Build the packaged WordNet noun-supersense classification data set.
+"""Build the packaged WordNet noun-supersense classification data set (and its verb sibling).
 
 The data set pairs the definition part of every WordNet 3.0 noun gloss with the noun's
 *supersense*: the lexicographer file the synset was filed in (``noun.animal``,
@@ -9,6 +9,14 @@ The data set pairs the definition part of every WordNet 3.0 noun gloss with the 
     apt-get install -y wordnet-base
     python -m fedprompt.data.build_wordnet [--wordnet-dir /usr/share/wordnet] \
         [--out fedprompt/data/wordnet]
+
+``--pos verb --out DIR`` builds the same task from the verb glosses (15 verb supersenses,
+``verb.motion``, ``verb.communication``, ...) as a user would hand it to ``fedprompt run``:
+``DIR/train.jsonl`` and ``DIR/test.jsonl`` (``{"text", "label"}`` lines, split as below) and
+the licence::
+
+    python -m fedprompt.data.build_wordnet --pos verb --out verbs
+    fedprompt run --data verbs/train.jsonl --test-data verbs/test.jsonl
 
 The output is reproducible: the train/test split is decided by a hash of each text (so an
 example never changes sides between builds) and the gzip header carries no time stamp or
@@ -70,6 +78,29 @@ NOUN_LEXNAMES: Mapping[int, str] = {
     28: "noun.time",
 }
 
+#: The 15 verb lexicographer files of WordNet 3.0 (see ``lexnames(5WN)``), by number.
+VERB_LEXNAMES: Mapping[int, str] = {
+    29: "verb.body",
+    30: "verb.change",
+    31: "verb.cognition",
+    32: "verb.communication",
+    33: "verb.competition",
+    34: "verb.consumption",
+    35: "verb.contact",
+    36: "verb.creation",
+    37: "verb.emotion",
+    38: "verb.motion",
+    39: "verb.perception",
+    40: "verb.possession",
+    41: "verb.social",
+    42: "verb.stative",
+    43: "verb.weather",
+}
+
+#: Lexicographer files by part of speech, and each one's database file.
+LEXNAMES: Mapping[str, Mapping[int, str]] = {"noun": NOUN_LEXNAMES, "verb": VERB_LEXNAMES}
+DATA_FILES: Mapping[str, str] = {"noun": "data.noun", "verb": "data.verb"}
+
 # A quoted usage example tacked onto the definition with a colon instead of a semicolon,
 # e.g. 'act of assembling ... for war: "mobilization of the troops"'.
 _TRAILING_COLON_EXAMPLE = re.compile(r'\s*:\s*"[^"]*"?\s*$')
@@ -101,26 +132,30 @@ class BuildSummary:
     num_conflicting: int
 
 
-def read_lexnames(wordnet_dir: Path) -> dict[int, str]:
-    """Returns the noun lexicographer file names by number.
+def read_lexnames(wordnet_dir: Path, pos: str = "noun") -> dict[int, str]:
+    """Returns the lexicographer file names of part of speech ``pos`` by number.
 
     Reads ``lexnames`` from ``wordnet_dir`` when it is there (lines ``NN name pos``, where
-    pos 1 marks nouns); Debian's ``wordnet-base`` does not ship it, in which case the
-    standard WordNet 3.0 list is used.
+    pos 1 marks nouns and 2 verbs); Debian's ``wordnet-base`` does not ship it, in which
+    case the standard WordNet 3.0 list is used.
 
     Args:
         wordnet_dir: Folder holding the WordNet database files.
+        pos: ``noun`` or ``verb``.
 
     Returns:
-        Mapping from lexicographer file number to its name, nouns only.
+        Mapping from lexicographer file number to its name, ``pos`` only.
     """
+    if pos not in LEXNAMES:
+        raise ValueError(f"pos must be one of {sorted(LEXNAMES)}, got {pos!r}")
     path = Path(wordnet_dir) / "lexnames"
     if not path.is_file():
-        return dict(NOUN_LEXNAMES)
+        return dict(LEXNAMES[pos])
+    number = {"noun": "1", "verb": "2"}[pos]
     names = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         fields = line.split()
-        if len(fields) == 3 and fields[2] == "1" and fields[1].startswith("noun."):
+        if len(fields) == 3 and fields[2] == number and fields[1].startswith(f"{pos}."):
             names[int(fields[0])] = fields[1]
     return names
 
@@ -135,7 +170,7 @@ def definition_of(gloss: str) -> str:
     final example attached with a colon; whitespace is collapsed.
 
     Args:
-        gloss: The text after ``|`` on a ``data.noun`` line.
+        gloss: The text after ``|`` on a ``data.noun`` (or ``data.verb``) line.
 
     Returns:
         The definition, possibly empty.
@@ -155,7 +190,7 @@ def definition_of(gloss: str) -> str:
 
 
 def parse_data_line(line: str, lexnames: Mapping[int, str]) -> tuple[str, str] | None:
-    """Parses one ``data.noun`` line into ``(label, definition)``.
+    """Parses one ``data.noun`` (or ``data.verb``) line into ``(label, definition)``.
 
     The line format (``wndb(5WN)``) is ``offset lex_filenum ss_type w_cnt word lex_id ...
     | gloss``; ``lex_filenum`` is the second field.
@@ -203,7 +238,7 @@ def split_of(text: str) -> str:
 def build_records(
     lines: Iterable[str], lexnames: Mapping[int, str]
 ) -> tuple[list[dict[str, str]], dict[str, int]]:
-    """Turns ``data.noun`` lines into data set records.
+    """Turns ``data.noun`` (or ``data.verb``) lines into data set records.
 
     Drops definitions shorter than ``MIN_WORDS`` words, keeps the first of repeated
     (text, label) pairs, and drops every copy of a text that appears under two or more
@@ -289,22 +324,61 @@ def write_dataset(data_noun: Path, out_path: Path, lexnames: Mapping[int, str]) 
     )
 
 
-def license_text(copyright_text: str) -> str:
+def write_user_files(data_file: Path, out_dir: Path, lexnames: Mapping[int, str]) -> BuildSummary:
+    """Builds the data set from a WordNet database file as two plain JSONL files a user would
+    pass to ``fedprompt run --data train.jsonl --test-data test.jsonl``.
+
+    Args:
+        data_file: Path of WordNet's ``data.noun`` or ``data.verb``.
+        out_dir: Folder to write ``train.jsonl`` and ``test.jsonl`` into (created).
+        lexnames: Lexicographer file names by number.
+
+    Returns:
+        A summary of what was written (``path``: the training file, ``num_bytes``: both files).
+    """
+    with open(data_file, encoding="utf-8") as lines:
+        records, stats = build_records(lines, lexnames)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = 0
+    for split in ("train", "test"):
+        text = "".join(json.dumps({"text": r["text"], "label": r["label"]}, ensure_ascii=False) + "\n"
+                       for r in records if r["split"] == split)
+        (out_dir / f"{split}.jsonl").write_text(text, encoding="utf-8")
+        sizes += len(text.encode("utf-8"))
+    split_counts = collections.Counter(record["split"] for record in records)
+    label_counts = collections.Counter(record["label"] for record in records)
+    return BuildSummary(
+        path=out_dir / "train.jsonl",
+        num_bytes=sizes,
+        split_counts={"train": split_counts["train"], "test": split_counts["test"]},
+        label_counts=dict(sorted(label_counts.items())),
+        num_synsets=stats["synsets"],
+        num_too_short=stats["too_short"],
+        num_duplicates=stats["duplicates"],
+        num_conflicting=stats["conflicting"],
+    )
+
+
+def license_text(copyright_text: str, pos: str = "noun", data_name: str = DATA_FILE_NAME) -> str:
     """Returns the licence file's text: a provenance header, then the WordNet licence.
 
     Args:
         copyright_text: Contents of Debian's ``/usr/share/doc/wordnet-base/copyright``
             (machine-readable format); only its WordNet stanza is kept.
+        pos: The part of speech whose glosses the data holds (``noun`` or ``verb``).
+        data_name: The data file(s) the licence travels with.
 
     Returns:
         The text to write to ``WORDNET_LICENSE.txt``.
     """
+    example = {"noun": "noun.animal", "verb": "verb.motion"}[pos]
     header = (
-        f"{DATA_FILE_NAME} is derived from WordNet 3.0 (Princeton University).\n"
+        f"{data_name} {'are' if ' and ' in data_name else 'is'} derived from WordNet 3.0 (Princeton University).\n"
         "\n"
-        "Each example is the definition part of the gloss of one WordNet 3.0 noun synset\n"
+        f"Each example is the definition part of the gloss of one WordNet 3.0 {pos} synset\n"
         "(usage examples removed), labelled with the synset's lexicographer file (its\n"
-        "noun supersense, e.g. noun.animal). Definitions under three words and texts that\n"
+        f"{pos} supersense, e.g. {example}). Definitions under three words and texts that\n"
         "occur under two supersenses were dropped; repeated texts were kept once. It was\n"
         "built from the database files of the Debian package wordnet-base by\n"
         "fedprompt/data/build_wordnet.py. WordNet's licence, which must accompany\n"
@@ -341,17 +415,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wordnet-dir", type=Path, default=DEFAULT_WORDNET_DIR)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--copyright", type=Path, default=DEFAULT_COPYRIGHT_PATH)
+    parser.add_argument("--pos", choices=sorted(LEXNAMES), default="noun",
+                        help="noun: the packaged data set; verb: train.jsonl and test.jsonl in --out")
     args = parser.parse_args(argv)
+    if args.pos != "noun" and args.out == DEFAULT_OUT_DIR:
+        parser.error("--pos verb writes user files: give their folder with --out")
 
-    data_noun = args.wordnet_dir / "data.noun"
-    if not data_noun.is_file():
-        parser.error(f"{data_noun} not found (apt-get install wordnet-base)")
+    data_file = args.wordnet_dir / DATA_FILES[args.pos]
+    if not data_file.is_file():
+        parser.error(f"{data_file} not found (apt-get install wordnet-base)")
     if not args.copyright.is_file():
         parser.error(f"{args.copyright} not found: the WordNet licence must ship with the data")
 
-    summary = write_dataset(data_noun, args.out / DATA_FILE_NAME, read_lexnames(args.wordnet_dir))
+    lexnames = read_lexnames(args.wordnet_dir, args.pos)
+    if args.pos == "noun":
+        summary = write_dataset(data_file, args.out / DATA_FILE_NAME, lexnames)
+        data_name = DATA_FILE_NAME
+    else:
+        summary = write_user_files(data_file, args.out, lexnames)
+        data_name = "train.jsonl and test.jsonl"
     (args.out / LICENSE_FILE_NAME).write_text(
-        license_text(args.copyright.read_text(encoding="utf-8")), encoding="utf-8"
+        license_text(args.copyright.read_text(encoding="utf-8"), args.pos, data_name), encoding="utf-8"
     )
 
     print(f"wrote {summary.path} ({summary.num_bytes:,} bytes)")

@@ -165,6 +165,13 @@ AGGREGATOR_PARAMS: dict[str, tuple[str, ...]] = {
 }
 """The parameters each aggregation rule takes."""
 
+ADAM_LR = 1e-2
+"""The local learning rate of Adam when ``local_lr`` is unset (and the baselines' Adam's with SGD clients)."""
+SGD_LR = 0.5
+"""The local learning rate of SGD when ``local_lr`` is unset."""
+SGD_CLIENT_ALGORITHMS = ("scaffold", "fedadagrad", "fedadam", "fedyogi")
+"""The algorithms whose clients take SGD steps when ``local_optimizer`` is unset."""
+
 UPDATE_CLIP = 100.0
 """The default :attr:`RunConfig.update_clip`, the server's L2 bound on every client delta.
 
@@ -268,8 +275,11 @@ class RunConfig:
       labels_per_client: labels per client for ``shards``.
       local_steps: optimizer steps per client per round.
       batch_size: examples per local step.
-      local_optimizer: adam or sgd; unset: adam, but sgd for SCAFFOLD (its control variates
-        assume plain SGD steps, so SCAFFOLD with adam is refused).
+      local_optimizer: adam or sgd; unset: sgd for SCAFFOLD (its control variates assume plain
+        SGD steps, so SCAFFOLD with adam is refused) and for the adaptive server optimizers
+        (FedAdagrad, FedAdam, FedYogi: clients take SGD steps and the server adapts, as in
+        Reddi et al. 2021; a fresh local Adam's first steps move every coordinate by about its
+        learning rate, noise the server's average cannot undo), adam for the rest.
       local_lr: local learning rate; unset: 0.01 for adam, 0.5 for sgd. For ``zo`` the ZO-SGD
         learning rate (unset: 0.01), for ``bbt`` the Adam learning rate of the head (unset: 0.01).
       head_init: how the classification head starts: ``random``, or ``class_means``: set once
@@ -296,7 +306,9 @@ class RunConfig:
       max_length: tokens per example (truncated/padded), not counting virtual tokens.
       train_examples: use at most this many training examples (None: all).
       eval_examples: evaluate on at most this many test examples (None: all).
-      eval_every: evaluate every this many rounds (and always after the last).
+      eval_every: evaluate every this many rounds (and always after the last); unset: every
+        ``max(1, rounds // 3)`` rounds, three evaluations a run (every 20 of the default 60
+        rounds; an evaluation of 1,024 examples costs about two rounds of 8 clients x 2 local steps).
       dropout: probability that a sampled client drops out of a round.
       client_block: clients trained together in one vmapped program: ``"auto"`` (from the
         block's work on a CPU, from its compiled memory and the device's free memory on an
@@ -306,7 +318,7 @@ class RunConfig:
         arguments (weights and data already on the device) (None: 90% of an accelerator's free
         memory; on a CPU unchecked).
       seed: the one seed of the run (sampling, partition, initialization).
-      baselines: also train centralized and local-only baselines.
+      baselines: also train centralized and local-only baselines (with Adam, whatever the clients use).
       aggregator: mean, median, trimmed_mean, krum, multi_krum or norm_bound (robust rules
         replace the mean for every algorithm).
       trim_beta, num_byzantine, krum_m, norm_bound: their parameters.
@@ -354,13 +366,13 @@ class RunConfig:
     b1: float = 0.9
     b2: float = 0.99
     prox_mu: float = 0.01
-    rounds: int = 15
+    rounds: int = 60
     clients: int = 16
     clients_per_round: int = 8
     partition: str = "dirichlet"
     alpha: float = 0.5
     labels_per_client: int = 2
-    local_steps: int = 8
+    local_steps: int = 2
     batch_size: int = 16
     local_optimizer: str | None = None
     local_lr: float | None = None
@@ -377,7 +389,7 @@ class RunConfig:
     max_length: int = 32
     train_examples: int | None = None
     eval_examples: int | None = 1024
-    eval_every: int = 1
+    eval_every: int | None = None
     dropout: float = 0.0
     client_block: str | int = "auto"
     client_block_memory: float | None = None
@@ -417,11 +429,11 @@ class RunConfig:
         for field in dataclasses.fields(self):
             _check_type(field, getattr(self, field.name))
         positive = ("num_virtual_tokens", "rounds", "clients", "clients_per_round", "local_steps", "batch_size",
-                    "max_length", "eval_every", "labels_per_client", "head_init_examples", "zo_seeds", "bbt_dim")
+                    "max_length", "labels_per_client", "head_init_examples", "zo_seeds", "bbt_dim")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_examples", "eval_examples"):
+        for name in ("train_examples", "eval_examples", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or unset, got {value}")
@@ -583,18 +595,23 @@ class RunConfig:
 
     @property
     def resolved_local_optimizer(self) -> str:
-        return self.local_optimizer or ("sgd" if self.algorithm == "scaffold" else "adam")
+        return self.local_optimizer or ("sgd" if self.algorithm in SGD_CLIENT_ALGORITHMS else "adam")
+
+    @property
+    def resolved_eval_every(self) -> int:
+        """``eval_every``, or when unset every ``max(1, rounds // 3)`` rounds."""
+        return self.eval_every if self.eval_every is not None else max(1, self.rounds // 3)
 
     @property
     def resolved_local_lr(self) -> float:
         if self.local_lr is not None:
             return self.local_lr
-        return 0.5 if self.resolved_local_optimizer == "sgd" else 1e-2
+        return SGD_LR if self.resolved_local_optimizer == "sgd" else ADAM_LR
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting, with the resolved local optimizer and learning rate filled in."""
+        """Every setting, with the resolved local optimizer, learning rate and evaluation interval filled in."""
         return {**dataclasses.asdict(self), "local_optimizer": self.resolved_local_optimizer,
-                "local_lr": self.resolved_local_lr}
+                "local_lr": self.resolved_local_lr, "eval_every": self.resolved_eval_every}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -229,9 +229,9 @@ def test_run_help_has_a_flag_with_its_default_for_every_setting(capsys):
         assert f.flag in text
         if f.type is not bool and f.default is not None:
             assert f"{f.help} (default: {f.default})" in text, f.flag
-    assert "--rounds N federated rounds (default: 15)" in text and "--overwrite" in text
+    assert "--rounds N federated rounds (default: 60)" in text and "--overwrite" in text
     table = run_flags_markdown().splitlines()
-    assert len(table) == len(fields) + 2 and "| `--rounds` | `15` | federated rounds |" in table
+    assert len(table) == len(fields) + 2 and "| `--rounds` | `60` | federated rounds |" in table
     assert all(row.count(" | ") == 2 for row in table)  # bars inside a cell are escaped
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert run_flags_markdown() in readme, "README's table of run flags is not the CLI's: paste run_flags_markdown()"

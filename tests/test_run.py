@@ -194,3 +194,30 @@ def _deferred_ctrl_c(StopAfterRound):
         with pytest.raises(KeyboardInterrupt):
             stop.round_saved(2)  # the round under way is saved: stop here
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_baselines_train_with_adam_whatever_the_clients_use(tmp_path):
+    """The centralized and local-only baselines are the same whether the federation's clients
+    take Adam or SGD steps (they train with Adam at the clients' Adam rate, or Adam's default
+    beside SGD clients), and they see the federation's budget of steps and examples."""
+    import fedprompt
+    from fedprompt.federation.plan import make_baseline_optimizer
+
+    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    common = {"backbone": str(backbone), "rounds": 1, "clients": 4, "clients_per_round": 2, "local_steps": 2,
+              "batch_size": 8, "max_length": 12, "num_virtual_tokens": 4, "train_examples": 160,
+              "eval_examples": 48, "baselines": True}
+    adam = fedprompt.simulate(RunConfig(**common, local_optimizer="adam", local_lr=0.01)).summary
+    sgd = fedprompt.simulate(RunConfig(**common, local_optimizer="sgd", local_lr=0.5)).summary
+    assert adam["final_accuracy"] != sgd["final_accuracy"] or adam["final_eval_loss"] != sgd["final_eval_loss"]
+    assert adam["baselines"] == sgd["baselines"]
+    b = adam["baselines"]
+    assert (b["centralized_steps"], b["centralized_batch_size"], b["local_only_steps"]) == (2, 16, 1)
+    assert len(b["local_only_accuracies"]) == 4 and all(0 <= a <= 1 for a in b["local_only_accuracies"])
+    # the Adam the baselines take: the clients' rate when they use Adam, Adam's default beside SGD
+    params = {"w": np.ones(3, np.float32)}
+    grads = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    for config, lr in ((RunConfig(local_optimizer="adam", local_lr=0.003), 0.003), (RunConfig(local_optimizer="sgd"), 0.01)):
+        optimizer = make_baseline_optimizer(config)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        np.testing.assert_allclose(updates["w"], -lr * np.sign(grads["w"]), rtol=1e-4)  # Adam's first step

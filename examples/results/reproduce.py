@@ -27,6 +27,13 @@ Example (a table of two server learning rates on the default task would be):
                rows=(run_row({"server lr": "0.01"}, server_lr=0.01), run_row({"server lr": "0.03"}, server_lr=0.03)),
                columns=(text("server lr"), value("final accuracy", "final_accuracy", accuracy)))
 
+``--rows 2,5`` measures only those rows (1-based) and merges them into the ``NAME.json`` already
+in the output folder (under a lock, so several processes can measure one table's rows at once);
+every row records its own load average and date. A row whose settings hold ``seeds`` (a list)
+is measured once per seed; its numbers are the means over the seeds and ``by_seed`` keeps each
+seed's own. ``--rows 1 --seeds 1`` measures only seed 1 of row 1 and merges it with the seeds
+the JSON holds (a table's caption and the row's ``config["seeds"]`` say which were measured).
+
 ``--quick`` shrinks every row (federated runs: 1 round, 512 training and 64 test examples, at
 most 8 clients and 4 per round; benchmarks: one repeat, smaller batches and client counts) and
 writes only into ``--out DIR``: it exercises the whole pipeline in minutes, and its captions
@@ -157,6 +164,30 @@ def value(header: str, field: str, fmt: Callable[[Any], str], key: str = "") -> 
     return Column(header, cell, key or field)
 
 
+def seeded(header: str, field: str, fmt: Callable[[Any], str] = accuracy, key: str = "") -> Column:
+    """:func:`value` of a row measured over seeds: the mean, then each seed's value in brackets
+    (a row of one run shows its value alone)."""
+    def cell(row: Row, rows: Sequence[Row]) -> str:
+        number = lookup(row, field)
+        if number is None:
+            return ""
+        each = [lookup(seed, field) for seed in row.get("by_seed", ())]
+        if len(each) < 2 or any(x is None for x in each):
+            return fmt(number)
+        return f"{fmt(number)} ({', '.join(fmt(x) for x in each)})"
+
+    return Column(header, cell, key or field)
+
+
+def points(header: str, field: str, reference: str) -> Column:
+    """``field`` minus ``reference`` (two fractions of one row) in percentage points: ``-2.4``."""
+    def cell(row: Row, rows: Sequence[Row]) -> str:
+        a, b = lookup(row, field), lookup(row, reference)
+        return "" if a is None or b is None else f"{100 * (a - b):+.1f}"
+
+    return Column(header, cell, f"{field}-{reference}")
+
+
 def column_max(header: str, field: str, fmt: Callable[[Any], str]) -> Column:
     """:func:`value`, with the column's largest value in bold."""
     def cell(row: Row, rows: Sequence[Row]) -> str:
@@ -264,6 +295,13 @@ DEFAULT_TASK: dict[str, Any] = {
 """The README's default task: WordNet supersenses on MiniLM, 16 clients (Dirichlet 0.5), 8 per
 round, 8 local Adam steps (lr 0.01) of 16 examples, FedAdam (server lr 0.03), 15 rounds, seed 0."""
 
+NEW_DEFAULT: dict[str, Any] = {
+    **DEFAULT_TASK, "rounds": 60, "local_steps": 2, "local_optimizer": "sgd", "local_lr": 0.5, "eval_every": 20,
+}
+"""The default task with the defaults the sweep (``default_sweep``) chose: 2 local SGD steps (lr 0.5)
+a round for 60 rounds under FedAdam (server lr 0.03), evaluated every 20 rounds: the same
+examples as ``DEFAULT_TASK``'s 8 Adam steps x 15 rounds."""
+
 FEDAVG = {**DEFAULT_TASK, "algorithm": "fedavg", "server_lr": None}
 
 PROTECTED_DEPLOYMENT = {
@@ -277,25 +315,64 @@ the built-in WordNet set, MiniLM, 4 rounds), as the walk-through in examples/flo
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment(
-        "default_task", "simulate", DEFAULT_TASK,
+        "default_task", "simulate", NEW_DEFAULT,
         rows=(
-            run_row({"method": "soft prompt (20 tokens) + head", "algorithm": "FedAvg"},
-                    algorithm="fedavg", server_lr=None, baselines=True),
-            run_row({"method": "deep prefix (20 tokens) + head", "algorithm": "FedAvg"},
-                    method="prefix", algorithm="fedavg", server_lr=None, baselines=True),
-            run_row({"method": "soft prompt + head", "algorithm": "FedAvgM (lr 1, momentum 0.9)"},
-                    algorithm="fedavgm", server_lr=1.0, server_momentum=0.9),
-            run_row({"method": "soft prompt + head", "algorithm": "**FedAdam (server lr 0.03), the default**"},
-                    emphasis=["final_accuracy"]),
-            run_row({"method": "soft prompt + head", "algorithm": "FedAvg, local lr 0.005"},
-                    algorithm="fedavg", server_lr=None, local_lr=0.005),
+            run_row({"method": "soft prompt (20 tokens) + head",
+                     "algorithm": "FedAdam (server lr 0.03), 2 SGD steps (lr 0.5) x 60 rounds: the default"},
+                    emphasis=["final_accuracy"], baselines=True, seeds=[0, 1, 2]),
         ),
         columns=(
             text("method"), text("algorithm"),
+            seeded("final accuracy", "final_accuracy"),
+            value("bytes sent (up + down)", "total_bytes", decimal_bytes),
+            seeded("centralized", "centralized_accuracy"),
+            seeded("local-only", "local_only_accuracy"),
+            points("federated - centralized (points)", "final_accuracy", "centralized_accuracy"),
+            points("federated - local-only (points)", "final_accuracy", "local_only_accuracy"),
+        ),
+    ),
+    Experiment(
+        "default_time", "simulate", NEW_DEFAULT,
+        rows=(
+            run_row({"defaults": "before: 8 Adam steps (lr 0.01) x 15 rounds, evaluated every round"},
+                    rounds=15, local_steps=8, local_optimizer="adam", local_lr=0.01, eval_every=1),
+            run_row({"defaults": "now: 2 SGD steps (lr 0.5) x 60 rounds, evaluated every 20"}),
+        ),
+        columns=(
+            text("defaults", "`fedprompt run` defaults (FedAdam, server lr 0.03, 8 of 16 clients a round)"),
+            value("final accuracy", "final_accuracy", accuracy),
+            value("wall time", "wall_seconds", lambda x: f"{x / 60:.1f} min"),
+            Column("time / before's", lambda row, rows: f"{row['wall_seconds'] / rows[0]['wall_seconds']:.2f}x"
+                   if row.get("wall_seconds") and rows[0].get("wall_seconds") else "", "time_ratio"),
+            value("bytes sent (up + down)", "total_bytes", decimal_bytes),
+        ),
+    ),
+    Experiment(
+        "default_sweep", "simulate", {**DEFAULT_TASK, "eval_every": 5},
+        rows=(
+            run_row({"local": "Adam (lr 0.01)", "schedule": "4 steps x 30 rounds", "server": "FedAdam, lr 0.03",
+                     "prompt": "20 tokens"}, local_steps=4, rounds=30),
+            run_row({"local": "Adam (lr 0.01)", "schedule": "2 steps x 60 rounds", "server": "FedAdam, lr 0.03",
+                     "prompt": "20 tokens"}, local_steps=2, rounds=60),
+            run_row({"local": "Adam (lr 0.01)", "schedule": "1 step x 120 rounds", "server": "FedAdam, lr 0.01",
+                     "prompt": "20 tokens"}, local_steps=1, rounds=120, server_lr=0.01),
+            run_row({"local": "Adam (lr 0.01)", "schedule": "2 steps x 60 rounds", "server": "FedAdam, lr 0.03",
+                     "prompt": "10 tokens"}, local_steps=2, rounds=60, num_virtual_tokens=10),
+            run_row({"local": "SGD (lr 0.5)", "schedule": "8 steps x 15 rounds", "server": "FedAdam, lr 0.03",
+                     "prompt": "20 tokens"}, local_optimizer="sgd", local_lr=0.5),
+            run_row({"local": "SGD (lr 0.5)", "schedule": "4 steps x 30 rounds", "server": "FedAdam, lr 0.03",
+                     "prompt": "20 tokens"}, local_steps=4, rounds=30, local_optimizer="sgd", local_lr=0.5, eval_every=10),
+            run_row({"local": "SGD (lr 0.5)", "schedule": "**2 steps x 60 rounds, the new default**",
+                     "server": "FedAdam, lr 0.03", "prompt": "20 tokens"}, emphasis=["final_accuracy"],
+                    local_steps=2, rounds=60, local_optimizer="sgd", local_lr=0.5, eval_every=10),
+            run_row({"local": "SGD (lr 0.5)", "schedule": "1 step x 120 rounds", "server": "FedAdam, lr 0.01",
+                     "prompt": "20 tokens"}, local_steps=1, rounds=120, server_lr=0.01, local_optimizer="sgd",
+                    local_lr=0.5, eval_every=10),
+        ),
+        columns=(
+            text("local", "local optimizer"), text("schedule", "local steps x rounds"), text("server"), text("prompt"),
             value("final accuracy", "final_accuracy", accuracy),
             value("bytes sent (up + down)", "total_bytes", decimal_bytes),
-            value("centralized", "centralized_accuracy", accuracy),
-            value("local-only", "local_only_accuracy", accuracy),
         ),
     ),
     Experiment(
@@ -519,6 +596,10 @@ def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
     import fedprompt
     from fedprompt.federation.report import compare_runs
 
+    config = dict(config)
+    pos = config.pop("wordnet_pos", None)
+    if pos is not None:
+        config["data"], config["test_data"] = wordnet_user_files(pos, context)
     run_config = fedprompt.RunConfig(**config)
     result = fedprompt.simulate(run_config, backbone=context.backbone(run_config.backbone))
     summary = result.summary
@@ -552,6 +633,32 @@ def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
         numbers["centralized_accuracy"] = summary["baselines"]["centralized_accuracy"]
         numbers["local_only_accuracy"] = summary["baselines"]["local_only_accuracy"]
     return _plain(numbers)
+
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+"""Where Debian's ``wordnet-base`` puts the WordNet database files."""
+
+
+def wordnet_user_files(pos: str, context: Context) -> tuple[str, str]:
+    """A row's ``wordnet_pos`` (``verb``): the training and test JSONL files that
+    ``python -m fedprompt.data.build_wordnet --pos verb`` writes, built once per run in a
+    temporary folder from ``wordnet-base``, so the row runs on them as a user's files."""
+    import tempfile
+
+    from fedprompt.data import build_wordnet
+
+    if ("wordnet", pos) not in context.cache:
+        data_file = WORDNET_DIR / build_wordnet.DATA_FILES[pos]
+        if not data_file.is_file():
+            raise ResultsError(f"{data_file} is missing: apt-get install wordnet-base")
+        folder = Path(tempfile.mkdtemp(prefix=f"fedprompt-wordnet-{pos}-"))
+        build_wordnet.write_user_files(data_file, folder, build_wordnet.read_lexnames(WORDNET_DIR, pos))
+        context.cache[("wordnet", pos)] = (str(folder / "train.jsonl"), str(folder / "test.jsonl"))
+    return context.cache[("wordnet", pos)]
+
+
+ROW_KEYS = ("seeds", "wordnet_pos")
+"""Settings of a federated row that are not RunConfig fields: its seeds and its built data."""
 
 
 def measure_memory(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
@@ -740,13 +847,15 @@ def measure_abstract_memory(config: Mapping[str, Any], context: Context) -> dict
 def _check_run(config: Mapping[str, Any]) -> None:
     from fedprompt.config import RunConfig
 
-    RunConfig(**config)  # raises ConfigError naming the bad setting
+    if config.get("wordnet_pos") is not None and config["wordnet_pos"] != "verb":
+        raise ResultsError(f"wordnet_pos must be 'verb', got {config['wordnet_pos']!r}")
+    RunConfig(**{k: v for k, v in config.items() if k not in ROW_KEYS})  # raises ConfigError naming the bad setting
 
 
 def _quick_run(config: dict[str, Any]) -> dict[str, Any]:
     from fedprompt.config import RunConfig
 
-    full = dataclasses.asdict(RunConfig(**{k: v for k, v in config.items() if k != "out"}))
+    full = dataclasses.asdict(RunConfig(**{k: v for k, v in config.items() if k != "out" and k not in ROW_KEYS}))
     clients = min(full["clients"], 8)
     return {**config, "rounds": 1, "train_examples": min(512, full["train_examples"] or 512), "eval_examples": 64,
             "clients": clients, "clients_per_round": min(full["clients_per_round"], 4, clients)}
@@ -795,45 +904,192 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def run_experiment(experiment: Experiment, *, quick: bool = False, backbone: str | None = None,
-                   log: Callable[[str], None] = say) -> dict[str, Any]:
-    """Measure every row of ``experiment`` with the installed fedprompt.
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
-    Returns the JSON document (see the module docstring); ``log`` gets one line as each row
-    starts and one as it ends, with its seconds.
+
+def _today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
+def mean_over_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One row's numbers from its seeds' numbers: the mean of every number all seeds have
+    (nested dicts by key), the first seed's value of anything else; ``by_seed`` keeps them all.
+
+    >>> mean_over_seeds([{"acc": 0.5, "n": 2, "name": "a"}, {"acc": 0.7, "n": 2, "name": "b"}])["acc"]
+    0.6
+    """
+    def combine(values: Sequence[Any]) -> Any:
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return sum(values) / len(values)
+        if all(isinstance(v, Mapping) for v in values):
+            keys = [k for k in values[0] if all(k in v for v in values)]
+            return {k: combine([v[k] for v in values]) for k in keys}
+        return values[0]
+
+    numbers = combine(per_seed)
+    numbers.pop("curve", None)  # a curve of means is no run's curve
+    numbers["by_seed"] = [{k: v for k, v in seed.items() if k != "curve"} for seed in per_seed]
+    return numbers
+
+
+SEED_NEUTRAL = ("seed", "seeds", "eval_every")
+"""Settings two runs of one row may differ in and still be seeds of the same row: the seed, and
+how often the test set is scored (evaluation reads the prompt, it changes nothing of training)."""
+
+
+def same_row_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two rows' settings differ at most in :data:`SEED_NEUTRAL` keys."""
+    def strip(config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in SEED_NEUTRAL}
+    return strip(a) == strip(b)
+
+
+def seed_runs(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A measured row's runs, one per seed: its ``by_seed``, or the row itself as the run of its
+    ``config["seed"]`` (a row measured before it had seeds)."""
+    if "by_seed" in row:
+        return [dict(run) for run in row["by_seed"]]
+    numbers = {k: v for k, v in row.items() if k not in ("label", "config", "emphasis")}
+    return [{"seed": row["config"].get("seed"), **numbers}]
+
+
+def merge_seeds(fresh: Mapping[str, Any], kept: Mapping[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """One seeded row from two measurements of it: the runs of both (the fresh one's where a
+    seed is in both) of the row's ``seeds``, their mean, and ``config["seeds"]`` the seeds held."""
+    runs = {run["seed"]: run for run in seed_runs(kept) if run.get("seed") in seeds}
+    runs.update({run["seed"]: run for run in seed_runs(fresh)})
+    ordered = [runs[seed] for seed in sorted(runs)]
+    numbers = mean_over_seeds(ordered)
+    numbers["by_seed"] = ordered
+    config = {**fresh["config"], "seeds": sorted(runs)}
+    keep = {k: fresh[k] for k in ("label", "emphasis", "measured", "load_average", "load_average_end") if k in fresh}
+    return {**numbers, **keep, "config": config,
+            "row_seconds": sum(run.get("row_seconds", run.get("wall_seconds", 0.0)) for run in ordered)}
+
+
+def measure_row(experiment: Experiment, config: Mapping[str, Any], context: Context,
+                log: Callable[[str], None], where: str, only_seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """One row's numbers: one measurement, or the mean over its ``seeds`` (``only_seeds``: over
+    those of them; the row's ``config["seeds"]`` then names them)."""
+    measure = KINDS[experiment.kind].measure
+    seeds = config.get("seeds")
+    if seeds is None:
+        return measure(config, context)
+    if only_seeds is not None:
+        seeds = [seed for seed in seeds if seed in only_seeds]
+    per_seed = []
+    for seed in seeds:
+        start = time.perf_counter()
+        numbers = measure({**{k: v for k, v in config.items() if k != "seeds"}, "seed": seed}, context)
+        per_seed.append({"seed": seed, **numbers, "row_seconds": time.perf_counter() - start})
+        log(f"{where}: seed {seed} done in {time.perf_counter() - start:.1f} s")
+    return mean_over_seeds(per_seed)
+
+
+def run_experiment(experiment: Experiment, *, quick: bool = False, backbone: str | None = None,
+                   log: Callable[[str], None] = say, only: Sequence[int] | None = None,
+                   on_row: Callable[[dict[str, Any]], None] | None = None,
+                   seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Measure the rows of ``experiment`` with the installed fedprompt: all of them, or the
+    1-based row numbers ``only``; of a row with ``seeds``, those of ``seeds`` only (the rest
+    come from the kept JSON when the rows are merged into it, :func:`merge_rows`).
+
+    Returns the JSON document (see the module docstring) of the measured rows; ``log`` gets one
+    line as each row starts and one as it ends, with its seconds; ``on_row`` gets the document
+    of the rows measured so far after each row (``--rows`` merges it into the kept JSON then, so
+    a long run that stops keeps its finished rows).
     """
     import fedprompt
     from fedprompt import bench
 
+    numbers_of = list(range(1, len(experiment.rows) + 1)) if only is None else list(only)
+    bad = [i for i in numbers_of if not 1 <= i <= len(experiment.rows)]
+    if bad:
+        raise ResultsError(f"{experiment.name} has rows 1-{len(experiment.rows)}, not {bad}")
     machine = bench.machine()
     configs = [row_config(experiment, row, quick=quick, backbone=backbone) for row in experiment.rows]
-    for config in configs:
-        KINDS[experiment.kind].check(config)
-    context = Context(configs)
-    rows = []
-    for i, (row, config) in enumerate(zip(experiment.rows, configs), 1):
-        where = f"[{experiment.name} {i}/{len(configs)}] {label_line(row)}"
-        log(f"{where}: started")
-        start = time.perf_counter()
-        numbers = KINDS[experiment.kind].measure(config, context)
-        seconds = time.perf_counter() - start
-        log(f"{where}: done in {seconds:.1f} s")
-        rows.append({"label": dict(row["label"]), "config": _plain(config),
-                     **({"emphasis": list(row["emphasis"])} if row.get("emphasis") else {}),
-                     **numbers, "row_seconds": seconds})
-    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    for i in numbers_of:
+        KINDS[experiment.kind].check(configs[i - 1])
+    if seeds is not None:
+        for i in numbers_of:
+            row_seeds = configs[i - 1].get("seeds")
+            if row_seeds is None or not set(seeds) <= set(row_seeds):
+                raise ResultsError(f"row {i} of {experiment.name} is measured over seeds {row_seeds}; "
+                                   f"--seeds must pick among them, got {list(seeds)}")
+    context = Context([configs[i - 1] for i in numbers_of])
     command = f"python {SCRIPT} run {experiment.name}" + (" --quick" if quick else "")
     if backbone is not None:
         command += f" --backbone {backbone}"
-    return {
-        "experiment": experiment.name,
-        "fedprompt": fedprompt.__version__,
-        "machine": machine,
-        "command": command,
-        "measured": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        "quick": quick,
-        "rows": rows,
-    }
+
+    def document_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "experiment": experiment.name,
+            "fedprompt": fedprompt.__version__,
+            "machine": {**machine, "load_average_end": _load_average()},
+            "command": command,
+            "measured": _today(),
+            "quick": quick,
+            "rows": list(rows),
+        }
+
+    rows: list[dict[str, Any]] = []
+    for i in numbers_of:
+        row, config = experiment.rows[i - 1], configs[i - 1]
+        where = f"[{experiment.name} {i}/{len(configs)}] {label_line(row)}"
+        log(f"{where}: started")
+        load = _load_average()
+        start = time.perf_counter()
+        numbers = measure_row(experiment, config, context, log, where, only_seeds=seeds)
+        seconds = time.perf_counter() - start
+        log(f"{where}: done in {seconds:.1f} s")
+        if seeds is not None:
+            config = {**config, "seeds": [seed for seed in config["seeds"] if seed in seeds]}
+        rows.append({"label": dict(row["label"]), "config": _plain(config),
+                     **({"emphasis": list(row["emphasis"])} if row.get("emphasis") else {}),
+                     **numbers, "row_seconds": seconds,
+                     "measured": _today(), "load_average": load, "load_average_end": _load_average()})
+        if on_row is not None:
+            on_row(document_of(rows))
+    return document_of(rows)
+
+
+def merge_rows(experiment: Experiment, previous: Mapping[str, Any] | None, document: Mapping[str, Any]) -> dict[str, Any]:
+    """``document`` (some rows of ``experiment``, just measured) merged into ``previous`` (the
+    JSON already kept): the table's rows in the experiment's order, each the new measurement
+    where there is one, else the kept one of the same label and settings (rows of other
+    settings are dropped: they measured something else). A row with ``seeds`` gathers its seeds:
+    the kept runs of the seeds not measured now join the new ones (:func:`merge_seeds`), so
+    several processes can each measure some seeds of one row (``--seeds``). The document's
+    machine is the new one's; ``merged`` says its rows come from several runs."""
+    if previous is None or previous.get("quick") != document.get("quick") or previous.get("transcribed"):
+        return dict(document)
+    fresh = {json.dumps(r["label"], sort_keys=True): r for r in document["rows"]}
+    kept = {json.dumps(r["label"], sort_keys=True): r for r in previous["rows"]}
+    rows, merged = [], False
+    for row in experiment.rows:
+        key = json.dumps(dict(row["label"]), sort_keys=True)
+        config = fresh_config(experiment, row, document)
+        old = kept.get(key) if key in kept and kept[key].get("measured") else None
+        seeds = config.get("seeds")
+        if seeds is not None and old is not None and not same_row_settings(old["config"], config):
+            old = None
+        if key in fresh:
+            if seeds is not None and old is not None:
+                combined = merge_seeds(fresh[key], old, seeds)
+                merged = merged or combined["config"]["seeds"] != fresh[key]["config"]["seeds"]
+                rows.append(combined)
+            else:
+                rows.append(fresh[key])
+        elif old is not None and (seeds is not None or old["config"] == config):
+            rows.append(old)
+            merged = True
+    return {**document, "rows": rows, "merged": merged}
+
+
+def fresh_config(experiment: Experiment, row: Mapping[str, Any], document: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings ``row`` would run with in a run like ``document``'s (quick or not)."""
+    return _plain(row_config(experiment, row, quick=bool(document.get("quick"))))
 
 
 def write_figure(experiment: Experiment, document: Mapping[str, Any], folder: str | os.PathLike[str] = RESULTS) -> Path:
@@ -844,14 +1100,24 @@ def write_figure(experiment: Experiment, document: Mapping[str, Any], folder: st
     return plot_comparison(runs, Path(folder) / experiment.figure)
 
 
-def write_result(document: Mapping[str, Any], folder: str | os.PathLike[str] = RESULTS) -> Path:
-    """Writes ``document`` as ``folder/NAME.json`` (atomically) and returns the path."""
+def write_result(document: Mapping[str, Any], folder: str | os.PathLike[str] = RESULTS, *,
+                 merge: bool = False) -> Path:
+    """Writes ``document`` as ``folder/NAME.json`` (atomically) and returns the path. ``merge``:
+    its rows join the rows already there (:func:`merge_rows`), under a lock on the folder's
+    ``NAME.json.lock``, so processes measuring other rows of the table at once lose nothing."""
+    import fcntl
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{document['experiment']}.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
-    partial.replace(path)
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if merge:
+            previous = json.loads(path.read_text()) if path.exists() else None
+            document = merge_rows(EXPERIMENTS[document["experiment"]], previous, document)
+        partial = path.with_suffix(f".json.partial{os.getpid()}")
+        partial.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+        partial.replace(path)
     return path
 
 
@@ -889,10 +1155,18 @@ def caption(document: Mapping[str, Any]) -> str:
     rerun = f"`python {SCRIPT} run {document['experiment']}`"
     if document.get("transcribed"):
         return f"_{where}, load average not recorded (transcribed from an earlier measurement; rerun with {rerun})._"
+    quick = " (a `--quick` run: shrunk settings, not the table's)" if document.get("quick") else ""
+    if document.get("merged"):
+        rows = document["rows"]
+        loads = [x[0] for r in rows for x in (r.get("load_average"), r.get("load_average_end")) if x]
+        dates = sorted({r["measured"] for r in rows})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        load = f"load average {min(loads):.1f}-{max(loads):.1f}" if loads else "load average not recorded"
+        command = f"python {SCRIPT} run {document['experiment']} [--rows N,...]"
+        return f"_Measured with {where}, rows in separate runs, {load}, on {when}: `{command}`{quick}._"
     start, end = m.get("load_average"), m.get("load_average_end")
     load = "load average not recorded" if not start else (
         f"load average {start[0]:.1f}" + (f" at the start, {end[0]:.1f} at the end" if end else ""))
-    quick = " (a `--quick` run: shrunk settings, not the table's)" if document.get("quick") else ""
     return f"_Measured with {where}, {load}, on {document['measured']}: `{document['command']}`{quick}._"
 
 
@@ -950,6 +1224,16 @@ def render_readme(text: str, folder: str | os.PathLike[str] = RESULTS) -> tuple[
 # ----------------------------------------------------------------------------- command line
 
 
+def _row_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 2,5, got {text!r}") from None
+    if not numbers:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return numbers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``run`` and ``render``; returns the exit status (1: ``--check`` found differences, 2: bad input)."""
     parser = argparse.ArgumentParser(prog=SCRIPT, description=__doc__.split("\n\n")[0])
@@ -961,6 +1245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="shrink every run (1 round, 512 training and 64 test examples, at most 8 clients, bench repeats 1); needs --out")
     run.add_argument("--out", metavar="DIR", help=f"write the JSON here (default: {SCRIPT.rsplit('/', 1)[0]})")
     run.add_argument("--backbone", help="run every row on this backbone (name or checkpoint folder)")
+    run.add_argument("--rows", metavar="N,...", type=_row_numbers,
+                     help="measure only these rows (1-based) and merge them into the JSON already there")
+    run.add_argument("--seeds", metavar="S,...", type=_row_numbers,
+                     help="with --rows: of a row measured over seeds, only these; the kept JSON has the others")
     render = sub.add_parser("render", help="rewrite README.md's marked tables from the JSON")
     render.add_argument("--check", action="store_true", help="write nothing; exit 1 if README.md differs")
     render.add_argument("--results", metavar="DIR", default=str(RESULTS), help="where the JSON files are")
@@ -970,9 +1258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             if args.quick and not args.out:
                 raise ResultsError("--quick writes only into a folder given with --out (never over the kept results)")
+            if args.rows and len(args.names) != 1:
+                raise ResultsError("--rows picks rows of one experiment: name exactly one")
+            folder = args.out or RESULTS
+            if args.seeds and not args.rows:
+                raise ResultsError("--seeds measures some seeds of the rows given with --rows; name them")
             for name in args.names:
-                document = run_experiment(EXPERIMENTS[name], quick=args.quick, backbone=args.backbone)
-                path = write_result(document, args.out or RESULTS)
+                keep = None if args.rows is None else (lambda document: write_result(document, folder, merge=True))
+                document = run_experiment(EXPERIMENTS[name], quick=args.quick, backbone=args.backbone, only=args.rows,
+                                          on_row=keep, seeds=args.seeds)
+                path = write_result(document, folder, merge=args.rows is not None)
                 print(f"wrote {path}", flush=True)
                 if EXPERIMENTS[name].figure:
                     print(f"wrote {write_figure(EXPERIMENTS[name], document, args.out or RESULTS)}", flush=True)

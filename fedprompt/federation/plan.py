@@ -40,7 +40,7 @@ from fedprompt.backbones.backbone import Backbone
 from fedprompt.client import class_means
 from fedprompt.client.local import init_trainable, iterate_batches, make_eval_step
 from fedprompt.client.program import ClientProgram, gradient_program, identity_delta
-from fedprompt.config import DPConfig, RunConfig
+from fedprompt.config import ADAM_LR, DPConfig, RunConfig
 from fedprompt.errors import ConfigError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.federation.seeds import SeedDownlink
@@ -51,6 +51,16 @@ from fedprompt.server.robust import make_aggregator
 from fedprompt.tasks import SequenceClassification
 
 Pytree = Any
+
+
+def make_baseline_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """The optimizer of the ``baselines``: Adam, the centralized recipe, at ``local_lr`` when the
+    clients use Adam too and at Adam's default 0.01 when they use SGD, so that a federation
+    whose clients take plain SGD steps (for its server optimizer to adapt) is compared with
+    centralized and local-only prompts trained as well as they can be, not with SGD ones."""
+    if config.resolved_local_optimizer == "adam":
+        return optax.adam(config.resolved_local_lr)
+    return optax.adam(ADAM_LR)
 
 
 def make_prompt_config(config: RunConfig) -> PromptConfig:

@@ -622,7 +622,7 @@ def _evaluate(grid, settings, fed, nodes, state, r, test) -> dict[str, Any] | No
     on the nodes' own rows; None in a round that is not evaluated (and no federated keys)."""
     cfg = settings.run
     federated = dict.fromkeys(FEDERATED_EVAL_KEYS) if settings.federated_eval else {}
-    if not evaluate_now(r, cfg.eval_every, cfg.rounds):
+    if not evaluate_now(r, cfg.resolved_eval_every, cfg.rounds):
         return {"eval_loss": None, "eval_accuracy": None, **federated} if federated else None
     evaluation = {"eval_loss": None, "eval_accuracy": None}
     if test is not None:

@@ -118,7 +118,8 @@ def fedadagrad(server_lr: float = 0.1, tau: float = 1e-3, b1: float = 0.0) -> Al
 
 
 def fedadam(server_lr: float = 0.03, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> Algorithm:
-    """FedAdam, Reddi et al. 2021, Algorithm 2 (``server_lr`` 0.03: best of 0.01/0.03 on the default task)."""
+    """FedAdam, Reddi et al. 2021, Algorithm 2 (``server_lr`` 0.03: best of 0.01/0.03 on the default task;
+    see the README's sweep)."""
     return Algorithm("fedadam", optimizers.fedadam_optimizer(server_lr, b1=b1, b2=b2, tau=tau))
 
 

@@ -26,7 +26,7 @@ from fedprompt.client.federated import make_client_update
 from fedprompt.client.local import make_loss_fn, make_train_step
 from fedprompt.config import RunConfig
 from fedprompt.federation.evaluation import evaluate_tpt
-from fedprompt.federation.plan import FederationPlan, make_local_optimizer, make_plan
+from fedprompt.federation.plan import FederationPlan, make_baseline_optimizer, make_plan
 from fedprompt.federation.records import build_summary, save_run_prompt
 from fedprompt.federation.run_folder import check_run_folder, open_run_folder
 from fedprompt.prompts import PromptConfig
@@ -130,7 +130,7 @@ def simulate(
                 on_saved(done)
 
     state, _, metrics = run_rounds(
-        simulation, config.rounds - completed, encoded_test, eval_every=config.eval_every, state=state,
+        simulation, config.rounds - completed, encoded_test, eval_every=config.resolved_eval_every, state=state,
         client_states=client_states, start_round=completed, callback=callback, on_state=on_state,
     )
     metrics = list(previous_metrics or [])[:completed] + metrics
@@ -176,10 +176,13 @@ def compute_baselines(
     * local-only: every client trains its own prompt on its own data for as many local steps
       as an average client runs in the federation, each evaluated on the shared test set; the
       accuracies are averaged over clients.
+
+    Both train with Adam (:func:`~fedprompt.federation.plan.make_baseline_optimizer`), whatever
+    optimizer the federation's clients use.
     """
     plan = simulation.plan
     backbone, prompt_config, task = plan.backbone, plan.prompt_config, plan.task
-    optimizer = make_local_optimizer(config)
+    optimizer = make_baseline_optimizer(config)
     init_params = plan.init_params() if initial_params is None else initial_params
 
     # Centralized.

@@ -348,6 +348,22 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         ),
     ),
     Experiment(
+        "second_task", "simulate", {**NEW_DEFAULT, "wordnet_pos": "verb", "seeds": [0, 1, 2]},
+        rows=(
+            run_row({"defaults": "before: 8 Adam steps (lr 0.01) x 15 rounds"},
+                    rounds=15, local_steps=8, local_optimizer="adam", local_lr=0.01, eval_every=5),
+            run_row({"defaults": "now: 2 SGD steps (lr 0.5) x 60 rounds"}),
+        ),
+        columns=(
+            text("defaults", "`fedprompt run` defaults on the verb supersenses (user JSONL files)"),
+            seeded("final accuracy", "final_accuracy"),
+            Column("now - before (points)", lambda row, rows: f"{100 * (row['final_accuracy'] - rows[0]['final_accuracy']):+.1f}"
+                   if row.get("final_accuracy") is not None and rows[0].get("final_accuracy") is not None else "",
+                   "second_task_gain"),
+            value("bytes sent (up + down)", "total_bytes", decimal_bytes),
+        ),
+    ),
+    Experiment(
         "default_sweep", "simulate", {**DEFAULT_TASK, "eval_every": 5},
         rows=(
             run_row({"local": "Adam (lr 0.01)", "schedule": "4 steps x 30 rounds", "server": "FedAdam, lr 0.03",

@@ -302,6 +302,9 @@ NEW_DEFAULT: dict[str, Any] = {
 a round for 60 rounds under FedAdam (server lr 0.03), evaluated every 20 rounds: the same
 examples as ``DEFAULT_TASK``'s 8 Adam steps x 15 rounds."""
 
+OLD_SCHEDULE: dict[str, Any] = {key: DEFAULT_TASK[key] for key in ("rounds", "local_steps", "local_optimizer", "local_lr")}
+"""The earlier defaults' local schedule (8 Adam steps, lr 0.01, x 15 rounds), for rows beside the new one."""
+
 FEDAVG = {**DEFAULT_TASK, "algorithm": "fedavg", "server_lr": None}
 
 PROTECTED_DEPLOYMENT = {
@@ -335,7 +338,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         "default_time", "simulate", NEW_DEFAULT,
         rows=(
             run_row({"defaults": "before: 8 Adam steps (lr 0.01) x 15 rounds, evaluated every round"},
-                    rounds=15, local_steps=8, local_optimizer="adam", local_lr=0.01, eval_every=1),
+                    **OLD_SCHEDULE, eval_every=1),
             run_row({"defaults": "now: 2 SGD steps (lr 0.5) x 60 rounds, evaluated every 20"}),
         ),
         columns=(
@@ -351,7 +354,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         "second_task", "simulate", {**NEW_DEFAULT, "wordnet_pos": "verb", "seeds": [0, 1, 2]},
         rows=(
             run_row({"defaults": "before: 8 Adam steps (lr 0.01) x 15 rounds"},
-                    rounds=15, local_steps=8, local_optimizer="adam", local_lr=0.01, eval_every=5),
+                    **OLD_SCHEDULE, eval_every=5),
             run_row({"defaults": "now: 2 SGD steps (lr 0.5) x 60 rounds"}),
         ),
         columns=(

@@ -97,7 +97,7 @@ RUN_HELP: dict[str, str] = {
     "data": "JSONL or CSV file of labelled texts (unset: the built-in WordNet supersenses)",
     "test_data": "separate test file (unset: a seeded 80/20 split of --data)",
     "text_key": "text column of --data",
-    "label_key": "label column of --data",
+    "label_key": "label column of --data (generate: the column that groups examples, where present)",
     "method": "prompt | prefix | bbt | zo",
     "num_virtual_tokens": "prompt length",
     "algorithm": "fedavg | fedavgm | fedprox | fedadagrad | fedadam | fedyogi | scaffold",
@@ -127,7 +127,7 @@ RUN_HELP: dict[str, str] = {
     "bbt_popsize": "bbt: CMA-ES candidates per generation",
     "bbt_fitness_examples": "bbt: examples of a generation's batch the candidates are ranked on (0: all)",
     "logit_adjustment": "tau: local loss on logits + tau x log(own label frequencies), against label skew (0: off)",
-    "max_length": "tokens per example",
+    "max_length": "tokens per example (generate: prompt and response together)",
     "train_examples": "use at most this many training examples (unset: all)",
     "eval_examples": "evaluate on at most this many test examples",
     "eval_every": "evaluate every N rounds and after the last (unset: every max(1, rounds // 3))",
@@ -167,6 +167,11 @@ RUN_HELP: dict[str, str] = {
     "tpt_test_clients": "TPT: test clients of the shifted split",
     "tpt_alpha": "TPT: Dirichlet label skew of the test clients",
     "out": "output folder",
+    "task": "classify | generate (a decoder writes responses to prompts; loss on the response only)",
+    "prompt_key": "generate: the data's prompt column",
+    "response_key": "generate: the data's response column",
+    "max_new_tokens": "generate: the most tokens a greedy generation writes",
+    "generate_examples": "generate: test examples generated for exact match and ROUGE-L after the last round",
 }
 RUN_FLAG_NAMES = {"num_virtual_tokens": "--virtual-tokens"}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -229,11 +234,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_run_result(result, out: str) -> None:
     s = result.summary
-    print(f"final accuracy {s['final_accuracy']:.4f} after {s['rounds']} rounds; "
+    what = "final token accuracy" if s["config"].get("task") == "generate" else "final accuracy"
+    print(f"{what} {s['final_accuracy']:.4f} after {s['rounds']} rounds; "
           f"{(s['total_bytes_up'] + s['total_bytes_down']) / 1e6:.2f} MB sent; {s['wall_seconds']:.0f} s")
+    if "generation" in s:
+        g = s["generation"]
+        print(f"generations of {g['examples']} test prompts: exact match {g['exact_match']:.4f}, "
+              f"ROUGE-L {g['rouge_l']:.4f}")
     if "baselines" in s:
         b = s["baselines"]
         print(f"centralized {b['centralized_accuracy']:.4f}, local-only {b['local_only_accuracy']:.4f}")
+        if "centralized_rouge_l" in b:
+            print(f"ROUGE-L: centralized {b['centralized_rouge_l']:.4f}, local-only {b['local_only_rouge_l']:.4f}")
     if "tpt" in s:
         t = s["tpt"]
         print(f"test-time tuning on {t['test_clients']} label-shifted test clients (Dirichlet {t['alpha']:g}): "
@@ -552,7 +564,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not backbone.is_decoder:
             reason = "--generate needs a decoder backbone" if args.generate else "the prompt has no classification task"
             raise ConfigError(f"{reason}: {backbone.name!r} is an encoder and cannot generate text")
-        return _apply_generate(args, backbone, prompt)
+        return _apply_generate(args, artifact, backbone, prompt)
     task = artifact.task.to_task().resolve(backbone)
     n_soft = artifact.prompt_config.num_virtual_tokens if artifact.method == "prompt" else 0
     limit = backbone.config.max_positions
@@ -582,9 +594,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_generate(args: argparse.Namespace, backbone, prompt) -> int:
+def _apply_generate(args: argparse.Namespace, artifact, backbone, prompt) -> int:
+    """Generate after each text; a prompt trained on instruction data (``fedprompt run --task
+    generate``) reads each text laid out as in training."""
     import jax
     import numpy as np
+
+    from fedprompt.data import instructions
+    from fedprompt.federation.records import INSTRUCTION_FORMAT
 
     from fedprompt.errors import InputError
     from fedprompt.inference.generate import generate
@@ -593,8 +610,9 @@ def _apply_generate(args: argparse.Namespace, backbone, prompt) -> int:
     if tokenizer is None:
         raise InputError(f"backbone {backbone.name!r} has no tokenizer")
     results = []
+    instruction = artifact.training.get("prompt_format") == INSTRUCTION_FORMAT
     for index, text in enumerate(args.text):
-        ids = list(tokenizer(text)["input_ids"])
+        ids = instructions.format_prompt(backbone, text) if instruction else list(tokenizer(text)["input_ids"])
         if not ids:
             raise InputError(f"the text {text!r} tokenizes to no tokens")
         tokens = generate(

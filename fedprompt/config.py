@@ -31,6 +31,7 @@ SAMPLINGS = ("poisson", "fixed")
 
 ALGORITHM_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "scaffold")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+TASKS = ("classify", "generate")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
 HEAD_INITS = ("random", "class_means", "lda")
 """How a classification head starts: random, from the clients' class means (``head_init``), or
@@ -257,7 +258,15 @@ class RunConfig:
       backbone: checkpoint folder, built-in name (``minilm``) or cached hub id.
       data: a JSONL/CSV file of labelled texts; None uses the built-in WordNet supersenses.
       test_data: a separate test file; without it ``data`` is split 80/20 (seeded).
-      text_key, label_key: column names in ``data``.
+      text_key, label_key: column names in ``data``. With ``task = "generate"`` the
+        ``label_key`` column, where every row has one, groups the examples for the
+        label-skewed partitions (Dolly's ``category``); without it the data is one group.
+      task: ``classify`` (a text's label, the default) or ``generate`` (a decoder writes the
+        response to a prompt: instruction tuning, loss on the response tokens only; needs a
+        decoder backbone; evaluated by loss, perplexity and greedy generations scored with
+        exact match and ROUGE-L; :mod:`fedprompt.data.instructions`).
+      prompt_key, response_key: ``generate``: the columns of the prompt and the response in
+        ``data`` (JSONL, CSV, parquet or a Hugging Face ``datasets`` folder).
       method: ``prompt`` (soft prompt), ``prefix`` (deep prefix), or the gradient-free
         ``bbt`` (CMA-ES on a 500-dimensional projection of a soft prompt, FedBPT) and ``zo``
         (seed-based zeroth-order, FedKSeed); ``local_steps`` are CMA-ES generations or ZO steps.
@@ -303,7 +312,11 @@ class RunConfig:
         ranked on (the head's step still takes the whole batch; 0: all of it).
       logit_adjustment: tau >= 0; gradient clients train on logits shifted by tau x the log
         of their own label frequencies (FedLC-style calibration against label skew; 0: off).
-      max_length: tokens per example (truncated/padded), not counting virtual tokens.
+      max_length: tokens per example (truncated/padded), not counting virtual tokens; for
+        ``generate`` the prompt and the response together.
+      max_new_tokens: ``generate``: the most tokens a greedy generation writes.
+      generate_examples: ``generate``: test examples generated for exact match and ROUGE-L
+        after the last round (0: none).
       train_examples: use at most this many training examples (None: all).
       eval_examples: evaluate on at most this many test examples (None: all).
       eval_every: evaluate every this many rounds (and always after the last); unset: every
@@ -357,6 +370,9 @@ class RunConfig:
     test_data: str | None = None
     text_key: str = "text"
     label_key: str = "label"
+    task: str = "classify"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
     method: str = "prompt"
     num_virtual_tokens: int = 20
     algorithm: str = "fedadam"
@@ -387,6 +403,8 @@ class RunConfig:
     bbt_fitness_examples: int = 4
     logit_adjustment: float = 0.0
     max_length: int = 32
+    max_new_tokens: int = 16
+    generate_examples: int = 64
     train_examples: int | None = None
     eval_examples: int | None = 1024
     eval_every: int | None = None
@@ -429,7 +447,7 @@ class RunConfig:
         for field in dataclasses.fields(self):
             _check_type(field, getattr(self, field.name))
         positive = ("num_virtual_tokens", "rounds", "clients", "clients_per_round", "local_steps", "batch_size",
-                    "max_length", "labels_per_client", "head_init_examples", "zo_seeds", "bbt_dim")
+                    "max_length", "labels_per_client", "head_init_examples", "zo_seeds", "bbt_dim", "max_new_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -447,6 +465,8 @@ class RunConfig:
         if self.client_block_memory is not None and self.client_block_memory <= 0:
             raise ConfigError(f"client_block_memory must be > 0 GiB or unset, got {self.client_block_memory}")
         _choice("method", self.method, ("prompt", "prefix", "bbt", "zo"))
+        _choice("task", self.task, TASKS)
+        self._check_task()
         if self.method in ("bbt", "zo") and (self.dp is not None or self.secagg or self.algorithm == "scaffold"):
             raise ConfigError(f"method {self.method!r} sends seeds/low-dimensional vectors: DP, secure aggregation "
                               "and SCAFFOLD apply to gradient methods only")
@@ -493,8 +513,23 @@ class RunConfig:
             raise ConfigError("test_data needs data (the built-in data set has its own test split)")
         for name in ("data", "test_data"):
             path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"{name} file {path!r} does not exist")
+            if path is None or Path(path).is_file() or (self.task == "generate" and Path(path).is_dir()):
+                continue
+            raise ConfigError(f"{name} file {path!r} does not exist")
+
+    def _check_task(self) -> None:
+        if self.generate_examples < 0:
+            raise ConfigError(f"generate_examples must be >= 0, got {self.generate_examples}")
+        if self.task != "generate":
+            return
+        refused = [name for name, on in (
+            (f"head_init = {self.head_init!r}", self.head_init != "random"),
+            ("logit_adjustment", bool(self.logit_adjustment)), ("tpt", self.tpt),
+            ("attack = 'label_flip'", self.attack == "label_flip"),
+        ) if on]
+        if refused:
+            raise ConfigError(f"task = 'generate' trains no classification head: {', '.join(refused)} "
+                              "apply to task = 'classify'")
 
     @classmethod
     def from_sources(cls, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fedprompt-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import fedprompt  # noqa: E402
@@ -35,3 +37,23 @@ def tiny_backbone(name: str) -> fedprompt.Backbone:
 def minilm() -> fedprompt.Backbone:
     """The real all-MiniLM-L6-v2 (the built-in default backbone)."""
     return fedprompt.load_backbone("minilm")
+
+
+def with_word_tokenizer(src, dst, *, perturb: bool = False):
+    """A copy of a tiny fixture checkpoint plus a word-level tokenizer: "w3".."w99" are ids 3..99."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("golden.npz"))
+    vocab = {"<eos>": 0, "<unk>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, 100)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>").save_pretrained(dst)
+    if perturb:  # same architecture, different weights: a different fingerprint
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(dst / "model.safetensors")
+        name = next(k for k in sorted(tensors) if k.endswith("bias"))
+        tensors[name] = tensors[name] + np.float32(0.5)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

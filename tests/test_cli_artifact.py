@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, with_word_tokenizer
 
 import fedprompt
 from fedprompt.cli import main
@@ -22,33 +22,13 @@ from fedprompt.wire.artifact import load_prompt, save_prompt
 LABELS = ["cat", "dog", "fish"]
 
 
-def _with_tokenizer(src, dst, *, perturb: bool = False):
-    """A copy of a tiny fixture checkpoint plus a word-level tokenizer: "w3".."w99" are ids 3..99."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("golden.npz"))
-    vocab = {"<eos>": 0, "<unk>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, 100)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>").save_pretrained(dst)
-    if perturb:  # same architecture, different weights: a different fingerprint
-        from safetensors.numpy import load_file, save_file
-
-        tensors = load_file(dst / "model.safetensors")
-        name = next(k for k in sorted(tensors) if k.endswith("bias"))
-        tensors[name] = tensors[name] + np.float32(0.5)
-        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
     return {
-        "bert": _with_tokenizer(FIXTURES / "bert", root / "bert"),
-        "gpt2": _with_tokenizer(FIXTURES / "gpt2", root / "gpt2"),
-        "gpt2_other": _with_tokenizer(FIXTURES / "gpt2", root / "gpt2_other", perturb=True),
+        "bert": with_word_tokenizer(FIXTURES / "bert", root / "bert"),
+        "gpt2": with_word_tokenizer(FIXTURES / "gpt2", root / "gpt2"),
+        "gpt2_other": with_word_tokenizer(FIXTURES / "gpt2", root / "gpt2_other", perturb=True),
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, with_word_tokenizer
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -29,7 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedprompt.client import class_means, zeroth_order
 from fedprompt.data import datasets, loading
 from fedprompt.errors import ConfigError, WireError
-from fedprompt.federation.evaluation import evaluate_tpt
+from fedprompt.federation.evaluation import evaluate_tpt, generation_summary
 from fedprompt.flower import client_app, common, server_app
 from fedprompt.federation.records import client_message
 from fedprompt.privacy import accounting, dp
@@ -641,8 +641,6 @@ def node_files(tmp_path_factory):
     The largest node has as many rows as the largest client of RUN's demo partition: its client
     update and the simulation's block of clients are then the very programs the tests above
     compiled (one XLA cache per test session), which keeps these tests fast."""
-    from test_cli_artifact import _with_tokenizer
-
     root = tmp_path_factory.mktemp("node-data")
     _, demo = _settings(root / "demo")
     sizes = (common.build_federation(demo, common.load_run_backbone(demo)).capacity, 9, 6)
@@ -655,7 +653,7 @@ def node_files(tmp_path_factory):
     held_out.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in _texts(rng, 7)))
     server_test = root / "server-test.jsonl"
     server_test.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in _texts(rng, 10)))
-    return {"backbone": _with_tokenizer(FIXTURES / "bert", root / "bert"), "train": train, "sizes": sizes,
+    return {"backbone": with_word_tokenizer(FIXTURES / "bert", root / "bert"), "train": train, "sizes": sizes,
             "node_test": {1: held_out}, "server_test": server_test}
 
 
@@ -985,3 +983,52 @@ def test_replayed_evaluations_and_class_statistics_are_refused(tmp_path, flower_
     one, two = result.metrics
     assert one["federated_eval_rejected"] == 0 and one["federated_eval_clients"] == NODES
     assert two["federated_eval_rejected"] == 1 and two["federated_eval_clients"] == NODES - 1
+
+
+@pytest.fixture(scope="module")
+def instruction_files(tmp_path_factory):
+    """The tiny GPT-2 with a word-level tokenizer and a grouped instruction set (tests/test_generate_task.py's)."""
+    from test_generate_task import _rows
+
+    root = tmp_path_factory.mktemp("instructions")
+    rng = np.random.default_rng(1)
+    paths = {}
+    for name, n in (("train", 60), ("test", 12)):
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, n)))
+    return {"backbone": with_word_tokenizer(FIXTURES / "gpt2", root / "gpt2"), **paths}
+
+
+def generative_settings(out: Path, files, **extra) -> tuple[dict, common.FlowerSettings]:
+    """A 2-round `task = "generate"` run on :func:`instruction_files` (the demo partition of its train file)."""
+    return _settings(out, backbone=str(files["backbone"]), data=str(files["train"]), **{
+        "test-data": str(files["test"]), "synthetic-examples": 0, "task": "generate", "label-key": "category",
+        "max-length": 10, "max-new-tokens": 3, "generate-examples": 4, "eval-examples": 12, "rounds": 2, **extra})
+
+
+GENERATIVE = {
+    "prompt": {}, "zo": {"method": "zo"}, "prefix-int8-trimmed-mean": {"method": "prefix", "compress": "int8",
+                                                                     "aggregator": "trimmed_mean", "trim-beta": 0.34},
+    "central-dp": {"dp": "central", "dp-clip": 0.05, "dp-noise-multiplier": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATIVE))
+def test_a_generative_task_deployed_equals_the_simulation(tmp_path, flower_task, instruction_files, name):
+    method = GENERATIVE[name].get("method", "prompt")
+    overrides, settings = generative_settings(tmp_path / "out", instruction_files,
+                                              **{"update-clip": 0.2, **GENERATIVE[name]})
+    grid = InProcessGrid(_app_config(overrides), NODES)
+    result = server_app.run_federation(grid, settings, log=lambda text: None)
+    fed, sim = _reference(settings)
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    _assert_close(result.state.params, state.params, atol=1e-4 if method == "zo" else 1e-5)
+    for got, want in zip(result.metrics, expected, strict=True):
+        np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-4)
+        np.testing.assert_allclose(got["eval_perplexity"], want["eval_perplexity"], rtol=1e-4)
+    reference = generation_summary(settings.run, fed.plan, fed.plan.trainable(state.params), fed.test_examples)
+    summary = result.summary
+    assert summary["generation"]["samples"] == reference["generation"]["samples"]
+    assert (summary["final_exact_match"], summary["final_rouge_l"]) == pytest.approx(
+        (reference["final_exact_match"], reference["final_rouge_l"]))
+    assert artifact.load_prompt(tmp_path / "out" / "prompt.fpp").task.type == "causal_lm"

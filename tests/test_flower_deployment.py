@@ -14,7 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_flower import APP, NODES, _assert_close, _read_run, _reference, _replay, _settings
+from test_flower import (APP, NODES, _assert_close, _read_run, _reference, _replay, _settings,  # noqa: F401
+                         generative_settings, instruction_files)
+
+from fedprompt.federation.evaluation import generation_summary
 
 from fedprompt.flower.loopback import LoopbackDeployment
 from fedprompt.server import rounds
@@ -42,15 +45,21 @@ def deployment(tmp_path_factory, jax_cache):
         local.stop()
 
 
+def _deployed_and_simulated(deployment, out, overrides, settings, *, timeout, name):
+    """A deployed run's files (metrics, summary, final params, prompt) and the simulation's
+    reference of the same settings (federation, engine, final state, per-round metrics)."""
+    deployment.wait(deployment.run(overrides, timeout=timeout, name=name))
+    assert (out / "summary.json").exists(), deployment.run_log()
+    fed, sim = _reference(settings)
+    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    return _read_run(out), (fed, sim, state, expected)
+
+
 def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(deployment):
     out = deployment.tmp / "out-prompt"
     overrides, settings = _settings(out, rounds=2, **{"round-timeout": 120.0})
-    deployment.wait(deployment.run(overrides, timeout=170, name="prompt"))
-    assert (out / "summary.json").exists(), deployment.run_log()
-    metrics, summary, params, prompt = _read_run(out)
-
-    fed, sim = _reference(settings)
-    state, _, expected = run_rounds(sim, settings.run.rounds, fed.test_set())
+    (metrics, summary, params, prompt), (fed, sim, state, expected) = _deployed_and_simulated(
+        deployment, out, overrides, settings, timeout=170, name="prompt")
     # The final prompt (and head) are the simulation's, and so is every round.
     _assert_close(params, state.params)
     assert [m["clients"] for m in metrics] == [NODES] * settings.run.rounds
@@ -101,6 +110,21 @@ def test_deployed_zo_nodes_keep_their_state_and_are_sent_only_the_seeds_they_mis
     assert all(m["largest_down"] <= full for m in metrics)
     assert all(m["bytes_down"] < m["sampled"] * full for m in metrics)
     assert summary["zo_downlink"] == "seeds" and summary["setup"]["bytes_down"] == sim.setup_bytes()["bytes_down"]
+
+
+def test_a_generative_task_deployed_over_real_processes_equals_the_simulation(deployment, instruction_files):
+    """`task = "generate"` on the tiny GPT-2 (instruction rows, loss on the responses): every
+    round's loss and the final prompt are the engine's, and so are the server's generations."""
+    out = deployment.tmp / "out-generate"
+    overrides, settings = generative_settings(out, instruction_files, **{"round-timeout": 120.0})
+    (metrics, summary, params, prompt), (fed, sim, state, expected) = _deployed_and_simulated(
+        deployment, out, overrides, settings, timeout=200, name="generate")
+    _assert_close(params, state.params)
+    for got, want in zip(metrics, expected, strict=True):
+        np.testing.assert_allclose(got["eval_perplexity"], want["eval_perplexity"], rtol=1e-4)
+    reference = generation_summary(settings.run, fed.plan, fed.plan.trainable(state.params), fed.test_examples)
+    assert summary["generation"]["samples"] == reference["generation"]["samples"]
+    assert summary["final_rouge_l"] == reference["final_rouge_l"] and prompt.task.type == "causal_lm"
 
 
 # Secure aggregation and central DP deployed: test_flower_tls.py, over TLS with authenticated

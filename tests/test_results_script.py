@@ -14,8 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES
-from test_cli_artifact import _with_tokenizer
+from conftest import FIXTURES, with_word_tokenizer
 
 import fedprompt
 
@@ -99,7 +98,7 @@ def test_cell_formats(fmt, x, expected):
 def test_a_quick_run_records_the_numbers_of_the_run(tmp_path):
     """One row of the default-task sweep, shrunk by --quick, on the tiny BERT: the JSON row holds
     what the seeded run gives again when rerun through the Python API with the row's config."""
-    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    backbone = with_word_tokenizer(FIXTURES / "bert", tmp_path / "bert")
     table = reproduce.EXPERIMENTS["default_sweep"]
     one_row = dataclasses.replace(table, rows=table.rows[:1])  # local Adam, 4 steps x 30 rounds
     lines: list[str] = []

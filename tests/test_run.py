@@ -9,8 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
-from test_cli_artifact import _with_tokenizer
+from conftest import FIXTURES, with_word_tokenizer
 
 from fedprompt.cli import main
 from fedprompt.config import RunConfig
@@ -80,7 +79,7 @@ def test_cli_run_writes_all_four_files_on_user_data(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
-    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    backbone = with_word_tokenizer(FIXTURES / "bert", tmp_path / "bert")
     args = ["run", "--data", str(data), "--backbone", str(backbone), "--rounds", "2", "--clients", "4",
             "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "8", "--max-length", "12",
             "--virtual-tokens", "4", "--out", str(out), "--no-progress", "--tpt", "--tpt-test-clients", "3"]
@@ -119,7 +118,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     from fedprompt.wire.artifact import load_prompt
 
-    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    backbone = with_word_tokenizer(FIXTURES / "bert", tmp_path / "bert")
     common = ["--backbone", str(backbone), "--rounds", "6", "--clients", "4", "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "8",
               "--max-length", "12", "--virtual-tokens", "4", "--train-examples", "200", "--eval-examples", "48",
               "--algorithm", "fedadam", "--dropout", "0.2", "--no-progress"]
@@ -203,7 +202,7 @@ def test_baselines_train_with_adam_whatever_the_clients_use(tmp_path):
     import fedprompt
     from fedprompt.federation.plan import make_baseline_optimizer
 
-    backbone = _with_tokenizer(FIXTURES / "bert", tmp_path / "bert")
+    backbone = with_word_tokenizer(FIXTURES / "bert", tmp_path / "bert")
     common = {"backbone": str(backbone), "rounds": 1, "clients": 4, "clients_per_round": 2, "local_steps": 2,
               "batch_size": 8, "max_length": 12, "num_virtual_tokens": 4, "train_examples": 160,
               "eval_examples": 48, "baselines": True}

@@ -21,8 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES
-from test_cli_artifact import _with_tokenizer
+from conftest import FIXTURES, with_word_tokenizer
 
 import fedprompt
 from fedprompt.config import RunConfig
@@ -60,7 +59,7 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
     root = tmp_path_factory.mktemp("tiny")
-    backbone = _with_tokenizer(FIXTURES / "bert", root / "bert")
+    backbone = with_word_tokenizer(FIXTURES / "bert", root / "bert")
     rows = [{"text": f"w{5 + i % 7} w{20 + i % 5} w{40 + (i % 4) * 10}", "label": LABELS[i % 4]} for i in range(48)]
     data = root / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))

@@ -241,6 +241,14 @@ class Backbone:
         self.check_inputs(input_ids, attention_mask, prompt)
         return self._jit_apply(self.weights, input_ids, attention_mask, prompt, token_type_ids, with_logits=with_logits)
 
+    def check_sequence(self, max_length: int, num_virtual: int = 0) -> None:
+        """Raise SequenceTooLongError when ``max_length`` tokens and ``num_virtual`` virtual
+        tokens exceed the backbone's positions."""
+        if self.config.max_positions is not None and max_length + num_virtual > self.config.max_positions:
+            raise SequenceTooLongError(
+                f"max_length {max_length} + {num_virtual} virtual tokens exceeds {self.config.max_positions} positions"
+            )
+
     def tokenize(self, texts: list[str], max_length: int, *, num_virtual: int = 0) -> dict[str, np.ndarray]:
         """Tokenize a list of texts to fixed-length NumPy arrays (right padding, truncation).
 
@@ -254,10 +262,7 @@ class Backbone:
 
         if self.tokenizer is None:
             raise InputError(f"backbone {self.name!r} has no tokenizer")
-        if self.config.max_positions is not None and max_length + num_virtual > self.config.max_positions:
-            raise SequenceTooLongError(
-                f"max_length {max_length} + {num_virtual} virtual tokens exceeds {self.config.max_positions} positions"
-            )
+        self.check_sequence(max_length, num_virtual)
         tok = self.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token

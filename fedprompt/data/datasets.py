@@ -57,6 +57,10 @@ class TextDataset:
         texts: The examples' texts.
         labels: Class index of each example, int32, shape ``(len(texts),)``, read-only.
         label_names: Name of each class; ``labels`` index into it.
+        responses: Instruction data only (:mod:`fedprompt.data.instructions`): each example's
+            response, the text a decoder learns to write after its prompt (``texts``); the
+            labels then only group the examples (for partitions), ``("all",)`` when the data
+            has no group column. None for classification data.
 
     Equality and hashing are by identity (the labels are an array).
     """
@@ -64,6 +68,7 @@ class TextDataset:
     texts: tuple[str, ...]
     labels: np.ndarray
     label_names: tuple[str, ...]
+    responses: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         texts = tuple(self.texts)
@@ -88,6 +93,11 @@ class TextDataset:
             )
         labels = labels.astype(np.int32)
         labels.setflags(write=False)
+        if self.responses is not None:
+            responses = tuple(self.responses)
+            if len(responses) != len(texts) or not all(isinstance(r, str) for r in responses):
+                raise DataError(f"responses must be {len(texts)} str, one per text")
+            object.__setattr__(self, "responses", responses)
         object.__setattr__(self, "texts", texts)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "label_names", label_names)
@@ -96,7 +106,8 @@ class TextDataset:
         return len(self.texts)
 
     def __repr__(self) -> str:
-        return f"TextDataset(num_examples={len(self)}, num_labels={self.num_labels})"
+        kind = "" if self.responses is None else ", instructions"
+        return f"TextDataset(num_examples={len(self)}, num_labels={self.num_labels}{kind})"
 
     @property
     def num_labels(self) -> int:
@@ -130,6 +141,7 @@ class TextDataset:
             texts=tuple(self.texts[i] for i in index.tolist()),
             labels=labels,
             label_names=self.label_names,
+            responses=None if self.responses is None else tuple(self.responses[i] for i in index.tolist()),
         )
 
     def label_histogram(self) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedprompt.config import RunConfig
-from fedprompt.data import datasets, partition
+from fedprompt.data import datasets, instructions, partition
 from fedprompt.errors import ConfigError
 from fedprompt.federation.keys import KeySchedule
 
@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 
 
 def load_data(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
-    """Train and test sets for a config: the built-in WordNet set, or the user's files."""
+    """Train and test sets for a config: the built-in WordNet set, or the user's files
+    (instruction data for ``task = "generate"``: :mod:`fedprompt.data.instructions`)."""
+    if config.task == "generate":
+        return _load_instructions(config)
     if config.data is None:
         return datasets.load_wordnet_supersenses()
     full = datasets.load_text_file(config.data, text_key=config.text_key, label_key=config.label_key)
@@ -56,11 +59,29 @@ def select_examples(
     return train, _subsample(test, config.eval_examples, keys.test_subset)
 
 
-def load_labelled_file(config: RunConfig, path: str, label_names: Sequence[str]) -> datasets.TextDataset:
+def _load_instructions(config: RunConfig) -> tuple[datasets.TextDataset, datasets.TextDataset]:
+    if config.data is None:
+        return instructions.load_wordnet_generation()
+    full = load_labelled_file(config, config.data, None)
+    if config.test_data is None:
+        if "test" in instructions.folder_splits(config.data):
+            return full, load_labelled_file(config, config.data, full.label_names, split="test")
+        return datasets.train_test_split(full, test_fraction=0.2, seed=config.seed)
+    return full, load_labelled_file(config, config.test_data, full.label_names)
+
+
+def load_labelled_file(config: RunConfig, path: str, label_names: Sequence[str] | None,
+                       split: str = "train") -> datasets.TextDataset:
     """One party's own file of labelled texts (a SuperNode's training or held-out rows, a
     server's held-out set): JSONL or CSV, read with the run's ``text_key`` / ``label_key``, every
     label one of the agreed ``label_names`` (a label outside them raises a DataError naming the
-    file, the line and the label)."""
+    file, the line and the label). Instruction data (``task = "generate"``) is read with the
+    run's ``prompt_key`` / ``response_key``, grouped by ``label_key`` where every row has it
+    (``split``: the split of a ``datasets`` folder)."""
+    if config.task == "generate":
+        return instructions.load_instruction_file(
+            path, prompt_key=config.prompt_key, response_key=config.response_key, label_key=config.label_key,
+            label_names=label_names, split=split)
     return datasets.load_text_file(path, text_key=config.text_key, label_key=config.label_key,
                                    label_names=label_names)
 
@@ -77,7 +98,16 @@ def _subsample(ds: datasets.TextDataset, limit: int | None, seed: int) -> datase
 
 
 def partition_clients(config: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
-    """The training rows of every client (``partition``, ``alpha``, ``labels_per_client``, ``seed``)."""
+    """The training rows of every client (``partition``, ``alpha``, ``labels_per_client``, ``seed``).
+
+    Raises:
+      ConfigError: a label-skewed partition (``dirichlet``, ``shards``) of data in one group
+        (instruction data without a ``label_key`` column).
+    """
+    if config.partition in ("dirichlet", "shards") and np.unique(np.asarray(labels)).size < 2:
+        raise ConfigError(f"partition {config.partition!r} skews labels, but the training data is one group "
+                          f"(no {config.label_key!r} column): use --partition iid or quantity, or --label-key "
+                          "naming a column that groups the examples")
     return partition.partition(
         config.partition, np.asarray(labels), config.clients,
         alpha=config.alpha, labels_per_client=config.labels_per_client, seed=config.seed,
@@ -85,7 +115,10 @@ def partition_clients(config: RunConfig, labels: np.ndarray) -> list[np.ndarray]
 
 
 def encode_dataset(backbone: Backbone, dataset: datasets.TextDataset, max_length: int, num_virtual: int) -> dict[str, np.ndarray]:
-    """Tokenize a labelled text data set into fixed-shape NumPy columns."""
+    """Tokenize a labelled text data set into fixed-shape NumPy columns (instruction data: the
+    :class:`~fedprompt.tasks.CausalLM` columns of :func:`~fedprompt.data.instructions.encode_instructions`)."""
+    if dataset.responses is not None:
+        return instructions.encode_instructions(backbone, dataset, max_length, num_virtual)
     encoded = backbone.tokenize(list(dataset.texts), max_length, num_virtual=num_virtual)
     return {**encoded, "labels": np.asarray(dataset.labels, np.int32)}
 

@@ -48,7 +48,7 @@ from fedprompt.privacy import dp
 from fedprompt.prompts import PromptConfig
 from fedprompt.server import algorithms, rounds
 from fedprompt.server.robust import make_aggregator
-from fedprompt.tasks import SequenceClassification
+from fedprompt.tasks import CausalLM, SequenceClassification, Task
 
 Pytree = Any
 
@@ -73,9 +73,23 @@ def make_prompt_config(config: RunConfig) -> PromptConfig:
     )
 
 
-def make_task(num_labels: int) -> SequenceClassification:
-    """The task of a run: sequence classification over ``num_labels`` classes."""
+def make_task(num_labels: int, task: str = "classify") -> Task:
+    """The task of a run: sequence classification over ``num_labels`` classes, or for
+    ``task = "generate"`` next-token prediction on the responses (:class:`~fedprompt.tasks.CausalLM`)."""
+    if task == "generate":
+        return CausalLM()
     return SequenceClassification(num_labels=num_labels)
+
+
+def check_task(config: RunConfig, backbone: Backbone) -> None:
+    """Refuse a task the backbone cannot run (before anything is written).
+
+    Raises:
+      ConfigError: ``task = "generate"`` on an encoder.
+    """
+    if config.task == "generate" and not backbone.is_decoder:
+        raise ConfigError(f"task = 'generate' needs a decoder backbone (GPT-2, Llama, Qwen2, Mistral); "
+                          f"{backbone.name!r} is an encoder")
 
 
 def make_algorithm(config: RunConfig) -> algorithms.Algorithm:
@@ -106,7 +120,7 @@ def make_program(
     config: RunConfig,
     backbone: Backbone,
     prompt_config: PromptConfig,
-    task: SequenceClassification,
+    task: Task,
     algorithm: algorithms.Algorithm | None = None,
     batch_sharding: Any = None,
 ) -> ClientProgram:
@@ -284,7 +298,7 @@ class FederationPlan:
 
     backbone: Backbone
     prompt_config: PromptConfig
-    task: SequenceClassification
+    task: Task
     algorithm: algorithms.Algorithm
     program: ClientProgram
     server: rounds.ServerRound
@@ -374,7 +388,11 @@ class FederationPlan:
         return params if to_trainable is None else to_trainable(params)
 
     def evaluate(self, params: Pytree, encoded: Mapping[str, np.ndarray], batch_size: int = 128) -> dict[str, float]:
-        """Loss and accuracy of global ``params`` on an encoded data set (every example once)."""
+        """Loss and accuracy of global ``params`` on an encoded data set (every example once).
+
+        For :class:`~fedprompt.tasks.CausalLM` the accuracy is the response tokens' (the
+        argmax is the next token), the loss their mean cross-entropy (each batch's weighted by
+        its examples) and ``eval_perplexity`` its exponential."""
         trainable = self.trainable(params)
         total_loss = total_correct = total = 0.0
         for batch in iterate_batches(encoded, batch_size):
@@ -383,13 +401,16 @@ class FederationPlan:
             total_loss += float(m.loss) * n
             total_correct += float(m.accuracy) * n
             total += n
-        return {"eval_loss": total_loss / total, "eval_accuracy": total_correct / total}
+        out = {"eval_loss": total_loss / total, "eval_accuracy": total_correct / total}
+        if isinstance(self.task, CausalLM):
+            out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 700.0)))
+        return out
 
 
 def build_plan(
     backbone: Backbone,
     prompt_config: PromptConfig,
-    task: SequenceClassification,
+    task: Task,
     algorithm: algorithms.Algorithm,
     local_optimizer: optax.GradientTransformation | None = None,
     *,
@@ -476,6 +497,8 @@ def build_plan(
         encode = dp.local_dp_stage(privacy.config.clip, privacy.noise_multiplier)
     head_statistics = None
     if head_init in ("class_means", "lda"):
+        if not isinstance(task, SequenceClassification):
+            raise ConfigError(f"head_init = {head_init!r} sets a classification head; the task has none")
         if privacy.mode is not None or secagg is not None:
             raise ConfigError("class-means head initialisation sends class means in the clear: not with DP or "
                               "secure aggregation")
@@ -505,10 +528,11 @@ def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_s
     Raises:
       ConfigError: a combination the settings cannot run.
     """
-    if num_labels < 2:
+    if num_labels < 2 and config.task == "classify":
         raise ConfigError(f"a classification task needs at least 2 labels, got {num_labels}")
+    check_task(config, backbone)
     prompt_config = make_prompt_config(config)
-    task = make_task(num_labels).resolve(backbone)
+    task = make_task(num_labels, config.task).resolve(backbone)
     algorithm = make_algorithm(config)
     secagg = SecureAggregationSettings(config.secagg_threshold) if config.secagg else None
     return build_plan(

@@ -126,18 +126,25 @@ def build_summary(
     return summary
 
 
+INSTRUCTION_FORMAT = "instruction"
+"""``training.prompt_format`` of a prompt trained on instruction data: ``fedprompt apply`` lays a
+text out as training did (:func:`fedprompt.data.instructions.format_prompt`)."""
+
+
 def save_run_prompt(
     path: str | Path, plan: Any, state: Any, *, config: RunConfig, label_names: Sequence[str],
     summary: Mapping[str, Any],
 ) -> Path:
-    """Saves a finished run's prompt and head as ``.fpp`` with its training facts."""
+    """Saves a finished run's prompt and head as ``.fpp`` with its training facts (a generative
+    run's task is ``causal_lm``, without labels)."""
     trainable = jax.device_get(plan.trainable(state.server.params))
     privacy = summary.get("privacy") or {}
     epsilon = privacy.get("epsilon")
     return artifact.save_prompt(
         path, trainable, config=plan.prompt_config, backbone=plan.backbone, task=plan.task,
-        label_names=list(label_names),
+        label_names=list(label_names) if config.task == "classify" else None,
         training={"rounds": config.rounds, "clients": config.clients, "algorithm": config.algorithm,
                   "privacy_epsilon": epsilon if epsilon is not None and math.isfinite(epsilon) else None,
-                  "final_accuracy": summary["final_accuracy"], "runtime": summary["runtime"]},
+                  "final_accuracy": summary["final_accuracy"], "runtime": summary["runtime"],
+                  **({"prompt_format": INSTRUCTION_FORMAT} if config.task == "generate" else {})},
     )

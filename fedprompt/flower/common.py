@@ -101,7 +101,7 @@ from fedprompt.config import RunConfig
 from fedprompt.errors import ConfigError, DataError, FedPromptError, WireError
 from fedprompt.federation.keys import KeySchedule
 from fedprompt.federation.plan import FederationPlan, local_batch_sharding, make_plan
-from fedprompt.data import datasets, loading
+from fedprompt.data import datasets, instructions, loading
 from fedprompt.wire import codec
 from fedprompt.wire.limits import MAX_CLASSES
 
@@ -335,7 +335,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FlowerSettings:
         if run.data is not None or settings.synthetic_examples:
             raise ConfigError("with node-data each SuperNode reads its own data-path: unset data (\"\") and "
                               "synthetic-examples (0)")
-        if not settings.label_names:
+        if not settings.label_names and run.task == "classify":
             raise ConfigError("node-data needs label-names, the classes of every node's file (\"neg,pos\")")
         if run.tpt and settings.test_data is None:
             raise ConfigError("tpt adapts the prompt on the server's test set: with node-data, give test-data")
@@ -564,10 +564,16 @@ class Federation:
 
     def _read(self, path: str, key: str) -> datasets.TextDataset:
         try:
-            return loading.load_labelled_file(self.settings.run, path, self.label_names)
+            return loading.load_labelled_file(self.settings.run, path, self.label_names or None)
         except DataError as err:
             raise FederationError(f"this SuperNode's {key} does not fit the run (label-names "
                                   f"{','.join(self.label_names)}): {err}") from err
+
+    @property
+    def test_examples(self) -> datasets.TextDataset | None:
+        """The server's test examples as texts (for generations), None without them or with
+        synthetic token data."""
+        return self._test if isinstance(self._test, datasets.TextDataset) else None
 
     def training_set(self) -> dict[str, np.ndarray]:
         """Every client's rows, encoded (what the in-process simulation holds; a node needs only its own)."""
@@ -582,6 +588,8 @@ class Federation:
 
     def template_rows(self) -> dict[str, np.ndarray]:
         """One encoded example: the columns and dtypes that fix the shape of a client's update."""
+        if self._test is None and self.settings.run.task == "generate":
+            return self._encode(instructions.from_records([{"prompt": "template", "response": "template"}]))
         if self._test is None:
             return self._encode(datasets.from_lists(["template"], [0], self.label_names))
         if isinstance(self._test, datasets.TextDataset):
@@ -603,7 +611,8 @@ def build_federation(settings: FlowerSettings, backbone: Backbone, *, client: bo
         label_names = settings.label_names
         train = test = None
         if settings.test_data is not None and not client:
-            test = loading.select_test_examples(cfg, loading.load_labelled_file(cfg, settings.test_data, label_names))
+            test = loading.select_test_examples(cfg, loading.load_labelled_file(cfg, settings.test_data,
+                                                                                label_names or None))
     elif settings.synthetic_examples:
         shape = dict(max_length=cfg.max_length, vocab_size=backbone.config.vocab_size,
                      num_labels=settings.synthetic_labels)

@@ -78,7 +78,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.client import class_means
 from fedprompt.errors import ConfigError, WireError
-from fedprompt.federation.evaluation import evaluate_tpt
+from fedprompt.federation.evaluation import check_generation_scoring, evaluate_tpt, generation_summary
 from fedprompt.federation.keys import fresh_key
 from fedprompt.federation.records import RoundRecord, build_summary, evaluate_now, save_run_prompt, sum_metric
 from fedprompt.federation.run_folder import check_run_folder, open_run_folder
@@ -258,6 +258,7 @@ def run_federation(
     cfg = settings.run
     out = Path(cfg.out)
     check_run_folder(out, overwrite=settings.overwrite)  # before anything is loaded
+    check_generation_scoring(cfg)
     fed = common.build_federation(settings, common.load_run_backbone(settings))
     plan = fed.plan
     fingerprint = fed.backbone.fingerprint
@@ -323,6 +324,7 @@ def run_federation(
             summary["final_federated_accuracy"] = metrics[-1]["federated_eval_accuracy"]
         if cfg.tpt:
             summary["tpt"] = evaluate_tpt(cfg, plan, plan.trainable(state.server.params), test)
+        summary.update(generation_summary(cfg, plan, plan.trainable(state.server.params), fed.test_examples))
         summary["wall_seconds"] = time.perf_counter() - started
         save_run_prompt(out / "prompt.fpp", plan, state, config=cfg, label_names=fed.label_names, summary=summary)
         report.write_summary(out / "summary.json", summary)

@@ -25,8 +25,9 @@ from fedprompt.backbones.loading import load_backbone
 from fedprompt.client.federated import make_client_update
 from fedprompt.client.local import make_loss_fn, make_train_step
 from fedprompt.config import RunConfig
-from fedprompt.federation.evaluation import evaluate_tpt
-from fedprompt.federation.plan import FederationPlan, make_baseline_optimizer, make_plan
+from fedprompt.federation.evaluation import (check_generation_scoring, evaluate_generation, evaluate_tpt,
+                                             generation_summary)
+from fedprompt.federation.plan import FederationPlan, check_task, make_baseline_optimizer, make_plan
 from fedprompt.federation.records import build_summary, save_run_prompt
 from fedprompt.federation.run_folder import check_run_folder, open_run_folder
 from fedprompt.prompts import PromptConfig
@@ -144,8 +145,9 @@ def simulate(
         if resume:  # the checkpoint holds the trained state only: rebuild the starting point
             initial_params = simulation.init()[0].server.params
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test,
-                                                 initial_params=initial_params)
+                                                 initial_params=initial_params, test=test)
     trainable = plan.trainable(state.server.params)
+    summary.update(generation_summary(config, plan, trainable, test))
     if config.tpt:
         summary["tpt"] = evaluate_tpt(config, plan, trainable, encoded_test)
     summary["wall_seconds"] = time.perf_counter() - started
@@ -163,6 +165,7 @@ def compute_baselines(
     encoded_test: Mapping[str, np.ndarray],
     *,
     initial_params: Any = None,
+    test: datasets.TextDataset | None = None,
 ) -> dict[str, float]:
     """Centralized and local-only references with the same training budget as the federation.
 
@@ -178,7 +181,9 @@ def compute_baselines(
       accuracies are averaged over clients.
 
     Both train with Adam (:func:`~fedprompt.federation.plan.make_baseline_optimizer`), whatever
-    optimizer the federation's clients use.
+    optimizer the federation's clients use. A generative run (``task = "generate"``, with
+    ``generate_examples`` and the ``test`` set) also scores both by the exact match and ROUGE-L of
+    their generations (local-only: averaged over clients).
     """
     plan = simulation.plan
     backbone, prompt_config, task = plan.backbone, plan.prompt_config, plan.task
@@ -197,6 +202,10 @@ def compute_baselines(
         idx = rng.choice(n, batch, replace=n < batch)
         params, opt_state, _ = step_fn(params, opt_state, {k: v[idx] for k, v in encoded_train.items()}, backbone.weights)
     centralized = simulation.evaluate(params, encoded_test)["eval_accuracy"]
+    scored = config.task == "generate" and config.generate_examples and test is not None
+    generation: dict[str, list[dict[str, Any]]] = {"centralized": [], "local_only": []}
+    if scored:
+        generation["centralized"].append(evaluate_generation(config, plan, plan.trainable(params), test))
 
     # Local only.
     local_steps = max(1, round(config.rounds * config.clients_per_round * config.local_steps / config.clients))
@@ -217,7 +226,12 @@ def compute_baselines(
         result = update(start, backbone.weights, columns, int(data.sizes[client]), key)
         trained = jax.tree.map(lambda p, d: p + d, start, result.delta)
         accuracies.append(simulation.evaluate(trained, encoded_test)["eval_accuracy"])
+        if scored:
+            generation["local_only"].append(evaluate_generation(config, plan, plan.trainable(trained), test))
+    scores = {f"{who}_{name}": float(np.mean([g[name] for g in runs]))
+              for who, runs in generation.items() if runs for name in ("exact_match", "rouge_l")}
     return {
+        **scores,
         "centralized_accuracy": centralized,
         "local_only_accuracy": float(np.mean(accuracies)),
         "local_only_accuracies": [float(a) for a in accuracies],
@@ -317,6 +331,8 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
     bar = report.Progress(config.rounds, stream=stream, enabled=progress, lines=progress is None)
     bar.note(f"loading backbone {config.backbone}")
     backbone = load_backbone(config.backbone)
+    check_task(config, backbone)
+    check_generation_scoring(config)
     bar.note(f"loading data from {config.data}" if config.data else "loading the built-in WordNet supersenses")
     train, test = load_data(config)
     metrics_path = out / report.METRICS_FILE

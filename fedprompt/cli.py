@@ -168,6 +168,7 @@ RUN_HELP: dict[str, str] = {
     "tpt_alpha": "TPT: Dirichlet label skew of the test clients",
     "out": "output folder",
     "task": "classify | generate (a decoder writes responses to prompts; loss on the response only)",
+    "verbalizer": "decoders: classify by the LM head's logits of these label words (comma-separated, or 'names')",
     "prompt_key": "generate: the data's prompt column",
     "response_key": "generate: the data's response column",
     "max_new_tokens": "generate: the most tokens a greedy generation writes",

@@ -265,6 +265,11 @@ class RunConfig:
         response to a prompt: instruction tuning, loss on the response tokens only; needs a
         decoder backbone; evaluated by loss, perplexity and greedy generations scored with
         exact match and ROUGE-L; :mod:`fedprompt.data.instructions`).
+      verbalizer: classification with a decoder by its frozen LM head instead of a trained
+        head: one label word per class, comma-separated in the order of the label names, or
+        ``names`` for the label names themselves; a class's score is the LM head's logit of its
+        word's first token at the last real position (the words' first tokens must differ).
+        Unset: a linear head.
       prompt_key, response_key: ``generate``: the columns of the prompt and the response in
         ``data`` (JSONL, CSV, parquet or a Hugging Face ``datasets`` folder).
       method: ``prompt`` (soft prompt), ``prefix`` (deep prefix), or the gradient-free
@@ -371,6 +376,7 @@ class RunConfig:
     text_key: str = "text"
     label_key: str = "label"
     task: str = "classify"
+    verbalizer: str | None = None
     prompt_key: str = "prompt"
     response_key: str = "response"
     method: str = "prompt"
@@ -520,6 +526,13 @@ class RunConfig:
     def _check_task(self) -> None:
         if self.generate_examples < 0:
             raise ConfigError(f"generate_examples must be >= 0, got {self.generate_examples}")
+        if self.verbalizer is not None:
+            if self.task == "generate":
+                raise ConfigError("verbalizer scores classes with label words; task = 'generate' writes responses")
+            if self.head_init != "random":
+                raise ConfigError(f"a verbalizer has no head for head_init = {self.head_init!r} to set")
+            if not [w for w in self.verbalizer.split(",") if w.strip()]:
+                raise ConfigError(f"verbalizer must be comma-separated label words or 'names', got {self.verbalizer!r}")
         if self.task != "generate":
             return
         refused = [name for name, on in (

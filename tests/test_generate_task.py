@@ -179,3 +179,38 @@ def test_generate_is_refused_where_it_cannot_run(files, tmp_path):
         simulate(config)
     grouped = dataclasses.replace(config, partition="iid", eval_examples=None, rounds=1)
     assert simulate(grouped).summary["final_eval_loss"] > 0
+
+
+def test_a_decoder_classifies_by_its_lm_heads_label_words(files, tmp_path, capsys):
+    """--verbalizer: the class scores are the frozen LM head's logits of the label words' tokens
+    at the last real position; no head is trained, and `fedprompt apply` classifies the same way."""
+    rng = np.random.default_rng(3)
+    data = tmp_path / "labelled.jsonl"
+    rows = [{"text": f"w{3 if y == 'pos' else 4} " + " ".join(f"w{int(x)}" for x in rng.integers(10, 99, 3)),
+             "label": y} for y in rng.choice(["neg", "pos"], 120)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RunConfig(backbone=str(files["backbone"]), data=str(data), verbalizer="w9,w7", rounds=6, clients=4,
+                       clients_per_round=2, local_steps=8, batch_size=8, max_length=8, num_virtual_tokens=4,
+                       partition="iid", algorithm="fedavg", local_optimizer="adam", local_lr=0.3,
+                       out=str(tmp_path / "run"))
+    result = run(config, progress=False)
+    plan = result.plan
+    assert plan.task.verbalizer == (9, 7) and result.trainable["head"] == {}
+    _, test = select_examples(config, *load_data(config))
+    rows = encode_dataset(plan.backbone, test, config.max_length, config.num_virtual_tokens)
+    prompt = materialize(plan.prompt_config, result.trainable["prompt"], plan.backbone.config)
+    out = plan.backbone.forward(rows["input_ids"], rows["attention_mask"], prompt)
+    last = rows["attention_mask"].sum(1) - 1 + out.num_virtual
+    scores = np.asarray(out.logits)[np.arange(len(last)), last][:, [9, 7]]  # neg, pos
+    want = float(np.mean(scores.argmax(1) == test.labels))
+    np.testing.assert_allclose(result.metrics[-1]["eval_accuracy"], want, atol=1e-6)
+    assert want > 0.5
+    capsys.readouterr()
+    main(["apply", str(tmp_path / "run" / "prompt.fpp"), "--backbone", str(files["backbone"]), "--json",
+          "--text", test.texts[0]])
+    applied = json.loads(capsys.readouterr().out)[0]
+    assert applied["label"] == test.label_names[int(scores[0].argmax())]
+    with pytest.raises(ConfigError, match="2 words for 3 classes|3 classes"):
+        make_plan(dataclasses.replace(config, verbalizer="w9,w7"), plan.backbone, 3)
+    with pytest.raises(ConfigError, match="different tokens"):
+        make_plan(dataclasses.replace(config, verbalizer="w9,w9"), plan.backbone, 2)

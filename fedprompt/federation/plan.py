@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -73,20 +73,52 @@ def make_prompt_config(config: RunConfig) -> PromptConfig:
     )
 
 
-def make_task(num_labels: int, task: str = "classify") -> Task:
-    """The task of a run: sequence classification over ``num_labels`` classes, or for
-    ``task = "generate"`` next-token prediction on the responses (:class:`~fedprompt.tasks.CausalLM`)."""
+def make_task(num_labels: int, task: str = "classify", verbalizer: Sequence[int] | None = None) -> Task:
+    """The task of a run: sequence classification over ``num_labels`` classes (by the LM head's
+    logits of ``verbalizer``'s token ids, one per class, when given), or for ``task =
+    "generate"`` next-token prediction on the responses (:class:`~fedprompt.tasks.CausalLM`)."""
     if task == "generate":
         return CausalLM()
-    return SequenceClassification(num_labels=num_labels)
+    return SequenceClassification(num_labels=num_labels, verbalizer=None if verbalizer is None else tuple(verbalizer))
 
 
-def check_task(config: RunConfig, backbone: Backbone) -> None:
+def verbalizer_tokens(config: RunConfig, backbone: Backbone, label_names: Sequence[str]) -> tuple[int, ...] | None:
+    """The token ids of ``config.verbalizer``'s label words (``names``: the label names), one per
+    class: each word's first token with the backbone's tokenizer, read after a space as it
+    follows other words in a text; None without a verbalizer.
+
+    Raises:
+      ConfigError: an encoder, no tokenizer, a count of words other than the classes', a word
+        with no tokens, or two words starting with the same token.
+    """
+    if config.verbalizer is None:
+        return None
+    if not backbone.is_decoder or backbone.tokenizer is None:
+        raise ConfigError(f"a verbalizer needs a decoder backbone with a tokenizer; {backbone.name!r} is not one")
+    words = list(label_names) if config.verbalizer == "names" else [w.strip() for w in config.verbalizer.split(",")]
+    if len(words) != len(label_names):
+        raise ConfigError(f"verbalizer has {len(words)} words for {len(label_names)} classes "
+                          f"({', '.join(label_names)})")
+    ids = []
+    for word in words:
+        tokens = backbone.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ConfigError(f"verbalizer word {word!r} has no tokens")
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"verbalizer words {words} do not all start with different tokens")
+    return tuple(ids)
+
+
+def check_task(config: RunConfig, backbone: Backbone, label_names: Sequence[str] | None = None) -> None:
     """Refuse a task the backbone cannot run (before anything is written).
 
     Raises:
-      ConfigError: ``task = "generate"`` on an encoder.
+      ConfigError: ``task = "generate"`` on an encoder; a ``verbalizer`` that does not fit the
+        backbone or ``label_names`` (:func:`verbalizer_tokens`).
     """
+    if label_names is not None:
+        verbalizer_tokens(config, backbone, label_names)
     if config.task == "generate" and not backbone.is_decoder:
         raise ConfigError(f"task = 'generate' needs a decoder backbone (GPT-2, Llama, Qwen2, Mistral); "
                           f"{backbone.name!r} is an encoder")
@@ -518,8 +550,10 @@ def build_plan(
     )
 
 
-def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_sharding: Any = None) -> FederationPlan:
-    """The :class:`FederationPlan` of a run on ``backbone`` with ``num_labels`` classes.
+def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_sharding: Any = None,
+              label_names: Sequence[str] | None = None) -> FederationPlan:
+    """The :class:`FederationPlan` of a run on ``backbone`` with ``num_labels`` classes
+    (``label_names``: their names, for a ``verbalizer`` of ``names``; default ``"0"``, ``"1"``, ...).
 
     ``batch_sharding`` spreads a gradient client's local batches over this machine's devices
     (a SuperNode with several accelerators, :func:`local_batch_sharding`); the server's plan
@@ -532,7 +566,8 @@ def make_plan(config: RunConfig, backbone: Backbone, num_labels: int, *, batch_s
         raise ConfigError(f"a classification task needs at least 2 labels, got {num_labels}")
     check_task(config, backbone)
     prompt_config = make_prompt_config(config)
-    task = make_task(num_labels, config.task).resolve(backbone)
+    names = tuple(label_names) if label_names is not None else tuple(str(i) for i in range(num_labels))
+    task = make_task(num_labels, config.task, verbalizer_tokens(config, backbone, names)).resolve(backbone)
     algorithm = make_algorithm(config)
     secagg = SecureAggregationSettings(config.secagg_threshold) if config.secagg else None
     return build_plan(

@@ -627,7 +627,8 @@ def build_federation(settings: FlowerSettings, backbone: Backbone, *, client: bo
         parts = loading.partition_clients(cfg, train.labels)
     if parts is not None and min(len(p) for p in parts) < 1:
         raise ConfigError("every client needs at least one example")
-    plan = make_plan(cfg, backbone, len(label_names), batch_sharding=local_batch_sharding(cfg) if client else None)
+    plan = make_plan(cfg, backbone, len(label_names), batch_sharding=local_batch_sharding(cfg) if client else None,
+                     label_names=label_names)
     return Federation(settings, plan, parts, label_names, train, test)
 
 

@@ -104,7 +104,7 @@ def simulate(
     if train is None or test is None:
         train, test = load_data(config)
     train, test = select_examples(config, train, test)
-    plan = make_plan(config, backbone, train.num_labels)
+    plan = make_plan(config, backbone, train.num_labels, label_names=train.label_names)
     parts = partition_clients(config, train.labels)
     encoded_train = encode_dataset(backbone, train, config.max_length, config.num_virtual_tokens)
     encoded_test = encode_dataset(backbone, test, config.max_length, config.num_virtual_tokens)
@@ -335,6 +335,7 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
     check_generation_scoring(config)
     bar.note(f"loading data from {config.data}" if config.data else "loading the built-in WordNet supersenses")
     train, test = load_data(config)
+    check_task(config, backbone, train.label_names)
     metrics_path = out / report.METRICS_FILE
     writer: report.MetricsWriter | None = None
     cumulative = 0

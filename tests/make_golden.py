@@ -28,7 +28,9 @@ For each tiny random architecture ``NAME`` it writes ``tests/fixtures/NAME/``:
     pre-filled ``DynamicCache`` and the mask extended by ones (what PEFT prefix tuning does);
   - ``bert`` also has ``token_type_ids`` and ``tt_hidden`` (a forward with segment ids).
 
-and ``tests/fixtures/minilm_golden.npz`` with the real all-MiniLM-L6-v2 on three sentences.
+and ``tests/fixtures/minilm_golden.npz`` with the real all-MiniLM-L6-v2 on three sentences, and
+``tests/fixtures/wordnet_gpt2_golden.npz`` with the built-in ``wordnet-gpt2`` decoder's logits and
+a greedy continuation (transformers' ``GPT2LMHeadModel``).
 
 All models run in float32, ``attn_implementation="eager"``, ``model.eval()``. Weights are
 re-drawn with a larger spread than Hugging Face's default initialisation (std 0.02 would make
@@ -290,6 +292,35 @@ def make_minilm() -> None:
     )
 
 
+WORDNET_GPT2 = pathlib.Path(__file__).resolve().parents[1] / "fedprompt" / "backbones" / "wordnet_gpt2"
+
+
+def make_wordnet_gpt2() -> None:
+    """Golden logits of the built-in ``wordnet-gpt2`` decoder by transformers' GPT2LMHeadModel on
+    three texts (right-padded to 16 tokens), and its greedy continuation of the first."""
+    if not (WORDNET_GPT2 / "model.safetensors").exists():
+        print("fedprompt/backbones/wordnet_gpt2 has no checkpoint: skipping wordnet_gpt2_golden.npz", file=sys.stderr)
+        return
+    texts = ["dog: a member of the genus", "run: move fast by using one's feet",
+             "a building where books are kept\nsupersense:"]
+    tok = transformers.AutoTokenizer.from_pretrained(WORDNET_GPT2)
+    enc = tok(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    model = transformers.GPT2LMHeadModel.from_pretrained(WORDNET_GPT2, attn_implementation="eager",
+                                                         dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**enc).logits
+        first = enc["input_ids"][:1, : int(enc["attention_mask"][0].sum())]
+        greedy = model.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=8, do_sample=False,
+                                pad_token_id=tok.eos_token_id)[:, first.shape[1]:]
+    np.savez(
+        FIXTURES / "wordnet_gpt2_golden.npz",
+        texts=np.array(texts), input_ids=enc["input_ids"].numpy().astype(np.int32),
+        attention_mask=enc["attention_mask"].numpy().astype(np.int32), logits=logits.numpy().astype(np.float32),
+        greedy=greedy.numpy().astype(np.int32),
+    )
+
+
 def main() -> None:
     FIXTURES.mkdir(parents=True, exist_ok=True)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
@@ -298,6 +329,7 @@ def main() -> None:
         sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
         print(f"{name}: {json.dumps(sizes)} total {sum(sizes.values()) / 1024:.1f} KiB")
     make_minilm()
+    make_wordnet_gpt2()
     p = FIXTURES / "minilm_golden.npz"
     if p.exists():
         print(f"minilm_golden.npz: {p.stat().st_size / 1024:.1f} KiB")

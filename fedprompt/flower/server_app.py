@@ -275,6 +275,7 @@ def run_federation(
         nodes.wait_for(settings.required_nodes, settings.node_wait_timeout)
 
         params, setup = plan.init_params(), None
+        initial_params = params
         if plan.head_statistics is not None:  # the class-means head, once before round 1
             params, setup = class_means_setup(grid, settings, fed, nodes, params, test, log=log)
         state = plan.server.init(params)
@@ -324,7 +325,8 @@ def run_federation(
             summary["final_federated_accuracy"] = metrics[-1]["federated_eval_accuracy"]
         if cfg.tpt:
             summary["tpt"] = evaluate_tpt(cfg, plan, plan.trainable(state.server.params), test)
-        summary.update(generation_summary(cfg, plan, plan.trainable(state.server.params), fed.test_examples))
+        summary.update(generation_summary(cfg, plan, plan.trainable(state.server.params), fed.test_examples,
+                                          initial=plan.trainable(initial_params)))
         summary["wall_seconds"] = time.perf_counter() - started
         save_run_prompt(out / "prompt.fpp", plan, state, config=cfg, label_names=fed.label_names, summary=summary)
         report.write_summary(out / "summary.json", summary)

@@ -147,7 +147,7 @@ def simulate(
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test,
                                                  initial_params=initial_params, test=test)
     trainable = plan.trainable(state.server.params)
-    summary.update(generation_summary(config, plan, trainable, test))
+    summary.update(generation_summary(config, plan, trainable, test, initial=plan.trainable(initial_params)))
     if config.tpt:
         summary["tpt"] = evaluate_tpt(config, plan, trainable, encoded_test)
     summary["wall_seconds"] = time.perf_counter() - started

@@ -14,9 +14,9 @@ that skew labels skew the groups. Sources:
 
 :func:`encode_instructions` turns prompts and responses into the training columns of
 :class:`~fedprompt.tasks.CausalLM` (the loss falls on the response and the end-of-text token
-only), and :func:`encode_prompts` the prompts alone for generation, both through
-:func:`format_prompt`, the one place the prompt's text is laid out: the tokenizer's chat
-template where it has one, else the prompt and a newline.
+only) through :func:`format_prompt`, the one place a prompt's text is laid out (training,
+generation and ``fedprompt apply`` alike): the tokenizer's chat template where it has one,
+else the prompt and a newline.
 
 Example:
   >>> ds = from_records([{"prompt": "2 + 2 =", "response": "4"}, {"prompt": "3 + 3 =", "response": "6"}])
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "encode_instructions",
-    "encode_prompts",
     "format_prompt",
     "from_records",
     "load_instruction_file",
@@ -241,21 +240,6 @@ def encode_instructions(
         loss[row, len(head) : len(tokens)] = 1
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
             "labels": np.asarray(ds.labels, np.int32)}
-
-
-def encode_prompts(backbone: Backbone, prompts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Formatted prompts (:func:`format_prompt`) left-padded to one length for generation, each
-    cut to its last ``max_length`` tokens: ``(input_ids, attention_mask)`` ``[N, T]`` int32."""
-    tok = _tokenizer(backbone)
-    rows = [format_prompt(backbone, p)[-max_length:] for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = np.full((len(rows), width), pad, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------

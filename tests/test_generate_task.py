@@ -140,7 +140,10 @@ def test_a_generative_run_learns_and_its_figures_match_their_references(files, c
     want_exact = np.mean([s["generated"].strip().lower() == s["reference"] for s in samples])
     np.testing.assert_allclose(summary["final_rouge_l"], want_rouge, rtol=1e-6)
     assert summary["final_exact_match"] == pytest.approx(want_exact)
-    assert [s["reference"] for s in samples] == list(test.responses[:5])
+    # the scored rows spread evenly over the test set, first and last included
+    spread = np.linspace(0, len(test) - 1, 5).round().astype(int)
+    assert [s["reference"] for s in samples] == [test.responses[i] for i in spread]
+    assert [s["prompt"] for s in samples] == [test.texts[i] for i in spread]
     start = evaluate_generation(config, plan, plan.trainable(plan.init_params()), test)
     assert generation["untuned"] == {"exact_match": start["exact_match"], "rouge_l": start["rouge_l"]}
     # `fedprompt apply` with the run's prompt writes the same responses (the prompt laid out as in training)

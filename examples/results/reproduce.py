@@ -651,6 +651,16 @@ def measure_run(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
     if "baselines" in summary:
         numbers["centralized_accuracy"] = summary["baselines"]["centralized_accuracy"]
         numbers["local_only_accuracy"] = summary["baselines"]["local_only_accuracy"]
+    if "generation" in summary:  # a generative run: its scores, the untuned start's and the baselines'
+        generation = summary["generation"]
+        numbers["final_exact_match"] = summary["final_exact_match"]
+        numbers["final_rouge_l"] = summary["final_rouge_l"]
+        numbers["samples"] = generation["samples"]
+        for who, scores in (("untuned", generation.get("untuned", {})), ("centralized", None), ("local_only", None)):
+            for score in ("exact_match", "rouge_l"):
+                found = scores.get(score) if scores is not None else summary.get("baselines", {}).get(f"{who}_{score}")
+                if found is not None:
+                    numbers[f"{who}_{score}"] = found
     return _plain(numbers)
 
 

@@ -94,17 +94,27 @@ def generation_summary(config: RunConfig, plan: Any, trainable: Any, test: datas
             "final_rouge_l": generation["rouge_l"]}
 
 
+def generation_rows(test_size: int, examples: int) -> np.ndarray:
+    """The test rows a generative run scores: ``examples`` of the ``test_size`` rows, spread
+    evenly from the first to the last (all of them when there are no more), so that a test set
+    sorted by category is not scored on its first category alone."""
+    if examples >= test_size:
+        return np.arange(test_size)
+    return np.linspace(0, test_size - 1, examples).round().astype(np.int64)
+
+
 def evaluate_generation(config: RunConfig, plan: Any, trainable: Any, test: datasets.TextDataset) -> dict[str, Any]:
-    """Exact match and ROUGE-L F1 of greedy generations on the first ``generate_examples`` test
-    examples (instruction data), with a few samples.
+    """Exact match and ROUGE-L F1 of greedy generations on ``generate_examples`` test examples
+    (instruction data; :func:`generation_rows`), with a few samples.
 
     Exact match compares :func:`normalize_answer` forms; ROUGE-L is ``rouge-score``'s F1 with
     stemming, averaged over the examples.
     """
     if test.responses is None:
         raise ConfigError("generation scores need instruction data (prompts with responses)")
-    n = min(config.generate_examples, len(test))
-    prompts, references = list(test.texts[:n]), list(test.responses[:n])
+    rows = generation_rows(len(test), config.generate_examples)
+    n = len(rows)
+    prompts, references = [test.texts[i] for i in rows], [test.responses[i] for i in rows]
     generated = generate_responses(plan, trainable, prompts, max_length=config.max_length,
                                    max_new_tokens=config.max_new_tokens)
     scorer = _rouge_scorer()

@@ -81,6 +81,7 @@ def simulate(
     resume: bool = False,
     previous_metrics: list[dict[str, Any]] | None = None,
     on_saved: Callable[[int], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> SimulationResult:
     """Run a federated prompt-tuning simulation.
 
@@ -94,12 +95,15 @@ def simulate(
       previous_metrics: the metrics of the rounds before the checkpoint (when resuming).
       on_saved: called with the number of completed rounds after each round's checkpoint is
         written (it may raise to stop the run there, e.g. ``KeyboardInterrupt``).
+      note: called with a line of progress for the work after the rounds (baselines, scoring
+        generations), which can take minutes.
 
     Example:
       >>> result = fedprompt.simulate(RunConfig(rounds=2, clients=4, clients_per_round=2))  # doctest: +SKIP
       >>> result.summary["final_accuracy"]  # doctest: +SKIP
     """
     started = time.perf_counter()
+    note = note or (lambda text: None)
     backbone = backbone or load_backbone(config.backbone)
     if train is None or test is None:
         train, test = load_data(config)
@@ -145,8 +149,10 @@ def simulate(
         if resume:  # the checkpoint holds the trained state only: rebuild the starting point
             initial_params = simulation.init()[0].server.params
         summary["baselines"] = compute_baselines(config, simulation, encoded_train, encoded_test,
-                                                 initial_params=initial_params, test=test)
+                                                 initial_params=initial_params, test=test, note=note)
     trainable = plan.trainable(state.server.params)
+    if config.task == "generate" and config.generate_examples:
+        note(f"scoring the generations of the trained and the untuned prompt ({config.generate_examples} test prompts)")
     summary.update(generation_summary(config, plan, trainable, test, initial=plan.trainable(initial_params)))
     if config.tpt:
         summary["tpt"] = evaluate_tpt(config, plan, trainable, encoded_test)
@@ -166,6 +172,7 @@ def compute_baselines(
     *,
     initial_params: Any = None,
     test: datasets.TextDataset | None = None,
+    note: Callable[[str], None] = lambda text: None,
 ) -> dict[str, float]:
     """Centralized and local-only references with the same training budget as the federation.
 
@@ -183,7 +190,8 @@ def compute_baselines(
     Both train with Adam (:func:`~fedprompt.federation.plan.make_baseline_optimizer`), whatever
     optimizer the federation's clients use. A generative run (``task = "generate"``, with
     ``generate_examples`` and the ``test`` set) also scores both by the exact match and ROUGE-L of
-    their generations (local-only: averaged over clients).
+    their generations (local-only: averaged over clients). ``note`` gets a line of progress
+    before each of them.
     """
     plan = simulation.plan
     backbone, prompt_config, task = plan.backbone, plan.prompt_config, plan.task
@@ -193,6 +201,7 @@ def compute_baselines(
     # Centralized.
     steps = config.rounds * config.local_steps
     batch = config.batch_size * config.clients_per_round
+    note(f"baseline: centralized, {steps} steps of {batch} pooled examples")
     step_fn = make_train_step(backbone, prompt_config, task, optimizer)
     params = jax.tree.map(np.array, init_params)
     opt_state = optimizer.init(params)
@@ -218,6 +227,7 @@ def compute_baselines(
         own_statistics = simulation.class_statistics(random_start)
     accuracies = []
     for client in range(data.num_clients):
+        note(f"baseline: local-only, client {client + 1}/{data.num_clients} ({local_steps} steps on its own data)")
         start = init_params
         if own_statistics is not None:
             start = plan.with_class_means_head(random_start, jax.tree.map(lambda x: x[client], own_statistics))
@@ -360,7 +370,7 @@ def _run_in(out: Path, config: RunConfig, *, stream, progress: bool | None, resu
             with StopAfterRound(bar.note) as stop:
                 result = simulate(config, backbone=backbone, train=train, test=test, callback=on_round,
                                   checkpoint_dir=out, resume=start > 0, previous_metrics=previous,
-                                  on_saved=stop.round_saved)
+                                  on_saved=stop.round_saved, note=bar.note)
             save_run_prompt(out / "prompt.fpp", result.plan, result.round_state, config=config,
                             label_names=result.label_names, summary=result.summary)
             report.write_summary(out / "summary.json", result.summary)

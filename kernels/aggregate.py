@@ -33,7 +33,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
+from scipy.linalg import blas
 
 from fedprompt.errors import InputError
 from fedprompt.kernels._common import check_implementation, column_block
@@ -44,6 +46,7 @@ __all__ = [
     "client_sq_norms",
     "clip_scales",
     "clipped_mean_of_finite",
+    "clipped_mean_of_finite_host",
     "clipped_mean_of_finite_reference",
     "clipped_weighted_sum",
     "clipped_weighted_sum_reference",
@@ -338,3 +341,52 @@ def clipped_mean_of_finite(
         default=lambda f, v: clipped_mean_of_finite_reference(f, v, clip_norm),
     )  # both give flat means
     return [m.reshape(s[1:]) for m, s in zip(means, shapes)], accepted, clipped
+
+
+def clipped_mean_of_finite_host(
+    rows: list[np.ndarray], weights: np.ndarray, clip_norm: float | None = None
+) -> tuple[list[np.ndarray], np.ndarray, int] | None:
+    """:func:`clipped_mean_of_finite` on updates that are already in host memory, in NumPy:
+    ``(means, accepted, clipped)`` as NumPy values, or None when the updates are not float32
+    C-contiguous NumPy arrays (the caller then runs the compiled pass).
+
+    Each kept client's row is read from memory once: its sum of squares (BLAS ``sdot``) leaves
+    the row in cache for the scaled add into the sum (BLAS ``saxpy``, in place), both running
+    at memory speed where XLA's CPU reductions do not. A client whose weight is not a finite
+    number > 0 is not read at all (padding rows); one whose sum of squares is not finite gets
+    the exact checks of :func:`clipped_mean_of_finite` (a non-finite value drops it; a norm that
+    only overflowed float32 is taken overflow-safe). The float32 sums may differ from the
+    compiled pass's in the last bits (another summation order).
+    """
+    if not rows or not all(isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                           for x in rows):
+        return None
+    w = np.asarray(weights, np.float32).reshape(-1)
+    k = w.shape[0]
+    if any(x.ndim == 0 or x.shape[0] != k for x in rows):
+        raise InputError(f"every leaf needs a leading axis of {k} clients, got shapes {[x.shape for x in rows]}")
+    flat = [x.reshape(k, -1) for x in rows]
+    sums = [np.zeros(x.shape[1], np.float32) for x in flat]
+    accepted = np.zeros(k, bool)
+    total, clipped = 0.0, 0
+    usable = np.isfinite(w) & (w > 0)
+    for i in np.flatnonzero(usable).tolist():
+        parts = [x[i] for x in flat]
+        sq = float(sum(blas.sdot(p, p) for p in parts))
+        if np.isfinite(sq):
+            norm = np.sqrt(sq)
+        elif all(np.isfinite(p).all() for p in parts):
+            peak = max(float(np.max(np.abs(p), initial=0.0)) for p in parts)
+            norm = peak * np.sqrt(sum(float(np.sum(np.square(p / peak, dtype=np.float64))) for p in parts))
+        else:
+            continue
+        factor = 1.0 if clip_norm is None or not norm > clip_norm else clip_norm / norm
+        scale = float(w[i]) * factor
+        for acc, p in zip(sums, parts):
+            blas.saxpy(p, acc, a=scale)
+        accepted[i] = True
+        total += float(w[i])
+        clipped += int(factor < 1.0)
+    divisor = np.float32(total if total > 0 else 1.0)
+    means = [(acc / divisor).reshape(x.shape[1:]) for acc, x in zip(sums, rows)]
+    return means, accepted, clipped

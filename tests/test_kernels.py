@@ -150,8 +150,8 @@ class TestKernels:
             np.testing.assert_allclose(kernels.clipped_weighted_sum(x, w, None, **impl), [7.0, 10.0])
 
     def test_one_pass_clipped_mean_of_finite_rows_matches_numpy(self):
-        """The fused pass (CPU: one loop over client rows; elsewhere the array form) against a
-        NumPy float64 reference: NaN, Inf and overflowing rows, zero, negative and NaN weights,
+        """The fused pass (CPU: one loop over client rows; elsewhere the array form) and its host
+        form (NumPy + BLAS, on host float32 rows) against a NumPy float64 reference: NaN, Inf and overflowing rows, zero, negative and NaN weights,
         norms above and below the bound, two leaves of one update."""
         rng = np.random.default_rng(5)
         a = rng.standard_normal((9, 4, 6)).astype(np.float32)
@@ -170,17 +170,22 @@ class TestKernels:
             w = np.where(kept, weights, 0).astype(np.float64)
             expected = (w * factor) @ rows / w.sum()
             for fn in (jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite(r, v, c)),
-                       jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite_reference(r, v, c))):
+                       jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite_reference(r, v, c)),
+                       lambda r, v, c=bound: kernels.clipped_mean_of_finite_host(r, v, c)):
                 means, accepted, clipped = fn([a, b], weights)
                 np.testing.assert_allclose(np.concatenate([np.ravel(means[0]), means[1]]), expected, rtol=1e-5, atol=1e-6)
                 assert means[0].shape == (4, 6) and means[0].dtype == jnp.float32
                 np.testing.assert_array_equal(accepted, kept)
                 assert int(clipped) == (0 if bound is None else int(np.sum(kept & (norms > bound))))
-        none = kernels.clipped_mean_of_finite([a], np.zeros(9, np.float32), 1.0)
-        np.testing.assert_array_equal(none[0][0], np.zeros((4, 6)))
-        assert not bool(none[1].any())
-        with pytest.raises(InputError, match="leading axis"):
-            kernels.clipped_mean_of_finite([a, b[:3]], weights)
+        for fn in (kernels.clipped_mean_of_finite, kernels.clipped_mean_of_finite_host):
+            none = fn([a], np.zeros(9, np.float32), 1.0)
+            np.testing.assert_array_equal(none[0][0], np.zeros((4, 6)))
+            assert not bool(none[1].any())
+            with pytest.raises(InputError, match="leading axis"):
+                fn([a, b[:3]], weights)
+        # what the host form leaves to the compiled pass: device arrays, other dtypes, strided views
+        for other in (jnp.asarray(a), a.astype(np.float16), a[:, :, ::2]):
+            assert kernels.clipped_mean_of_finite_host([other], weights) is None
 
     def test_bitonic_network_sorts(self):
         x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 9)), jnp.float32)

@@ -54,7 +54,7 @@ import numpy as np
 
 from fedprompt.config import check_number
 from fedprompt.errors import InputError, WireError
-from fedprompt.kernels.aggregate import clipped_mean_of_finite
+from fedprompt.kernels.aggregate import clipped_mean_of_finite, clipped_mean_of_finite_host
 from fedprompt.server import aggregators
 from fedprompt.server.algorithms import ServerState
 from fedprompt.server.robust import clip_clients
@@ -211,13 +211,23 @@ class AggregateStage(NamedTuple):
 
 
 def _clipped_mean(bound: float | None):
-    """The weighted mean of the finite rows, each clipped to ``bound`` (None: not clipped),
-    compiled: one read of the stacked updates (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
+    """The weighted mean of the finite rows, each clipped to ``bound`` (None: not clipped), in
+    one read of the stacked updates: on the host when they are host float32 arrays (the rows
+    :func:`receive_updates` decodes into; :func:`fedprompt.kernels.clipped_mean_of_finite_host`),
+    else compiled (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
 
     @jax.jit
-    def run(stacked, weights):
+    def compiled(stacked, weights):
         leaves, treedef = jax.tree.flatten(stacked)
         means, _, clipped = clipped_mean_of_finite(leaves, weights, bound)
+        return jax.tree.unflatten(treedef, means), clipped
+
+    def run(stacked, weights):
+        leaves, treedef = jax.tree.flatten(stacked)
+        host = clipped_mean_of_finite_host(leaves, weights, bound)
+        if host is None:
+            return compiled(stacked, weights)
+        means, _, clipped = host
         return jax.tree.unflatten(treedef, means), clipped
 
     return run

@@ -59,8 +59,10 @@ def load_wordnet_generation() -> tuple[datasets.TextDataset, datasets.TextDatase
 
     The glosses, split and groups of :func:`~fedprompt.data.datasets.load_wordnet_supersenses`
     (so label skew over clients is the classification task's); each response is the
-    supersense without its ``noun.`` prefix (``"animal"``, ``"artifact"``, ...). Prompts read
-    ``"<gloss>\\nsupersense:"``.
+    supersense without its ``noun.`` prefix, after a space (``" animal"``, ``" artifact"``, ...):
+    with the space, 19 of the 26 names are one token of ``wordnet-gpt2``'s vocabulary (4
+    without it), so the first token the model writes mostly names the answer. Prompts
+    read ``"<gloss>\\nsupersense:"``; exact match ignores the space.
     """
     train, test = datasets.load_wordnet_supersenses()
 
@@ -68,7 +70,7 @@ def load_wordnet_generation() -> tuple[datasets.TextDataset, datasets.TextDatase
         names = [name.split(".", 1)[-1] for name in ds.label_names]
         return datasets.TextDataset(
             texts=tuple(f"{text}\nsupersense:" for text in ds.texts), labels=ds.labels, label_names=ds.label_names,
-            responses=tuple(names[label] for label in ds.labels.tolist()),
+            responses=tuple(f" {names[label]}" for label in ds.labels.tolist()),
         )
 
     return instructions(train), instructions(test)

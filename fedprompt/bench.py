@@ -23,9 +23,11 @@ from fedprompt.tasks import SequenceClassification
 
 
 def _random_batch(backbone: Backbone, rng: np.random.Generator, n: int, tokens: int) -> dict[str, np.ndarray]:
-    """``n`` rows of ``tokens`` random ids (all real tokens) with labels in [0, 4): benchmark input."""
+    """``n`` rows of ``tokens`` random ids (all real tokens, past the special ones that start a
+    vocabulary) with labels in [0, 4): benchmark input."""
+    vocab = backbone.config.vocab_size
     return {
-        "input_ids": rng.integers(1000, min(backbone.config.vocab_size, 20000), (n, tokens)).astype(np.int32),
+        "input_ids": rng.integers(min(1000, vocab // 2), min(vocab, 20000), (n, tokens)).astype(np.int32),
         "attention_mask": np.ones((n, tokens), np.int32),
         "labels": rng.integers(0, 4, n).astype(np.int32),
     }
@@ -283,14 +285,38 @@ def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, f
     return {"bytes": nbytes, "numpy_copy": numpy_copy, "jax_add": jax_add, "bandwidth": max(numpy_copy, jax_add)}
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """This machine's float32 matmul FLOP/s: a jitted ``[n, n] @ [n, n]`` (``2 n^3`` FLOPs)."""
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict[str, Any]:
+    """This machine's matmul FLOP/s on ``[n, n] @ [n, n]`` (``2 n^3`` FLOPs) in ``dtype``
+    (``float32`` or ``bfloat16``), by the best of the libraries at hand: jitted XLA, NumPy
+    (its BLAS; float32 only) and PyTorch (when installed).
+
+    Returns ``n``, ``dtype``, ``by_library`` (FLOP/s per library measured), ``best`` (the
+    fastest library's name), ``flops_per_second`` (its FLOP/s) and ``seconds`` (its time).
+    """
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.random((n, n), dtype=np.float32))
-    b = jnp.asarray(rng.random((n, n), dtype=np.float32))
+    a_np = rng.random((n, n), dtype=np.float32)
+    b_np = rng.random((n, n), dtype=np.float32)
+    times: dict[str, float] = {}
+    a = jnp.asarray(a_np, dtype)
+    b = jnp.asarray(b_np, dtype)
     matmul = jax.jit(jnp.matmul)
-    seconds = _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
-    return {"n": n, "seconds": seconds, "flops_per_second": 2 * n**3 / seconds}
+    times["xla"] = _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    if dtype == "float32":
+        out = np.empty_like(a_np)
+        times["numpy"] = _best_seconds(lambda: np.matmul(a_np, b_np, out=out), repeats)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        ta = torch.from_numpy(a_np).to(getattr(torch, dtype))
+        tb = torch.from_numpy(b_np).to(getattr(torch, dtype))
+        with torch.no_grad():
+            times["torch"] = _best_seconds(lambda: torch.matmul(ta, tb), repeats)
+    by_library = {name: 2 * n**3 / t for name, t in times.items()}
+    best = max(by_library, key=by_library.get)
+    return {"n": n, "dtype": dtype, "by_library": by_library, "best": best,
+            "flops_per_second": by_library[best], "seconds": times[best]}
 
 
 # ----------------------------------------------------------------------------- aggregate
@@ -413,8 +439,10 @@ def aggregate(
 # ----------------------------------------------------------------------------- train
 
 
-def _peft_step_seconds(backbone: Backbone, batch: dict[str, np.ndarray], virtual_tokens: int, num_labels: int, steps: int) -> float | None:
-    """The same prompt-tuning step in PyTorch with PEFT (when torch and peft are installed)."""
+def _peft_step_seconds(backbone: Backbone, batch: dict[str, np.ndarray], virtual_tokens: int, num_labels: int,
+                       steps: int, precision: str = "float32") -> float | None:
+    """The same prompt-tuning step in PyTorch with PEFT (when torch and peft are installed), its
+    model and head in ``precision`` (``float32`` or ``bfloat16``)."""
     try:
         import peft
         import torch
@@ -427,6 +455,8 @@ def _peft_step_seconds(backbone: Backbone, batch: dict[str, np.ndarray], virtual
     config = peft.PromptTuningConfig(task_type=peft.TaskType.FEATURE_EXTRACTION, num_virtual_tokens=virtual_tokens)
     model = peft.get_peft_model(model, config)
     head = torch.nn.Linear(model.config.hidden_size, num_labels)
+    if precision != "float32":
+        model, head = model.to(getattr(torch, precision)), head.to(getattr(torch, precision))
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)
     ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
@@ -457,11 +487,15 @@ def train_efficiency(
 ) -> dict[str, Any]:
     """The compiled prompt-tuning train step as a fraction of this machine's matmul FLOP/s.
 
-    The step's FLOPs come from XLA's cost analysis of the compiled step; the machine's FLOP/s
-    from a large jitted matmul in the same process. With torch and peft installed, the same
-    step (same model, batch, prompt length, mean pooling, linear head, Adam) in PyTorch PEFT
-    prompt tuning is timed too.
+    The step runs in the backbone's ``compute_dtype`` (``float32``, or ``bfloat16`` for a
+    backbone loaded with ``dtype=compute_dtype=jnp.bfloat16``; the prompt stays float32). Its
+    FLOPs come from XLA's cost analysis of the compiled step; the machine's FLOP/s from the
+    best of XLA, NumPy and PyTorch on a large matmul in that precision, in the same process
+    (:func:`matmul_flops`). With torch and peft installed, the same step (same model, batch,
+    prompt length, mean pooling, linear head, Adam, precision) in PyTorch PEFT prompt tuning
+    is timed too.
     """
+    precision = jnp.dtype(backbone.compute_dtype).name
     rng = np.random.default_rng(seed)
     batch = _random_batch(backbone, rng, batch_size, tokens)
     task = SequenceClassification(num_labels=4)
@@ -481,11 +515,12 @@ def train_efficiency(
         jax.block_until_ready(metrics)
 
     seconds = _median_seconds(run, steps)
-    peak = matmul_flops()
-    peft_seconds = _peft_step_seconds(backbone, batch, virtual_tokens, 4, steps) if method == "prompt" else None
+    peak = matmul_flops(dtype=precision)
+    peft_seconds = _peft_step_seconds(backbone, batch, virtual_tokens, 4, steps, precision) if method == "prompt" else None
     return {
         "machine": machine(),
         "method": method,
+        "precision": precision,
         "batch_size": batch_size,
         "tokens": tokens,
         "virtual_tokens": virtual_tokens,
@@ -495,6 +530,8 @@ def train_efficiency(
         "achieved_flops_per_second": flops / seconds,
         "matmul_flops_per_second": peak["flops_per_second"],
         "matmul_n": peak["n"],
+        "matmul_by_library": peak["by_library"],
+        "matmul_best": peak["best"],
         "fraction_of_matmul_peak": flops / seconds / peak["flops_per_second"],
         "peft_step_seconds": peft_seconds,
         "ratio_vs_peft": None if peft_seconds is None else seconds / peft_seconds,
@@ -636,11 +673,14 @@ def format_train(result: dict[str, Any]) -> str:
     r = result
     lines = [
         machine_line(r["machine"]),
-        f"{r['method']} tuning step, batch {r['batch_size']} x {r['tokens']} tokens, {r['virtual_tokens']} virtual tokens",
+        f"{r['method']} tuning step, batch {r['batch_size']} x {r['tokens']} tokens, {r['virtual_tokens']} virtual tokens, "
+        f"{r.get('precision', 'float32')}",
         f"step FLOPs (XLA cost analysis)  {r['step_flops'] / 1e9:10.2f} GFLOP",
         f"step time (median)              {r['step_seconds'] * 1e3:10.1f} ms",
         f"achieved                        {r['achieved_flops_per_second'] / 1e9:10.1f} GFLOP/s",
-        f"matmul {r['matmul_n']}x{r['matmul_n']} float32          {r['matmul_flops_per_second'] / 1e9:10.1f} GFLOP/s",
+        f"matmul {r['matmul_n']}x{r['matmul_n']}, best library     {r['matmul_flops_per_second'] / 1e9:10.1f} GFLOP/s "
+        f"({r.get('matmul_best', 'xla')}; "
+        + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r.get("matmul_by_library", {}).items()) + ")",
         f"fraction of matmul FLOP/s       {100 * r['fraction_of_matmul_peak']:10.1f} %",
     ]
     if r["peft_step_seconds"] is None:

@@ -357,10 +357,14 @@ def cmd_bench_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
     from fedprompt import bench
     from fedprompt.backbones.loading import load_backbone
 
-    result = bench.train_efficiency(load_backbone(args.backbone), method=args.method, batch_size=args.batch_size,
+    dtype = jnp.dtype(args.precision)
+    backbone = load_backbone(args.backbone, dtype=dtype, compute_dtype=dtype)
+    result = bench.train_efficiency(backbone, method=args.method, batch_size=args.batch_size,
                                     tokens=args.tokens, virtual_tokens=args.virtual_tokens, steps=args.steps)
     return _bench_report(args, result, bench.format_train(result))
 
@@ -454,6 +458,8 @@ def add_bench_commands(bench_sub) -> None:
     train.add_argument("--tokens", type=int, default=64)
     train.add_argument("--virtual-tokens", type=int, default=20)
     train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                       help="weights and activations of both steps (the prompt stays float32)")
     train.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     train.set_defaults(func=cmd_bench_train)
     kern = bench_sub.add_parser("kernels", help="Pallas kernels vs their XLA references (timed on GPU/TPU only)")

@@ -47,3 +47,30 @@ def test_peak_rss_can_be_reset_to_measure_one_stretch_of_work():
     assert bench.reset_peak_rss()  # Linux, as on every machine the suite runs on
     after = bench.peak_rss()
     assert after < during - 128 * 2**20, (after, during)
+
+
+def test_matmul_peak_is_the_best_library_measured():
+    from fedprompt import bench
+
+    peak = bench.matmul_flops(n=128, repeats=2)
+    assert {"xla", "numpy"} <= set(peak["by_library"])  # torch too where it is installed
+    assert peak["flops_per_second"] == max(peak["by_library"].values()) == peak["by_library"][peak["best"]]
+    assert peak["seconds"] == pytest.approx(2 * 128**3 / peak["flops_per_second"])
+    bf16 = bench.matmul_flops(n=128, repeats=2, dtype="bfloat16")
+    assert bf16["dtype"] == "bfloat16" and "numpy" not in bf16["by_library"]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_bench_train_runs_the_step_in_the_backbone_precision(precision, tmp_path, capsys):
+    import json
+
+    from conftest import FIXTURES
+
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--backbone", str(FIXTURES / "bert"), "--batch-size", "2", "--tokens", "8",
+                 "--virtual-tokens", "2", "--steps", "2", "--precision", precision, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["precision"] == precision and result["step_flops"] > 0
+    assert result["fraction_of_matmul_peak"] == pytest.approx(
+        result["step_flops"] / result["step_seconds"] / result["matmul_flops_per_second"])
+    assert precision in capsys.readouterr().out

@@ -253,3 +253,33 @@ def test_seeds_of_one_row_measured_apart_gather_into_its_mean(tmp_path, monkeypa
     assert json.loads(path.read_text())["rows"][0]["config"]["seeds"] == [1]
     assert reproduce.main(["run", "seeded_table", "--rows", "1", "--seeds", "7", "--out", str(out)]) == 2
     assert reproduce.main(["run", "seeded_table", "--seeds", "1", "--out", str(out)]) == 2
+
+
+def test_the_generative_table_shows_a_run_and_its_baselines_as_rows():
+    """The generative table's rows from its runs: the first run's untuned, centralized, federated
+    and local-only scores as rows of their own, each seed's value beside the mean, and the
+    federated rows' differences to the first run's baselines."""
+    experiment = reproduce.EXPERIMENTS["generative_task"]
+
+    def run(method, final, **baselines):
+        seeds = [{"final_exact_match": final - 0.01, "final_rouge_l": final - 0.01,
+                  **{k: v - 0.01 for k, v in baselines.items()}},
+                 {"final_exact_match": final + 0.01, "final_rouge_l": final + 0.01,
+                  **{k: v + 0.01 for k, v in baselines.items()}}]
+        return {"label": {"method": method}, "final_exact_match": final, "final_rouge_l": final,
+                "total_bytes": 1000, **baselines, "by_seed": seeds}
+
+    rows = [run("soft prompt", 0.25, untuned_exact_match=0.0, untuned_rouge_l=0.02, centralized_exact_match=0.27,
+                centralized_rouge_l=0.27, local_only_exact_match=0.12, local_only_rouge_l=0.12),
+            run("prefix", 0.20)]
+    header, *body = reproduce.table_lines(experiment, rows)
+    assert [line[0].split(" ")[0] for line in body] == ["untuned", "centralized", "federated", "federated", "local-only"]
+    cells = {line[0].split(" ")[0] + (" " + line[0].split(" ")[-1] if "prefix" in line[0] else ""): dict(zip(header, line))
+             for line in body}
+    assert cells["untuned"]["ROUGE-L"] == "0.020 (0.010, 0.030)"
+    assert cells["federated"]["ROUGE-L"] == "**0.250 (0.240, 0.260)**"  # the soft prompt's, in bold
+    assert cells["federated"]["ROUGE-L - local-only (points)"] == "+13.0"
+    assert cells["federated"]["ROUGE-L - centralized (points)"] == "-2.0"
+    prefix = next(line for line in body if "prefix" in line[0])
+    assert dict(zip(header, prefix))["ROUGE-L - local-only (points)"] == "+8.0"
+    assert cells["local-only"]["ROUGE-L - local-only (points)"] == ""  # baselines get no difference

@@ -226,6 +226,32 @@ def _step_time(row: Row, rows: Sequence[Row]) -> str:
     return duration(row["step_seconds_median"])
 
 
+def _generation_rows(rows: Sequence[Row]) -> list[Row]:
+    """The generative table's rows from its runs: the first run (soft prompt, with baselines)
+    gives the untuned model, centralized tuning, its own federated scores and local-only; every
+    other run its federated scores. A federated row carries the first run's centralized and
+    local-only ROUGE-L for the difference columns."""
+    scores = ("exact_match", "rouge_l")
+
+    def shown(model: str, run: Row, prefix: str, *, federated: bool = False) -> Row:
+        row: Row = {"label": {"model": model}, **{k: run.get(f"{prefix}_{k}") for k in scores}}
+        row["by_seed"] = [{k: seed.get(f"{prefix}_{k}") for k in scores} for seed in run.get("by_seed", ())]
+        if federated:
+            row["total_bytes"] = run.get("total_bytes")
+            row.update({f"{who}_rouge_l": first.get(f"{who}_rouge_l") for who in ("centralized", "local_only")})
+            row["emphasis"] = ["rouge_l"] if run is first else []
+        return row
+
+    first, *others = rows
+    return [
+        shown("untuned `wordnet-gpt2` (the prompt runs start from)", first, "untuned"),
+        shown("centralized soft prompt (all training data, same examples seen)", first, "centralized"),
+        shown(f"federated {first['label']['method']}", first, "final", federated=True),
+        *(shown(f"federated {run['label']['method']}", run, "final", federated=True) for run in others),
+        shown("local-only soft prompts (each client alone, mean over clients)", first, "local_only"),
+    ]
+
+
 def _attack_cell(row: Row, rows: Sequence[Row]) -> str:
     """The accuracy under attack: in bold with its share of the clean run's where it is the best
     rule against this attack, marked ``(collapse)`` at or below chance (one over the labels)."""
@@ -267,6 +293,8 @@ class Experiment:
       pivot: the table's layout when its cells are rows.
       figure: a PNG file name beside the JSON, drawn from the measured rows' ``curve`` by
         ``fedprompt compare``'s plot each time the experiment runs (None: no figure).
+      shown: the table's rows from the measured ones (None: the measured rows themselves), for
+        a table that shows more than one row per run (a run's baselines as rows of their own).
     """
 
     name: str
@@ -276,6 +304,7 @@ class Experiment:
     columns: tuple[Column, ...] = ()
     pivot: Pivot | None = None
     figure: str | None = None
+    shown: Callable[[Sequence[Row]], list[Row]] | None = None
 
 
 def run_row(label: Mapping[str, str], emphasis: Sequence[str] = (), **config: Any) -> dict[str, Any]:
@@ -301,6 +330,14 @@ NEW_DEFAULT: dict[str, Any] = {
 """The default task with the defaults the sweep (``default_sweep``) chose: 2 local SGD steps (lr 0.5)
 a round for 60 rounds under FedAdam (server lr 0.03), evaluated every 20 rounds: the same
 examples as ``DEFAULT_TASK``'s 8 Adam steps x 15 rounds."""
+
+GENERATIVE_TASK: dict[str, Any] = {
+    "backbone": "wordnet-gpt2", "task": "generate", "generate_examples": 256, "max_new_tokens": 8,
+    "seeds": [0, 1, 2],
+}
+"""The built-in generative task (WordNet gloss -> supersense name) on the built-in decoder with
+``fedprompt run --task generate --backbone wordnet-gpt2``'s defaults, 256 test glosses spread
+over the test set generated and scored, three seeds."""
 
 OLD_SCHEDULE: dict[str, Any] = {key: DEFAULT_TASK[key] for key in ("rounds", "local_steps", "local_optimizer", "local_lr")}
 """The earlier defaults' local schedule (8 Adam steps, lr 0.01, x 15 rounds), for rows beside the new one."""
@@ -349,6 +386,23 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                    if row.get("wall_seconds") and rows[0].get("wall_seconds") else "", "time_ratio"),
             value("bytes sent (up + down)", "total_bytes", decimal_bytes),
         ),
+    ),
+    Experiment(
+        "generative_task", "simulate", GENERATIVE_TASK,
+        rows=(
+            run_row({"method": "soft prompt (20 tokens)"}, baselines=True),
+            run_row({"method": "prefix (20 tokens a layer)"}, method="prefix"),
+            run_row({"method": "zo (FedKSeed seeds, soft prompt)"}, method="zo"),
+        ),
+        columns=(
+            text("model"),
+            seeded("exact match", "exact_match"),
+            seeded("ROUGE-L", "rouge_l"),
+            points("ROUGE-L - local-only (points)", "rouge_l", "local_only_rouge_l"),
+            points("ROUGE-L - centralized (points)", "rouge_l", "centralized_rouge_l"),
+            value("bytes sent (up + down)", "total_bytes", decimal_bytes),
+        ),
+        shown=_generation_rows,
     ),
     Experiment(
         "second_task", "simulate", {**NEW_DEFAULT, "wordnet_pos": "verb", "seeds": [0, 1, 2]},
@@ -714,6 +768,22 @@ def measure_train_step(config: Mapping[str, Any], context: Context) -> dict[str,
     return _plain(rows[0])
 
 
+def measure_train_efficiency(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """``fedprompt bench train`` (:func:`fedprompt.bench.train_efficiency`) in one precision,
+    the backbone's weights and activations in it, beside PyTorch PEFT's step when installed."""
+    import jax.numpy as jnp
+
+    from fedprompt import bench
+    from fedprompt.backbones.loading import load_backbone
+
+    dtype = jnp.dtype(config["precision"])
+    backbone = load_backbone(config["backbone"], dtype=dtype, compute_dtype=dtype)
+    result = bench.train_efficiency(backbone, batch_size=config["batch_size"], tokens=config["tokens"],
+                                    virtual_tokens=config["virtual_tokens"], steps=config["steps"])
+    result.pop("machine")
+    return _plain(result)
+
+
 def measure_aggregate(config: Mapping[str, Any], context: Context) -> dict[str, Any]:
     """One size of ``fedprompt bench aggregate`` (:func:`fedprompt.bench.aggregate`), with the
     copy bandwidth measured beside it."""
@@ -904,6 +974,7 @@ KINDS: dict[str, Kind] = {
     "simulate": Kind(measure_run, _quick_run, _check_run),
     "memory": Kind(measure_memory, lambda c: {**c, "batch_size": 4, "tokens": 16}),
     "train_step": Kind(measure_train_step, lambda c: {**c, "steps": 1, "batch_size": 4, "tokens": 16}),
+    "train_efficiency": Kind(measure_train_efficiency, lambda c: {**c, "steps": 1, "batch_size": 4, "tokens": 16}),
     "aggregate": Kind(measure_aggregate, lambda c: {**c, "repeats": 1, "clients": min(c["clients"], 10)}),
     "deployment": Kind(measure_deployment, _quick_deployment),
     "abstract_memory": Kind(measure_abstract_memory, lambda c: {**c, "model": "qwen2-0.5b", "devices": 1,
@@ -1168,6 +1239,8 @@ def table_lines(experiment: Experiment, rows: Sequence[Row]) -> list[list[str]]:
         column_keys = list(dict.fromkeys(r["label"][p.columns_by] for r in rows))
         cells = {(r["label"][p.rows_by], r["label"][p.columns_by]): p.cell(r, rows) for r in rows}
         return [[p.corner, *column_keys]] + [[k, *(cells.get((k, c), "") for c in column_keys)] for k in row_keys]
+    if experiment.shown is not None:
+        rows = experiment.shown(rows)
     body = []
     for row in rows:
         bold = set(row.get("emphasis", ()))

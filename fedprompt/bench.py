@@ -362,7 +362,10 @@ def aggregate(
       reused row buffers (:class:`~fedprompt.server.aggregators.RowBuffers`), then one pass
       over the rows that drops non-finite ones, clips the others and takes the weighted mean
       (:func:`fedprompt.kernels.clipped_mean_of_finite`);
-    * ``one_pass_mean``: that pass alone, from the decoded updates in their rows.
+    * ``one_pass_mean``: that pass alone, from the decoded updates in their rows (host memory:
+      :func:`fedprompt.kernels.clipped_mean_of_finite_host`);
+    * ``one_pass_compiled``: the same pass compiled (:func:`fedprompt.kernels.clipped_mean_of_finite`)
+      on the stacked device array, what it costs where the updates are on a device.
 
     Effective bandwidth is the updates' bytes (``K x size x 4``) over the time, next to this
     machine's copy bandwidth measured in the same run.
@@ -378,6 +381,7 @@ def aggregate(
     rows = []
     jit_mean = jax.jit(aggregators.weighted_mean)
     kernel_mean = jax.jit(kernels.make_clipped_mean(None))
+    compiled_pass = jax.jit(lambda x, w: kernels.clipped_mean_of_finite([x], w, clip_norm)[0][0])
     for shape in shapes:
         size = int(np.prod(shape))
         for k in clients:
@@ -417,6 +421,8 @@ def aggregate(
                 "server_round": _median_seconds(server_round, n_rep),
                 "one_pass_mean": _median_seconds(
                     lambda: jax.block_until_ready(stage.apply((), stacked_rows, padded, None)[0]), n_rep),
+                "one_pass_compiled": _median_seconds(
+                    lambda: jax.block_until_ready(compiled_pass(stacked, weights)), n_rep),
             }
             nbytes = k * size * 4
             rows.append(
@@ -656,7 +662,7 @@ def format_aggregate(result: dict[str, Any]) -> str:
         f"memory bandwidth (copy, read+write bytes/s): numpy {bw['numpy_copy'] / 1e9:.1f} GB/s, jax {bw['jax_add'] / 1e9:.1f} GB/s",
         "median ms per aggregation; speed-up over NumPy and effective GB/s (update bytes read / time) of kernel_mean",
         f"{'clients':>7} {'floats':>7} {'numpy':>9} {'kernel_mean':>11} {'clip+sum':>9} {'jit wmean':>10} {'Aggregation':>11} "
-        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5} {'round':>9} {'% bw':>5}",
+        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5} {'round':>9} {'% bw':>5} {'pass':>9} {'% bw':>5} {'compiled':>9}",
     ]
     for r in result["rows"]:
         s, up, gbs, frac = r["seconds"], r["speedup_vs_numpy"], r["gb_per_second"], r["fraction_of_bandwidth"]
@@ -665,6 +671,7 @@ def format_aggregate(result: dict[str, Any]) -> str:
             f"{s['fused_clip'] * 1e3:>9.2f} {s['jit_mean'] * 1e3:>10.2f} {s['aggregation'] * 1e3:>11.2f} "
             f"{up['kernel_mean']:>7.1f}x {gbs['kernel_mean']:>6.1f} {100 * frac['kernel_mean']:>4.0f}%"
             f" {s['server_round'] * 1e3:>9.2f} {100 * frac['server_round']:>4.0f}%"
+            f" {s['one_pass_mean'] * 1e3:>9.2f} {100 * frac['one_pass_mean']:>4.0f}% {s['one_pass_compiled'] * 1e3:>9.2f}"
         )
     return "\n".join(lines)
 

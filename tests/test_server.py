@@ -398,3 +398,22 @@ def test_updates_received_into_row_buffers_are_the_stacked_updates():
     assert refused.accepted.tolist() == [True, False, False, False, False] and refused.rejections["unbound"] == 1
     np.testing.assert_array_equal(refused.stacked["b"][3], 0)
     np.testing.assert_array_equal(refused.stacked["b"][0], expected["b"][0])
+
+
+def test_the_default_mean_of_large_host_rows_equals_the_compiled_pass():
+    """Host rows of at least HOST_PASS_MIN_FLOATS floats a client take the NumPy + BLAS pass;
+    device arrays take the compiled one: the same mean, kept clients and clipped count."""
+    from fedprompt.server import rounds as server_rounds
+
+    rng = np.random.default_rng(3)
+    n = server_rounds.HOST_PASS_MIN_FLOATS + 7
+    rows = rng.standard_normal((5, n)).astype(np.float32)
+    rows[1, 4] = np.nan
+    rows[2] *= 1e-4  # under the bound
+    weights = np.array([3, 1, 2, 5, 0], np.float32)
+    stage = server_rounds.update_clip_stage(server_rounds.mean_stage(), 10.0)
+    host, _, host_metrics = stage.apply((), {"p": rows}, weights, None)
+    device, _, device_metrics = stage.apply((), {"p": jnp.asarray(rows)}, jnp.asarray(weights), None)
+    assert isinstance(host["p"], np.ndarray) and not isinstance(device["p"], np.ndarray)
+    np.testing.assert_allclose(host["p"], device["p"], rtol=1e-5, atol=1e-8)
+    assert host_metrics == device_metrics == {"update_clip": 10.0, "clipped": 2}

@@ -553,6 +553,24 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         ),
     ),
     Experiment(
+        "train_efficiency", "train_efficiency",
+        {"backbone": "minilm", "batch_size": 16, "tokens": 64, "virtual_tokens": 20, "steps": 10},
+        rows=(run_row({"precision": "float32"}, precision="float32"),
+              run_row({"precision": "bfloat16 (weights and activations; the prompt float32)"}, precision="bfloat16")),
+        columns=(
+            text("precision"),
+            value("fedprompt step (median)", "step_seconds", duration),
+            value("PyTorch PEFT step (median)", "peft_step_seconds", duration),
+            value("fedprompt's time / PEFT's", "ratio_vs_peft", lambda x: f"{x:.2f}x"),
+            value("step GFLOP (XLA)", "step_flops", lambda x: f"{x / 1e9:.1f}"),
+            value("achieved GFLOP/s", "achieved_flops_per_second", lambda x: f"{x / 1e9:.0f}"),
+            Column("matmul 2048 x 2048 GFLOP/s (XLA / NumPy / PyTorch)", lambda row, rows: " / ".join(
+                f"{row['matmul_by_library'][k] / 1e9:.0f}" if k in row["matmul_by_library"] else "-"
+                for k in ("xla", "numpy", "torch")), "matmul_by_library"),
+            value("of the best matmul", "fraction_of_matmul_peak", lambda x: f"{100 * x:.0f}%"),
+        ),
+    ),
+    Experiment(
         "aggregate", "aggregate", {"repeats": 5},
         rows=tuple(
             run_row({"size": f"{k} x {math.prod(shape):,}"}, clients=k, shape=list(shape))
@@ -568,6 +586,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
             value("clip + sum", "seconds.fused_clip", duration),
             value("server's mean from the decoded rows (one pass: finite, clip, sum)", "seconds.one_pass_mean", duration),
             value("of bandwidth", "fraction_of_bandwidth.one_pass_mean", lambda x: f"{100 * x:.0f}%"),
+            value("compiled pass (the same on a device array)", "seconds.one_pass_compiled", duration),
             value("server round from K messages (decode into rows + that pass)", "seconds.server_round", duration),
             value("generic `Aggregation` from K decoded arrays", "seconds.aggregation", duration),
         ),

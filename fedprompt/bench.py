@@ -359,11 +359,15 @@ def aggregate(
     * ``server_round``: the server's calls from the ``K`` encoded messages to the mean
       (:meth:`~fedprompt.server.rounds.ServerRound.receive`, then ``apply``'s default stage with
       update bound ``clip_norm``): every message decoded, checked and written straight into
-      reused row buffers (:class:`~fedprompt.server.aggregators.RowBuffers`), then one pass
-      over the rows that drops non-finite ones, clips the others and takes the weighted mean
-      (:func:`fedprompt.kernels.clipped_mean_of_finite`);
-    * ``one_pass_mean``: that pass alone, from the decoded updates in their rows (host memory:
-      :func:`fedprompt.kernels.clipped_mean_of_finite_host`);
+      reused row buffers (:class:`~fedprompt.server.aggregators.RowBuffers`), each row's sum
+      of squares taken as it is written (:func:`fedprompt.kernels.copy_row`), then one pass
+      over the rows that drops non-finite ones, clips the others and takes the weighted mean;
+    * ``receive``: the first half alone (decode, check, write into rows, square);
+    * ``one_pass_mean``: the second half alone, from the decoded rows and their sums of squares
+      (host memory: :func:`fedprompt.kernels.clipped_mean_of_finite_host`, one matrix-vector
+      product);
+    * ``host_pass_unnormed``: the same host pass given the rows only (it squares them first:
+      two reads);
     * ``one_pass_compiled``: the same pass compiled (:func:`fedprompt.kernels.clipped_mean_of_finite`)
       on the stacked device array, what it costs where the updates are on a device.
 
@@ -409,9 +413,11 @@ def aggregate(
                                               buffers=buffers, rows=rows_k)
 
             def server_round():
-                return jax.block_until_ready(stage.apply((), receive().stacked, padded, None)[0])
+                got = receive()
+                return jax.block_until_ready(stage.apply((), got.stacked, padded, None, sq_norms=got.sq_norms)[0])
 
-            stacked_rows = receive().stacked
+            received = receive()
+            stacked_rows, sq_norms = received.stacked, received.sq_norms
             seconds = {
                 "numpy": _median_seconds(lambda: flower_style_aggregate(results), n_rep),
                 "kernel_mean": _median_seconds(lambda: jax.block_until_ready(kernel_mean(tree, weights)), n_rep),
@@ -419,7 +425,11 @@ def aggregate(
                 "jit_mean": _median_seconds(lambda: jax.block_until_ready(jit_mean(tree, weights)), slow_repeats),
                 "aggregation": _median_seconds(lambda: jax.block_until_ready(aggregation(decoded, counts)), slow_repeats),
                 "server_round": _median_seconds(server_round, n_rep),
+                "receive": _median_seconds(receive, n_rep),
                 "one_pass_mean": _median_seconds(
+                    lambda: jax.block_until_ready(stage.apply((), stacked_rows, padded, None, sq_norms=sq_norms)[0]),
+                    n_rep),
+                "host_pass_unnormed": _median_seconds(
                     lambda: jax.block_until_ready(stage.apply((), stacked_rows, padded, None)[0]), n_rep),
                 "one_pass_compiled": _median_seconds(
                     lambda: jax.block_until_ready(compiled_pass(stacked, weights)), n_rep),
@@ -438,7 +448,7 @@ def aggregate(
                     "max_abs_error_vs_numpy": float(np.max(np.abs(got - expected))),
                 }
             )
-            del stacked_np, results, stacked, tree, decoded, stacked_rows, messages
+            del stacked_np, results, stacked, tree, decoded, stacked_rows, messages, received
     return {"machine": machine(), "bandwidth": bandwidth, "rows": rows}
 
 
@@ -662,7 +672,8 @@ def format_aggregate(result: dict[str, Any]) -> str:
         f"memory bandwidth (copy, read+write bytes/s): numpy {bw['numpy_copy'] / 1e9:.1f} GB/s, jax {bw['jax_add'] / 1e9:.1f} GB/s",
         "median ms per aggregation; speed-up over NumPy and effective GB/s (update bytes read / time) of kernel_mean",
         f"{'clients':>7} {'floats':>7} {'numpy':>9} {'kernel_mean':>11} {'clip+sum':>9} {'jit wmean':>10} {'Aggregation':>11} "
-        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5} {'round':>9} {'% bw':>5} {'pass':>9} {'% bw':>5} {'compiled':>9}",
+        f"{'speed-up':>8} {'GB/s':>6} {'% bw':>5} {'round':>9} {'% bw':>5} {'receive':>9} {'pass':>9} {'% bw':>5} "
+        f"{'unnormed':>9} {'compiled':>9}",
     ]
     for r in result["rows"]:
         s, up, gbs, frac = r["seconds"], r["speedup_vs_numpy"], r["gb_per_second"], r["fraction_of_bandwidth"]
@@ -671,7 +682,8 @@ def format_aggregate(result: dict[str, Any]) -> str:
             f"{s['fused_clip'] * 1e3:>9.2f} {s['jit_mean'] * 1e3:>10.2f} {s['aggregation'] * 1e3:>11.2f} "
             f"{up['kernel_mean']:>7.1f}x {gbs['kernel_mean']:>6.1f} {100 * frac['kernel_mean']:>4.0f}%"
             f" {s['server_round'] * 1e3:>9.2f} {100 * frac['server_round']:>4.0f}%"
-            f" {s['one_pass_mean'] * 1e3:>9.2f} {100 * frac['one_pass_mean']:>4.0f}% {s['one_pass_compiled'] * 1e3:>9.2f}"
+            f" {s['receive'] * 1e3:>9.2f} {s['one_pass_mean'] * 1e3:>9.2f} {100 * frac['one_pass_mean']:>4.0f}%"
+            f" {s['host_pass_unnormed'] * 1e3:>9.2f} {s['one_pass_compiled'] * 1e3:>9.2f}"
         )
     return "\n".join(lines)
 

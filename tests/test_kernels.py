@@ -21,6 +21,11 @@ CASES = [(k, n, jnp.float32) for k, n in SHAPES] + [(1, 1, jnp.bfloat16), (37, 1
 CASE_IDS = [f"K{k}-N{n}-{'f32' if d == jnp.float32 else 'bf16'}" for k, n, d in CASES]
 
 
+def _copied_sq(leaves):
+    """Each client's sum of squares over its leaves, as a server takes it while copying the rows."""
+    return [sum(kernels.copy_row(np.empty_like(x[i]), x[i]) for x in leaves) for i in range(leaves[0].shape[0])]
+
+
 def _pallas(**kw):
     return {"implementation": "pallas", "interpret": True, **kw}
 
@@ -171,7 +176,8 @@ class TestKernels:
             expected = (w * factor) @ rows / w.sum()
             for fn in (jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite(r, v, c)),
                        jax.jit(lambda r, v, c=bound: kernels.clipped_mean_of_finite_reference(r, v, c)),
-                       lambda r, v, c=bound: kernels.clipped_mean_of_finite_host(r, v, c)):
+                       lambda r, v, c=bound: kernels.clipped_mean_of_finite_host(r, v, c),
+                       lambda r, v, c=bound: kernels.clipped_mean_of_finite_host(r, v, c, sq_norms=_copied_sq(r))):
                 means, accepted, clipped = fn([a, b], weights)
                 np.testing.assert_allclose(np.concatenate([np.ravel(means[0]), means[1]]), expected, rtol=1e-5, atol=1e-6)
                 assert means[0].shape == (4, 6) and means[0].dtype == jnp.float32
@@ -186,6 +192,31 @@ class TestKernels:
         # what the host form leaves to the compiled pass: device arrays, other dtypes, strided views
         for other in (jnp.asarray(a), np.ones(a.shape, np.float16), a[:, :, ::2]):
             assert kernels.clipped_mean_of_finite_host([other], weights) is None
+
+    def test_copy_row_returns_the_sum_of_squares_of_what_it_wrote(self):
+        """Against a float64 reference; not finite where a value is not finite or the squares
+        overflow float32."""
+        rng = np.random.default_rng(7)
+        n = 200_003
+        src = rng.standard_normal(n).astype(np.float32)
+        dst = np.full(n, 9.0, np.float32)
+        sq = kernels.copy_row(dst, src)
+        np.testing.assert_array_equal(dst, src)
+        np.testing.assert_allclose(sq, np.sum(np.square(src, dtype=np.float64)), rtol=1e-5)
+        grid = np.empty((3, 4), np.float32)
+        assert kernels.copy_row(grid, np.arange(12, dtype=np.float32).reshape(3, 4)) == float(np.sum(np.arange(12.0) ** 2))
+        big = src.copy()
+        big[-1] = 1e30
+        assert kernels.copy_row(dst, big) == np.inf
+        big[5] = np.nan
+        assert np.isnan(kernels.copy_row(dst, big))
+        with pytest.raises(InputError, match="cannot copy"):
+            kernels.copy_row(dst, src[:-1])
+        stack = np.zeros(3, np.float32)  # a stack of scalars: its row is a slice, not stack[i]
+        assert kernels.copy_row(stack[1:2], np.float32(-3.0)) == 9.0 and stack.tolist() == [0.0, -3.0, 0.0]
+        for wrong in (stack[1], dst[::2], dst.astype(np.float64)):
+            with pytest.raises(InputError, match="writable float32"):
+                kernels.copy_row(wrong, src[: np.size(wrong)])
 
     def test_bitonic_network_sorts(self):
         x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 9)), jnp.float32)

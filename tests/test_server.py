@@ -371,16 +371,18 @@ def test_updates_received_into_row_buffers_are_the_stacked_updates():
     from fedprompt.wire import codec
 
     rng = np.random.default_rng(4)
-    template = {"delta": {"w": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32)}}
+    template = {"delta": {"w": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32),
+                          "s": np.zeros((), np.float32)}}
 
     def message(scale, round_index=0):
         tree = {"delta": {"w": scale * rng.standard_normal((3, 2)).astype(np.float32),
-                          "b": scale * rng.standard_normal(4).astype(np.float32)}}
+                          "b": scale * rng.standard_normal(4).astype(np.float32),
+                          "s": np.float32(scale * rng.standard_normal())}}
         return codec.encode(tree, kind=rounds.UPDATE_KIND, round=round_index, fingerprint="fp")
 
     messages = [message(1.0), b"junk", None, message(50.0), message(1.0, round_index=7)]
     server = rounds.ServerRound(algorithms.fedavg(), num_clients=5, update_clip=10.0)
-    state = server.init({"w": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32)})
+    state = server.init({"w": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32), "s": np.zeros((), np.float32)})
     options = dict(round_index=0, fingerprint="fp", template=template)
     rows = server.receive(messages, **options)
     plain = rounds.receive_updates(messages, **options)
@@ -389,6 +391,10 @@ def test_updates_received_into_row_buffers_are_the_stacked_updates():
     expected = aggregators.stack_clients([t["delta"] for t in plain.trees], 8)
     jax.tree.map(np.testing.assert_array_equal, rows.stacked, expected)
     assert rows.stacked["w"].shape == (8, 3, 2) and rows.stacked["w"].ctypes.data % 64 == 0
+    # each row's sum of squares over the whole delta, taken while it was written; 0 for zero rows
+    flat = np.concatenate([np.reshape(x, (8, -1)) for x in jax.tree.leaves(expected)], axis=1).astype(np.float64)
+    np.testing.assert_allclose(rows.sq_norms, np.sum(np.square(flat), axis=1), rtol=1e-6)
+    assert plain.sq_norms is None and rows.sq_norms[1] == 0.0
     weights = [3, 1, 1, 2, 1]
     got, outcome = server.apply(state, rows, weights)
     want, want_outcome = server.apply(state, plain, weights)
@@ -397,6 +403,7 @@ def test_updates_received_into_row_buffers_are_the_stacked_updates():
     refused = rounds.refuse(server.receive(messages, **options), {3: "unbound"})
     assert refused.accepted.tolist() == [True, False, False, False, False] and refused.rejections["unbound"] == 1
     np.testing.assert_array_equal(refused.stacked["b"][3], 0)
+    assert refused.sq_norms[3] == 0.0 and refused.sq_norms[0] == rows.sq_norms[0]
     np.testing.assert_array_equal(refused.stacked["b"][0], expected["b"][0])
 
 
@@ -417,3 +424,49 @@ def test_the_default_mean_of_large_host_rows_equals_the_compiled_pass():
     assert isinstance(host["p"], np.ndarray) and not isinstance(device["p"], np.ndarray)
     np.testing.assert_allclose(host["p"], device["p"], rtol=1e-5, atol=1e-8)
     assert host_metrics == device_metrics == {"update_clip": 10.0, "clipped": 2}
+    # with the rows' sums of squares from receiving (any size: one product, no loop over rows)
+    small = rows[:, :50].copy()
+    small[3] *= 1e3
+    for x in (rows, small):
+        sq = np.sum(np.square(x, dtype=np.float64), axis=1)
+        given, _, given_metrics = stage.apply((), {"p": x}, weights, None, sq_norms=sq)
+        device, _, device_metrics = stage.apply((), {"p": jnp.asarray(x)}, jnp.asarray(weights), None)
+        assert isinstance(given["p"], np.ndarray)
+        np.testing.assert_allclose(given["p"], device["p"], rtol=1e-5, atol=1e-8)
+        assert given_metrics == device_metrics
+
+
+def test_rows_refuse_what_the_plain_receive_refuses_and_keep_overflowing_norms():
+    """Into row buffers the delta's finiteness comes from its sum of squares: the same slots
+    are refused for the same reasons as by the value-by-value check (NaN or Inf in the delta,
+    or in a control delta that is not squared), a finite delta whose squares overflow float32
+    is kept, and refused rows are zero with a zero sum of squares."""
+    from fedprompt.server import aggregators, rounds
+    from fedprompt.wire import codec
+
+    rng = np.random.default_rng(11)
+    template = {"delta": {"p": np.zeros((4, 5), np.float32)}, "control_delta": {"p": np.zeros((4, 5), np.float32)}}
+
+    def message(delta=None, control=None):
+        tree = {"delta": {"p": rng.standard_normal((4, 5)).astype(np.float32) if delta is None else delta},
+                "control_delta": {"p": np.zeros((4, 5), np.float32) if control is None else control}}
+        return codec.encode(tree, kind=rounds.UPDATE_KIND, round=0, fingerprint="fp")
+
+    nan, inf = np.ones((4, 5), np.float32), np.ones((4, 5), np.float32)
+    nan[1, 2], inf[3, 4] = np.nan, -np.inf
+    huge = np.full((4, 5), 1e30, np.float32)
+    messages = [message(), message(delta=nan), message(delta=huge), message(control=inf), message(delta=inf), message()]
+    options = dict(round_index=0, fingerprint="fp", template=template)
+    rows = rounds.receive_updates(messages, buffers=aggregators.RowBuffers(), rows=8, **options)
+    plain = rounds.receive_updates(messages, **options)
+    assert rows.accepted.tolist() == plain.accepted.tolist() == [True, False, True, False, False, True]
+    assert rows.rejections == plain.rejections == {"delta/p": 2, "control_delta/p": 1}
+    assert rows.sq_norms[2] == np.inf and rows.sq_norms[[1, 3, 4, 6, 7]].tolist() == [0.0] * 5
+    np.testing.assert_array_equal(rows.stacked["p"][[1, 3, 4]], 0)
+    np.testing.assert_array_equal(rows.stacked["p"][2], huge)
+    stage = rounds.update_clip_stage(rounds.mean_stage(), 1.0)
+    weights = np.pad(rows.accepted.astype(np.float32), (0, 2))
+    got, _, metrics = stage.apply((), rows.stacked, weights, None, sq_norms=rows.sq_norms)
+    want, _, want_metrics = stage.apply((), jax.tree.map(jnp.asarray, rows.stacked), jnp.asarray(weights), None)
+    np.testing.assert_allclose(got["p"], want["p"], rtol=1e-5, atol=1e-7)
+    assert metrics == want_metrics == {"update_clip": 1.0, "clipped": 3}

@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -54,7 +55,7 @@ import numpy as np
 
 from fedprompt.config import check_number
 from fedprompt.errors import InputError, WireError
-from fedprompt.kernels.aggregate import clipped_mean_of_finite, clipped_mean_of_finite_host
+from fedprompt.kernels.aggregate import clipped_mean_of_finite, clipped_mean_of_finite_host, copy_row
 from fedprompt.server import aggregators
 from fedprompt.server.algorithms import ServerState
 from fedprompt.server.robust import clip_clients
@@ -81,6 +82,10 @@ class ReceivedUpdates(NamedTuple):
       stacked: when received into row buffers (``buffers=``), the deltas stacked ``[rows, ...]``
         (zeros in every slot without a valid update and in the padding rows); each accepted
         slot's ``trees[slot]["delta"]`` is a view of its row. None otherwise.
+      sq_norms: with ``stacked`` of float32 deltas, ``[rows]`` float64: each row's sum of
+        squares over the whole delta, taken by the server while it wrote the row
+        (:func:`fedprompt.kernels.copy_row`; ``inf`` or ``nan`` where that is not finite, 0 for
+        zero rows), so the mean need not read the rows twice. None otherwise.
     """
 
     trees: list[Pytree]
@@ -88,6 +93,7 @@ class ReceivedUpdates(NamedTuple):
     rejections: dict[str, int]
     bytes_up: int
     stacked: Pytree | None = None
+    sq_norms: np.ndarray | None = None
 
 
 def rejection_reason(err: Exception) -> str:
@@ -132,7 +138,7 @@ def receive_updates(
     accepted = np.zeros(len(messages), bool)
     rejections: dict[str, int] = {}
     bytes_up = 0
-    stacked = None
+    stacked = sq_norms = None
     if buffers is not None:
         rows = len(messages) if rows is None else int(rows)
         if rows < len(messages):
@@ -140,6 +146,8 @@ def receive_updates(
         leaves, treedef = jax.tree.flatten(template["delta"])
         stacked = jax.tree.unflatten(treedef, [
             buffers.take((rows, *np.shape(x)), np.dtype(x.dtype), slot) for slot, x in enumerate(leaves)])
+        if all(np.dtype(x.dtype) == np.float32 for x in leaves):
+            sq_norms = np.zeros(rows)
     for slot, message in enumerate(messages):
         if message is None:
             continue
@@ -151,20 +159,32 @@ def receive_updates(
                 raise WireError(f"not an update: kind {received.kind!r}")
             if received.round != round_index or received.fingerprint != fingerprint:
                 raise WireError("update is for another round or backbone")
-            tree = codec.check_template(received.tree, template)
+            # Into float32 rows, the delta is squared as it is written, and its sum of squares is
+            # finite only if every value is: the values are checked one by one only when it is not.
+            tree = codec.check_template(received.tree, template, finite=sq_norms is None)
+            if sq_norms is not None:
+                sq = sum(copy_row(out[slot : slot + 1], x) for out, x in
+                         zip(jax.tree.leaves(stacked), jax.tree.leaves(tree["delta"])))
+                rest = [name for name in template if name != "delta"]
+                if math.isfinite(sq):
+                    codec.check_template({n: tree[n] for n in rest}, {n: template[n] for n in rest})
+                else:  # refuses a value that is not finite; else the squares only overflowed
+                    codec.check_template(tree, template)
+                sq_norms[slot] = sq
         except WireError as err:
             reason = rejection_reason(err)
             rejections[reason] = rejections.get(reason, 0) + 1
-            continue
-        if stacked is not None:
+            continue  # a row already written is zeroed below, with every slot not accepted
+        if stacked is not None and sq_norms is None:
             jax.tree.map(lambda out, x, s=slot: out.__setitem__(s, x), stacked, tree["delta"])
+        if stacked is not None:
             tree = {**tree, "delta": jax.tree.map(lambda out, s=slot: out[s], stacked)}
         trees[slot] = tree
         accepted[slot] = True
     if stacked is not None:
         absent = np.flatnonzero(~np.pad(accepted, (0, rows - len(messages))))
         jax.tree.map(lambda out: out.__setitem__(absent, 0), stacked)
-    return ReceivedUpdates(trees, accepted, rejections, bytes_up, stacked)
+    return ReceivedUpdates(trees, accepted, rejections, bytes_up, stacked, sq_norms)
 
 
 def refuse(received: ReceivedUpdates, refused: Mapping[int, str]) -> ReceivedUpdates:
@@ -179,9 +199,13 @@ def refuse(received: ReceivedUpdates, refused: Mapping[int, str]) -> ReceivedUpd
     for slot in slots:
         trees[slot], accepted[slot] = zeros, False
         rejections[refused[slot]] = rejections.get(refused[slot], 0) + 1
+    sq_norms = received.sq_norms
     if received.stacked is not None:
         jax.tree.map(lambda out: out.__setitem__(np.array(slots), 0), received.stacked)
-    return ReceivedUpdates(trees, accepted, rejections, received.bytes_up, received.stacked)
+        if sq_norms is not None:
+            sq_norms = sq_norms.copy()
+            sq_norms[slots] = 0.0
+    return ReceivedUpdates(trees, accepted, rejections, received.bytes_up, received.stacked, sq_norms)
 
 
 # ----------------------------------------------------------------------------- aggregation stages
@@ -201,6 +225,8 @@ class AggregateStage(NamedTuple):
       clipped: ``bound -> apply`` of this stage after every update is clipped to ``bound``,
         in one program (the plain mean's fused pass); None: :func:`update_clip_stage` clips
         first, then calls ``apply``.
+      row_norms: ``apply`` also takes ``sq_norms=``, each row's sum of squares when the server
+        took it while receiving (:attr:`ReceivedUpdates.sq_norms`), else None.
     """
 
     init: Callable[[], Any]
@@ -208,20 +234,23 @@ class AggregateStage(NamedTuple):
     bucket: Callable[[int], int] = aggregators.bucket_size
     noisy: bool = False
     clipped: Callable[[float], Callable] | None = None
+    row_norms: bool = False
 
 
 HOST_PASS_MIN_FLOATS = 65_536
 """Updates of at least this many floats a client take the server's mean on the host when they
-are in host memory (:func:`_clipped_mean`): on the Intel Xeon of the README's aggregation
-table the host pass took 159 ms against the compiled pass's 297 ms at 1000 x 409,600 floats,
-while at 7,680 floats a client its Python loop over rows cost more than it saved."""
+are in host memory but come without their sums of squares (:func:`_clipped_mean`): the host
+pass then squares each row in a Python loop over the rows, which at 7,680 floats a client cost
+more than it saved. Rows whose sums of squares came from :func:`receive_updates` always take
+the host pass (no loop over rows)."""
 
 
 def _clipped_mean(bound: float | None):
-    """The weighted mean of the finite rows, each clipped to ``bound`` (None: not clipped), in
-    one read of the stacked updates: on the host when they are host float32 arrays of at least
-    :data:`HOST_PASS_MIN_FLOATS` floats a client (the rows :func:`receive_updates` decodes
-    into; :func:`fedprompt.kernels.clipped_mean_of_finite_host`), else compiled
+    """The weighted mean of the finite rows, each clipped to ``bound`` (None: not clipped): on
+    the host when the stacked updates are host float32 arrays and either come with their sums
+    of squares (``sq_norms``, from :func:`receive_updates`: then one matrix-vector product per
+    leaf) or hold at least :data:`HOST_PASS_MIN_FLOATS` floats a client
+    (:func:`fedprompt.kernels.clipped_mean_of_finite_host`), else compiled, in one read
     (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
 
     @jax.jit
@@ -230,10 +259,12 @@ def _clipped_mean(bound: float | None):
         means, _, clipped = clipped_mean_of_finite(leaves, weights, bound)
         return jax.tree.unflatten(treedef, means), clipped
 
-    def run(stacked, weights):
+    def run(stacked, weights, sq_norms=None):
         leaves, treedef = jax.tree.flatten(stacked)
-        large = isinstance(weights, np.ndarray) and sum(np.size(x) for x in leaves) >= HOST_PASS_MIN_FLOATS * weights.size
-        host = clipped_mean_of_finite_host(leaves, weights, bound) if large else None
+        host = None
+        if isinstance(weights, np.ndarray) and (
+                sq_norms is not None or sum(np.size(x) for x in leaves) >= HOST_PASS_MIN_FLOATS * weights.size):
+            host = clipped_mean_of_finite_host(leaves, weights, bound, sq_norms)
         if host is None:
             return compiled(stacked, weights)
         means, _, clipped = host
@@ -252,21 +283,21 @@ def mean_stage(aggregator: aggregators.Aggregator = aggregators.weighted_mean) -
     if aggregator is aggregators.weighted_mean:
         plain = _clipped_mean(None)
 
-        def apply(state, stacked, weights, key):
+        def apply(state, stacked, weights, key, sq_norms=None):
             del key
-            return plain(stacked, weights)[0], state, {}
+            return plain(stacked, weights, sq_norms)[0], state, {}
 
         def clipped(bound):
             run = _clipped_mean(bound)
 
-            def apply_clipped(state, stacked, weights, key):
+            def apply_clipped(state, stacked, weights, key, sq_norms=None):
                 del key
-                mean, count = run(stacked, weights)
+                mean, count = run(stacked, weights, sq_norms)
                 return mean, state, {"update_clip": bound, "clipped": int(count)}
 
             return apply_clipped
 
-        return AggregateStage(init=lambda: (), apply=apply, clipped=clipped)
+        return AggregateStage(init=lambda: (), apply=apply, clipped=clipped, row_norms=True)
     aggregation = aggregators.Aggregation(aggregator)
 
     def apply(state, stacked, weights, key):
@@ -304,7 +335,7 @@ def update_clip_stage(stage: AggregateStage, bound: float) -> AggregateStage:
         mean, state, metrics = stage.apply(state, clipped, weights, key)
         return mean, state, {**metrics, "update_clip": bound, "clipped": int(count)}
 
-    return stage._replace(apply=apply)
+    return stage._replace(apply=apply, row_norms=False)
 
 
 # ----------------------------------------------------------------------------- the server round
@@ -462,8 +493,11 @@ class ServerRound:
         if self.seeds is not None:
             return self._seed_round(state, payloads, weights, train_loss, participants, accepted)
         deltas = payloads if self._to_delta is None else self._to_delta(params, payloads)
+        norms = {}
+        if self.stage.row_norms and deltas is received.stacked and received.sq_norms is not None:
+            norms["sq_norms"] = received.sq_norms  # the rows' sums of squares, taken while receiving
         mean_delta, stage_state, metrics = self.stage.apply(
-            state.aggregate, deltas, np.pad(weights, (0, size - len(weights))), key)
+            state.aggregate, deltas, np.pad(weights, (0, size - len(weights))), key, **norms)
         jax.block_until_ready(mean_delta)  # done with the row buffers before the next round fills them
         mean_control = None
         if self.algorithm.scaffold:

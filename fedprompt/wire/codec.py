@@ -551,7 +551,7 @@ def check_message(
     return message
 
 
-def check_template(tree: Any, template: Any) -> Any:
+def check_template(tree: Any, template: Any, *, finite: bool = True) -> Any:
     """Checks a decoded tree against the tree the receiver expects.
 
     The tree must have the template's structure (the same dict keys, the same sequence
@@ -562,6 +562,8 @@ def check_template(tree: Any, template: Any) -> Any:
         tree: A decoded tree (see :func:`decode`).
         template: A pytree of arrays, or of anything with ``.shape`` and ``.dtype`` (such as
             ``jax.ShapeDtypeStruct``): dicts, lists, tuples and NamedTuples.
+        finite: False leaves the finiteness check to the caller (a server that squares every
+            value anyway: a sum of squares is finite only if every value is).
 
     Returns:
         The tree in the template's containers: NamedTuples and tuples are rebuilt and dict
@@ -577,10 +579,10 @@ def check_template(tree: Any, template: Any) -> Any:
       >>> check_template({"w": np.ones((2, 3), np.float32)}, template)["w"].shape
       (2, 3)
     """
-    return _match(tree, template, ())
+    return _match(tree, template, (), finite)
 
 
-def _match(node: Any, ref: Any, path: Path) -> Any:
+def _match(node: Any, ref: Any, path: Path, finite: bool = True) -> Any:
     where = _where(path)
     if ref is None:
         if node is not None:
@@ -593,21 +595,21 @@ def _match(node: Any, ref: Any, path: Path) -> Any:
         unexpected = [key for key in node if key not in ref]
         if missing or unexpected:
             raise WireError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
-        return {key: _match(node[key], ref[key], (*path, key)) for key in ref}
+        return {key: _match(node[key], ref[key], (*path, key), finite) for key in ref}
     if isinstance(ref, (list, tuple)):
         if not isinstance(node, (list, tuple)):
             raise WireError(f"{where}: expected a sequence of {len(ref)}, got {_type_name(node)}")
         if len(node) != len(ref):
             raise WireError(f"{where}: expected a sequence of {len(ref)}, got {len(node)} entries")
         names = getattr(ref, "_fields", range(len(ref)))
-        children = [_match(child, sub, (*path, name)) for child, sub, name in zip(node, ref, names)]
+        children = [_match(child, sub, (*path, name), finite) for child, sub, name in zip(node, ref, names)]
         if hasattr(ref, "_fields"):
             return type(ref)(*children)
         return tuple(children) if isinstance(ref, tuple) else children
-    return _match_leaf(node, ref, where)
+    return _match_leaf(node, ref, where, finite)
 
 
-def _match_leaf(node: Any, ref: Any, where: str) -> Any:
+def _match_leaf(node: Any, ref: Any, where: str, finite: bool = True) -> Any:
     if not (hasattr(node, "shape") and hasattr(node, "dtype")):
         raise WireError(f"{where}: expected an array, got {_type_name(node)}")
     shape, dtype = _shape_and_dtype(ref)
@@ -615,7 +617,7 @@ def _match_leaf(node: Any, ref: Any, where: str) -> Any:
         raise WireError(f"{where}: expected shape {shape}, got {node.shape}")
     if node.dtype != dtype:
         raise WireError(f"{where}: expected dtype {dtype.name}, got {node.dtype.name}")
-    if dtype.name in FLOAT_DTYPE_NAMES:
+    if finite and dtype.name in FLOAT_DTYPE_NAMES:
         bad = int(np.size(node) - np.count_nonzero(np.isfinite(node)))
         if bad:
             raise WireError(f"{where}: {bad} of {node.size} values are not finite (NaN or Inf)")

@@ -500,14 +500,15 @@ def train_efficiency(
     virtual_tokens: int = 20,
     steps: int = 10,
     seed: int = 0,
+    matmul_n: int = 2048,
 ) -> dict[str, Any]:
     """The compiled prompt-tuning train step as a fraction of this machine's matmul FLOP/s.
 
     The step runs in the backbone's ``compute_dtype`` (``float32``, or ``bfloat16`` for a
     backbone loaded with ``dtype=compute_dtype=jnp.bfloat16``; the prompt stays float32). Its
     FLOPs come from XLA's cost analysis of the compiled step; the machine's FLOP/s from the
-    best of XLA, NumPy and PyTorch on a large matmul in that precision, in the same process
-    (:func:`matmul_flops`). With torch and peft installed, the same step (same model, batch,
+    best of XLA, NumPy and PyTorch on a ``matmul_n`` square matmul in that precision, in the
+    same process (:func:`matmul_flops`). With torch and peft installed, the same step (same model, batch,
     prompt length, mean pooling, linear head, Adam, precision) in PyTorch PEFT prompt tuning
     is timed too.
     """
@@ -531,7 +532,7 @@ def train_efficiency(
         jax.block_until_ready(metrics)
 
     seconds = _median_seconds(run, steps)
-    peak = matmul_flops(dtype=precision)
+    peak = matmul_flops(n=matmul_n, dtype=precision)
     peft_seconds = _peft_step_seconds(backbone, batch, virtual_tokens, 4, steps, precision) if method == "prompt" else None
     return {
         "machine": machine(),

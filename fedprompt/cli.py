@@ -365,7 +365,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     dtype = jnp.dtype(args.precision)
     backbone = load_backbone(args.backbone, dtype=dtype, compute_dtype=dtype)
     result = bench.train_efficiency(backbone, method=args.method, batch_size=args.batch_size,
-                                    tokens=args.tokens, virtual_tokens=args.virtual_tokens, steps=args.steps)
+                                    tokens=args.tokens, virtual_tokens=args.virtual_tokens, steps=args.steps,
+                                    matmul_n=args.matmul_n)
     return _bench_report(args, result, bench.format_train(result))
 
 
@@ -458,6 +459,7 @@ def add_bench_commands(bench_sub) -> None:
     train.add_argument("--tokens", type=int, default=64)
     train.add_argument("--virtual-tokens", type=int, default=20)
     train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--matmul-n", type=int, default=2048, help="the size of the square matmul that measures the peak")
     train.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                        help="weights and activations of both steps (the prompt stays float32)")
     train.add_argument("--json", metavar="FILE", help="also write the results as JSON")

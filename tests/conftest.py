@@ -25,6 +25,20 @@ DECODERS = ("gpt2", "llama", "qwen2", "mistral")
 
 _cache: dict[str, fedprompt.Backbone] = {}
 
+SLOW_MODULES_FIRST = (
+    "test_flower_deployment.py", "test_parallel.py", "test_flower_tls.py", "test_training.py", "test_flower.py",
+    "test_run.py", "test_flower_ray.py", "test_tpt.py", "test_generate_task.py",
+)
+"""The longest modules (minutes each, most of it processes starting), collected first: with
+``--dist loadfile`` pytest-xdist hands the files to its workers in collection order, so a long
+module collected last leaves one worker running it alone while the other idles. Deployments
+and compute-bound modules alternate, so that two deployments rarely share the cores."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
+
 
 def tiny_backbone(name: str) -> fedprompt.Backbone:
     """A tiny random checkpoint from tests/fixtures, loaded once per test session."""

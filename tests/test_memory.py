@@ -68,9 +68,10 @@ def test_bench_train_runs_the_step_in_the_backbone_precision(precision, tmp_path
 
     out = tmp_path / "train.json"
     assert main(["bench", "train", "--backbone", str(FIXTURES / "bert"), "--batch-size", "2", "--tokens", "8",
-                 "--virtual-tokens", "2", "--steps", "2", "--precision", precision, "--json", str(out)]) == 0
+                 "--virtual-tokens", "2", "--steps", "2", "--precision", precision, "--matmul-n", "256",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["precision"] == precision and result["step_flops"] > 0
+    assert result["precision"] == precision and result["step_flops"] > 0 and result["matmul_n"] == 256
     assert result["fraction_of_matmul_peak"] == pytest.approx(
         result["step_flops"] / result["step_seconds"] / result["matmul_flops_per_second"])
     assert precision in capsys.readouterr().out

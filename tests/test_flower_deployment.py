@@ -55,36 +55,6 @@ def _deployed_and_simulated(deployment, out, overrides, settings, *, timeout, na
     return _read_run(out), (fed, sim, state, expected)
 
 
-def test_flower_deployment_equals_the_simulation_and_sends_only_the_prompt(deployment):
-    out = deployment.tmp / "out-prompt"
-    overrides, settings = _settings(out, rounds=2, **{"round-timeout": 120.0})
-    (metrics, summary, params, prompt), (fed, sim, state, expected) = _deployed_and_simulated(
-        deployment, out, overrides, settings, timeout=170, name="prompt")
-    # The final prompt (and head) are the simulation's, and so is every round.
-    _assert_close(params, state.params)
-    assert [m["clients"] for m in metrics] == [NODES] * settings.run.rounds
-    assert [m["participants"] for m in metrics] == [list(range(NODES))] * settings.run.rounds
-    for got, want in zip(metrics, expected):
-        assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
-        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
-        np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
-    assert summary["runtime"] == "flower" and prompt.backbone.fingerprint == summary["backbone"]["fingerprint"]
-    _assert_close(prompt.params, state.params["prompt"], atol=1e-2)  # prompt.fpp may store float16
-
-    # What crossed is the prompt: per client, one encoded prompt-sized message each way.
-    encoded = codec.encode(jax.device_get({"params": state.params}), kind=rounds.GLOBAL_KIND, round=0,
-                           fingerprint=fed.backbone.fingerprint)
-    prompt_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state.params))
-    backbone_bytes = fed.backbone.weight_bytes()
-    for m in metrics:
-        assert m["bytes_down"] == len(encoded) * NODES
-        assert prompt_bytes * NODES <= m["bytes_up"] <= (prompt_bytes + 400) * NODES
-        # Flower's own envelope (records, metadata) adds a fixed ~1 KB per message.
-        assert m["bytes_up"] < m["wire_bytes_up"] <= m["bytes_up"] + 2048 * NODES
-        assert m["bytes_down"] < m["wire_bytes_down"] <= m["bytes_down"] + 2048 * NODES
-        assert (m["wire_bytes_up"] + m["wire_bytes_down"]) / NODES < backbone_bytes / 20
-
-
 def test_deployed_zo_nodes_keep_their_state_and_are_sent_only_the_seeds_they_missed(deployment):
     """The seed downlink over real processes: each SuperNode's copy of the state lives in its
     node state between the ClientApp processes Flower starts per message; 2 of 3 clients a
@@ -133,7 +103,10 @@ def test_a_generative_task_deployed_over_real_processes_equals_the_simulation(de
 # test_flower.py.
 
 
-def test_a_supernode_killed_mid_run_leaves_and_the_run_completes(deployment):
+def test_a_deployment_equals_the_simulation_sends_only_the_prompt_and_outlives_a_killed_supernode(deployment):
+    """Round 1 with every node is the simulation's round 1 and sends one prompt-sized message
+    each way per client; then a SuperNode is killed (SIGKILL) and the run completes without it,
+    its final state the simulation of exactly the clients that took part."""
     # A round waits at most 40 s for a client; a cold round (compiling) takes ~15-30 s on 2 busy cores.
     out = deployment.tmp / "out-killed"
     overrides, settings = _settings(out, rounds=2, **{"round-timeout": 40.0})
@@ -148,16 +121,34 @@ def test_a_supernode_killed_mid_run_leaves_and_the_run_completes(deployment):
         assert (out / "summary.json").exists(), deployment.run_log()
     finally:
         deployment.start_node(NODES - 1)  # the next test finds every node again
-    metrics, summary, params, _ = _read_run(out)
+    metrics, summary, params, prompt = _read_run(out)
     assert len(metrics) == settings.run.rounds
-    assert NODES - 1 in metrics[0]["participants"]  # alive in round 1, dead from round 2 on
-    for m in metrics[1:]:
+    fed, sim = _reference(settings)
+    _, _, expected = run_rounds(sim, 1, fed.test_set())
+    first, want = metrics[0], expected[0]
+    assert first["clients"] == NODES and first["participants"] == list(range(NODES))
+    assert first["bytes_up"] == want["bytes_up"] and first["bytes_down"] == want["bytes_down"]
+    np.testing.assert_allclose(first["train_loss"], want["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(first["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
+    for m in metrics[1:]:  # dead from round 2 on
         assert NODES - 1 not in m["participants"] and 1 <= m["clients"] <= NODES - 1
         assert m["dropped"] >= 1 and m["timeouts"] + m["errors"] + m["unreachable"] >= 1
-        assert m["bytes_up"] < NODES * metrics[0]["bytes_up"] / metrics[0]["clients"]
+        assert m["bytes_up"] < NODES * first["bytes_up"] / first["clients"]
 
     # The dead client is simply missing: the others' weights renormalize. Same result in-process.
-    fed, sim = _reference(settings)
     state = _replay(fed, sim, metrics, settings)
     _assert_close(params, state.params)
     assert np.isfinite(summary["final_accuracy"])
+    assert summary["runtime"] == "flower" and prompt.backbone.fingerprint == summary["backbone"]["fingerprint"]
+    _assert_close(prompt.params, state.params["prompt"], atol=1e-2)  # prompt.fpp may store float16
+
+    # What crossed in round 1 is the prompt: per client, one encoded prompt-sized message each way.
+    encoded = codec.encode(jax.device_get({"params": state.params}), kind=rounds.GLOBAL_KIND, round=0,
+                           fingerprint=fed.backbone.fingerprint)
+    prompt_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state.params))
+    assert first["bytes_down"] == len(encoded) * NODES
+    assert prompt_bytes * NODES <= first["bytes_up"] <= (prompt_bytes + 400) * NODES
+    # Flower's own envelope (records, metadata) adds a fixed ~1 KB per message.
+    assert first["bytes_up"] < first["wire_bytes_up"] <= first["bytes_up"] + 2048 * NODES
+    assert first["bytes_down"] < first["wire_bytes_down"] <= first["bytes_down"] + 2048 * NODES
+    assert (first["wire_bytes_up"] + first["wire_bytes_down"]) / NODES < fed.backbone.weight_bytes() / 20

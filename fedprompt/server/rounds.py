@@ -239,19 +239,20 @@ class AggregateStage(NamedTuple):
 
 HOST_PASS_MIN_FLOATS = 65_536
 """Updates of at least this many floats a client take the server's mean on the host when they
-are in host memory but come without their sums of squares (:func:`_clipped_mean`): the host
-pass then squares each row in a Python loop over the rows, which at 7,680 floats a client cost
-more than it saved. Rows whose sums of squares came from :func:`receive_updates` always take
-the host pass (no loop over rows)."""
+are in host memory (:func:`_clipped_mean`); smaller ones take the compiled pass, as they did
+before the host pass existed, so the runs of a default soft prompt (7,680 floats) keep their
+numbers to the last bit (the host pass sums in another order). Without the rows' sums of
+squares the host pass squares each row in a Python loop, which at 7,680 floats a client cost
+more than it saved."""
 
 
 def _clipped_mean(bound: float | None):
     """The weighted mean of the finite rows, each clipped to ``bound`` (None: not clipped): on
-    the host when the stacked updates are host float32 arrays and either come with their sums
-    of squares (``sq_norms``, from :func:`receive_updates`: then one matrix-vector product per
-    leaf) or hold at least :data:`HOST_PASS_MIN_FLOATS` floats a client
-    (:func:`fedprompt.kernels.clipped_mean_of_finite_host`), else compiled, in one read
-    (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
+    the host when the stacked updates are host float32 arrays of at least
+    :data:`HOST_PASS_MIN_FLOATS` floats a client
+    (:func:`fedprompt.kernels.clipped_mean_of_finite_host`: with ``sq_norms``, the rows' sums of
+    squares :func:`receive_updates` took, one matrix-vector product per leaf; without, the rows
+    are squared first), else compiled, in one read (:func:`fedprompt.kernels.clipped_mean_of_finite`)."""
 
     @jax.jit
     def compiled(stacked, weights):
@@ -261,10 +262,8 @@ def _clipped_mean(bound: float | None):
 
     def run(stacked, weights, sq_norms=None):
         leaves, treedef = jax.tree.flatten(stacked)
-        host = None
-        if isinstance(weights, np.ndarray) and (
-                sq_norms is not None or sum(np.size(x) for x in leaves) >= HOST_PASS_MIN_FLOATS * weights.size):
-            host = clipped_mean_of_finite_host(leaves, weights, bound, sq_norms)
+        large = isinstance(weights, np.ndarray) and sum(np.size(x) for x in leaves) >= HOST_PASS_MIN_FLOATS * weights.size
+        host = clipped_mean_of_finite_host(leaves, weights, bound, sq_norms) if large else None
         if host is None:
             return compiled(stacked, weights)
         means, _, clipped = host

@@ -127,6 +127,9 @@ def receive_updates(
         (:class:`~fedprompt.server.aggregators.RowBuffers`), ``rows`` rows in all (at least
         one per message): the result's ``stacked`` is then what the aggregation reads, with no
         copy of its own, and a decoded message's bytes are freed as soon as its row is written.
+        Float32 deltas are squared as they are written (:func:`fedprompt.kernels.copy_row`):
+        the result's ``sq_norms``, which also stand in for the decoder's check that every value
+        is finite (the values are examined one by one only where a sum is not finite).
         :meth:`ServerRound.receive` passes its own.
       rows: the stack's rows (the aggregation stage's bucket); default one per message.
 

@@ -351,9 +351,8 @@ def copy_row(dst: np.ndarray, src: Any) -> float:
 
     The squares are taken right after the copy (BLAS ``sdot``), while the row is still in
     cache: a server that decodes updates into rows gets their norms, and a check that every
-    value is finite, for a fraction of the copy (on the AMD EPYC of the README's aggregation
-    table, 1,000 rows of 409,600 floats took 241 ms against 200 ms for the copy alone), and
-    :func:`clipped_mean_of_finite_host` then reads each row once, not twice.
+    value is finite, for a fraction of the copy's time, and :func:`clipped_mean_of_finite_host`
+    then reads each row once, not twice.
     """
     if not (isinstance(dst, np.ndarray) and dst.dtype == np.float32 and dst.flags.c_contiguous and dst.flags.writeable):
         raise InputError("copy_row writes into a writable float32 C-contiguous array (a row of a stack: x[i : i + 1] "

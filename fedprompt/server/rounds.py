@@ -151,6 +151,9 @@ def receive_updates(
             buffers.take((rows, *np.shape(x)), np.dtype(x.dtype), slot) for slot, x in enumerate(leaves)])
         if all(np.dtype(x.dtype) == np.float32 for x in leaves):
             sq_norms = np.zeros(rows)
+            row_leaves = jax.tree.leaves(stacked)
+            # what is not squared (SCAFFOLD's control delta) gets the decoder's own checks
+            rest = {name: part for name, part in template.items() if name != "delta"}
     for slot, message in enumerate(messages):
         if message is None:
             continue
@@ -166,11 +169,9 @@ def receive_updates(
             # finite only if every value is: the values are checked one by one only when it is not.
             tree = codec.check_template(received.tree, template, finite=sq_norms is None)
             if sq_norms is not None:
-                sq = sum(copy_row(out[slot : slot + 1], x) for out, x in
-                         zip(jax.tree.leaves(stacked), jax.tree.leaves(tree["delta"])))
-                rest = [name for name in template if name != "delta"]
+                sq = sum(copy_row(out[slot : slot + 1], x) for out, x in zip(row_leaves, jax.tree.leaves(tree["delta"])))
                 if math.isfinite(sq):
-                    codec.check_template({n: tree[n] for n in rest}, {n: template[n] for n in rest})
+                    codec.check_template({name: tree[name] for name in rest}, rest)
                 else:  # refuses a value that is not finite; else the squares only overflowed
                     codec.check_template(tree, template)
                 sq_norms[slot] = sq
@@ -178,9 +179,9 @@ def receive_updates(
             reason = rejection_reason(err)
             rejections[reason] = rejections.get(reason, 0) + 1
             continue  # a row already written is zeroed below, with every slot not accepted
-        if stacked is not None and sq_norms is None:
-            jax.tree.map(lambda out, x, s=slot: out.__setitem__(s, x), stacked, tree["delta"])
         if stacked is not None:
+            if sq_norms is None:  # not float32: copied as it is
+                jax.tree.map(lambda out, x, s=slot: out.__setitem__(s, x), stacked, tree["delta"])
             tree = {**tree, "delta": jax.tree.map(lambda out, s=slot: out[s], stacked)}
         trees[slot] = tree
         accepted[slot] = True

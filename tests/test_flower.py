@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -121,6 +123,45 @@ def test_run_config_is_read_like_fedprompt_run_and_refuses_what_a_deployment_can
         common.check_node(settings, common.node_settings({"partition-id": 0, "num-partitions": 3}))
 
 
+class _LateGrid:
+    """Replies that the SuperLink holds only from given times on (seconds after the push)."""
+
+    def __init__(self, ready_after: dict[str, float | None]):
+        self.ready_after, self.pulls = ready_after, []
+
+    def push_messages(self, messages):
+        self.pushed = time.monotonic()
+        return [None if m == "refused" else m for m in messages]
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic() - self.pushed
+        self.pulls.append((now, set(message_ids)))
+        came = [i for i in message_ids if self.ready_after[i] is not None and self.ready_after[i] <= now]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in came]
+
+
+def test_send_and_receive_pulls_soon_after_each_reply_and_stops_at_its_timeout():
+    # Two replies come at 0.3 s and 0.5 s: every reply once, the exchange over within Flower's
+    # first 3 s wait, and the waits between pulls growing 1.5x from 50 ms.
+    grid = _LateGrid({"a": 0.3, "b": 0.5, "refused": None})
+    start = time.monotonic()
+    replies = common.send_and_receive(grid, ["a", "b", "refused"], timeout=10.0)
+    took = time.monotonic() - start
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert 0.5 <= took < 1.5, took
+    assert all("refused" not in asked for _, asked in grid.pulls)  # never asked for what was not taken
+    assert grid.pulls[-1][1] == {"b"}  # a reply pulled once is not asked for again
+    gaps = np.diff([at for at, _ in grid.pulls])
+    assert np.all(gaps >= 0.04) and gaps[0] < 0.2 and np.all(gaps[1:] > gaps[:-1] * 1.2), gaps
+    # A node that never answers: the exchange ends at its timeout with what came.
+    grid = _LateGrid({"a": 0.0, "b": None})
+    start = time.monotonic()
+    replies = common.send_and_receive(grid, ["a", "b"], timeout=0.6)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 0.6 <= time.monotonic() - start < 1.2
+    assert common.send_and_receive(grid, [], timeout=5.0) == []
+
+
 def test_a_node_holds_exactly_its_simulation_rows(tmp_path):
     _, settings = _settings(tmp_path, partition="dirichlet", alpha=0.3)
     fed, sim = _reference(settings)
@@ -157,6 +198,7 @@ class InProcessGrid(Grid):
         self.silent: set[int] = set()
         self.tamper = None
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}  # message id -> the reply not yet pulled
 
     def set_run(self, run):
         pass
@@ -172,15 +214,11 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+        """Runs the ClientApp on each message now; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # what pushing does
+            ids.append(message.metadata.message_id)
             self.sent.append(message)
             context = self.contexts[message.metadata.dst_node_id]
             client = context.node_config["partition-id"]
@@ -193,8 +231,16 @@ class InProcessGrid(Grid):
             if self.tamper is not None:
                 reply = self.tamper(client, reply)
             if reply is not None:  # a tamper hook returning None silences that one reply
-                replies.append(reply)
-        return replies
+                self.replies[message.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        """The replies to ``message_ids`` that were not pulled yet, in the order they came."""
+        asked = set(message_ids)
+        return [self.replies.pop(i) for i in [i for i in self.replies if i in asked]]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError  # the ServerApp pulls with common.send_and_receive
 
 
 @pytest.fixture
@@ -412,7 +458,7 @@ def test_secure_aggregation_deployed_with_fewer_than_t_survivors_publishes_nothi
 
 
 def test_a_node_sending_garbage_or_going_silent_is_left_out(tmp_path, flower_task):
-    overrides, settings = _settings(tmp_path / "out")
+    overrides, settings = _settings(tmp_path / "out", **{"round-timeout": 1.0})  # the silent node's wait
     grid = InProcessGrid(_app_config(overrides), NODES)
 
     def with_update(reply, data):
@@ -433,15 +479,15 @@ def test_a_node_sending_garbage_or_going_silent_is_left_out(tmp_path, flower_tas
         return reply
 
     grid.tamper = tamper
-    original = grid.send_and_receive
+    original = grid.push_messages
 
-    def send_and_receive(messages, *, timeout=None):
+    def push_messages(messages):
         messages = list(messages)
         if messages and messages[0].metadata.group_id == "2":
             grid.silent = {2}  # client 2 goes silent in round 3
-        return original(messages, timeout=timeout)
+        return original(messages)
 
-    grid.send_and_receive = send_and_receive
+    grid.push_messages = push_messages
     result = server_app.run_federation(grid, settings, log=lambda text: None)
     metrics = result.metrics
     assert metrics[0]["participants"] == [0, 1, 2] and metrics[0]["rejected"] == 0

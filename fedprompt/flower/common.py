@@ -89,6 +89,7 @@ import hmac
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -630,6 +631,41 @@ def build_federation(settings: FlowerSettings, backbone: Backbone, *, client: bo
     plan = make_plan(cfg, backbone, len(label_names), batch_sharding=local_batch_sharding(cfg) if client else None,
                      label_names=label_names)
     return Federation(settings, plan, parts, label_names, train, test)
+
+
+POLL_FIRST_SECONDS = 0.05
+"""How long :func:`send_and_receive` waits before its second pull of replies."""
+
+POLL_MAX_SECONDS = 3.0
+"""The longest wait between two pulls (Flower's own ``Grid.send_and_receive`` always waits this)."""
+
+
+def send_and_receive(grid: Any, messages: Sequence[Any], *, timeout: float) -> list[Any]:
+    """Pushes ``messages`` through ``grid`` and pulls their replies until every one came or
+    ``timeout`` seconds passed; returns the replies that came.
+
+    Flower's ``Grid.send_and_receive`` does the same but sleeps 3 s between pulls, so each
+    exchange of a round waited 1.5 s on average after its last reply. This one pulls again after
+    50 ms and waits 1.5 times longer each time, up to 3 s: a quick exchange ends within a few
+    tens of milliseconds of its last reply, a long one polls the SuperLink no more often than
+    Flower does.
+    """
+    if not messages:
+        return []
+    pending = set(grid.push_messages(messages)) - {None}  # None: a message the SuperLink did not take
+    deadline = time.monotonic() + timeout
+    replies: list[Any] = []
+    wait = POLL_FIRST_SECONDS
+    while pending:
+        came = list(grid.pull_messages(pending))
+        replies.extend(came)
+        pending.difference_update(reply.metadata.reply_to_message_id for reply in came)
+        left = deadline - time.monotonic()
+        if not pending or left <= 0:
+            break
+        time.sleep(min(wait, left))
+        wait = min(wait * 1.5, POLL_MAX_SECONDS)
+    return replies
 
 
 def flower_message_bytes(message: Any) -> int | None:

@@ -165,6 +165,9 @@ class LoopbackDeployment:
             "FLWR_HOME": str(self.home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # each SuperNode's SuperExec looks for a message to start a ClientApp for every
+            # second by default; on one machine a tenth of that costs nothing
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
             **({} if jax_cache is None else {"JAX_COMPILATION_CACHE_DIR": str(jax_cache),
                                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}),
             **dict(env or {}),

@@ -80,7 +80,7 @@ def _exchange(grid, settings, sends: dict[int, tuple[int, str, dict[str, Any]]],
         message = Message(RecordDict({common.RECORD: ConfigRecord(fields)}), dst_node_id=node,
                           message_type=message_type, group_id=str(r), ttl=settings.round_timeout + 60.0)
         messages.append(message)
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    replies = common.send_and_receive(grid, messages, timeout=settings.round_timeout)
     for message, slot in zip(messages, sends):
         slot_of[message.metadata.message_id] = slot
     out, crossed = {}, sum(len(f.get("secagg", b"")) + len(f.get("global", b"")) for _, _, f in sends.values())

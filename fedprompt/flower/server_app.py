@@ -18,7 +18,7 @@ own file), then
    not plausible statistics is left out and counted (``summary["setup"]``);
 2. every round, samples clients exactly as the simulation (``FederationPlan.sample``),
    sends each sampled client that has a node the global state encoded by the wire codec, and
-   waits up to ``round-timeout`` seconds for the replies (``grid.send_and_receive``);
+   waits up to ``round-timeout`` seconds for the replies (:func:`~fedprompt.flower.common.send_and_receive`);
 3. decodes and validates the replies and ends the round with the plan's server round, the one
    the simulation calls (:class:`~fedprompt.server.rounds.ServerRound`: the robust rule or
    central DP, the optax step, the privacy ledger, whose epsilon goes into the metrics): a
@@ -194,7 +194,7 @@ class NodeDirectory:
                     message_type="query", ttl=max(timeout, 60.0))
             for node in new
         ]
-        replies = list(self.grid.send_and_receive(ask, timeout=timeout))
+        replies = common.send_and_receive(self.grid, ask, timeout=timeout)
         node_of_message = {m.metadata.message_id: node for m, node in zip(ask, new)}
         answered = {node_of_message.get(reply.metadata.reply_to_message_id) for reply in replies}
         for node in set(new) - answered:  # asked twice without an answer: not asked again
@@ -350,7 +350,7 @@ def install_state(grid, settings, fed, nodes, state, *, log: Callable[[str], Non
                 dst_node_id=nodes.node_of[c], message_type=f"query.{common.INSTALL}", ttl=settings.round_timeout + 60.0)
         for c in clients
     ]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    replies = common.send_and_receive(grid, messages, timeout=settings.round_timeout)
     client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
     acknowledged = []
     for reply in replies:
@@ -398,7 +398,7 @@ def class_means_setup(grid, settings, fed, nodes, params, test, *, log: Callable
                 ttl=settings.round_timeout + 60.0)
         for c in clients
     ]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    replies = common.send_and_receive(grid, messages, timeout=settings.round_timeout)
     client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
     known = fed.client_sizes
     valid: dict[int, class_means.ClassStatistics] = {}
@@ -530,7 +530,7 @@ def _round(grid, settings, fed, nodes, state, r, template):
                                 group_id=str(r), ttl=settings.round_timeout + 60.0))
         slot_of_message.append(slot)
     wire_down = [common.flower_message_bytes(m) for m in messages]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    replies = common.send_and_receive(grid, messages, timeout=settings.round_timeout)
     # Pushing gave every message its id; a reply names the message it answers (an error reply
     # for a node that went offline comes from the SuperLink, not from that node).
     slot_of = {m.metadata.message_id: slot for m, slot in zip(messages, slot_of_message)}
@@ -655,7 +655,7 @@ def federated_evaluation(grid, settings, fed, nodes, state, completed: int) -> d
                 ttl=settings.round_timeout + 60.0)
         for c in clients
     ]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout)) if messages else []
+    replies = common.send_and_receive(grid, messages, timeout=settings.round_timeout)
     client_of = {m.metadata.message_id: c for m, c in zip(messages, clients)}
     results: dict[int, tuple[float, float, int]] = {}
     rejected = 0

@@ -13,6 +13,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # cache for this test session, fresh each session, shared with the subprocesses tests start.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fedprompt-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+"""XLA flags of every test process and of the processes tests start (workers, deployments): the
+tests compile hundreds of small programs and run each a few times, so LLVM's optimization of
+the CPU code costs more than it saves (about a fifth of the suite's CPU time). XLA's own passes
+(fusion, layouts, buffer assignment) still run: the programs and their memory are those users
+get, only their machine code is less optimized. Timings come from ``fedprompt bench``, never
+from tests."""
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
+
+
+def xla_flags(*extra: str) -> str:
+    """``XLA_FLAGS`` for a worker process: :data:`FAST_COMPILE_XLA_FLAGS` and ``extra``."""
+    return " ".join((FAST_COMPILE_XLA_FLAGS, *extra))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 process_id, port = int(sys.argv[1]), sys.argv[2]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import FIXTURES, tiny_backbone
+from conftest import FIXTURES, tiny_backbone, xla_flags
 
 import fedprompt
 from fedprompt import CausalLM, PromptConfig, SequenceClassification
@@ -62,8 +62,7 @@ def _batch(bb, n: int = 4, t: int = 10, *, lm: bool = False, seed: int = 0) -> d
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict[str, float]:
-    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false "
-             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    flags = xla_flags("--xla_force_host_platform_device_count=8", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:

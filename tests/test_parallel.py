@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import xla_flags
 
 from fedprompt.errors import ConfigError, InputError
 from fedprompt.parallel import REPLICATED, SHARDED, DeviceAxis, pad_batch
@@ -28,7 +29,7 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict[str, float]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=1200)
     if done.returncode != 0:
         pytest.fail(f"the 8-device worker failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
@@ -91,7 +92,7 @@ def test_two_process_cluster_equals_single_device():
     """The documented multi-host path: jax.distributed.initialize, 2 processes x 2 CPU devices."""
     worker = Path(__file__).parent / "multihost_worker.py"
     port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # the worker adds its 2 devices
     procs = [
         subprocess.Popen([sys.executable, str(worker), str(i), port], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -455,10 +455,26 @@ def aggregate(
 # ----------------------------------------------------------------------------- train
 
 
-def _peft_step_seconds(backbone: Backbone, batch: dict[str, np.ndarray], virtual_tokens: int, num_labels: int,
-                       steps: int, precision: str = "float32") -> float | None:
+def _interleaved_median_seconds(fns: dict[str, Callable[[], Any]], repeats: int, *, block: int = 2) -> dict[str, float]:
+    """The median seconds of each function, timed in turns of ``block`` calls each until each has
+    run ``repeats`` times (after one warm-up call each), so that a machine whose speed drifts
+    (a shared host) slows every function alike instead of whichever happened to run last."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while any(len(t) < repeats for t in times.values()):
+        for name, fn in fns.items():
+            for _ in range(min(block, repeats - len(times[name]))):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _peft_step(backbone: Backbone, batch: dict[str, np.ndarray], virtual_tokens: int, num_labels: int,
+               precision: str = "float32") -> Callable[[], None] | None:
     """The same prompt-tuning step in PyTorch with PEFT (when torch and peft are installed), its
-    model and head in ``precision`` (``float32`` or ``bfloat16``)."""
+    model and head in ``precision`` (``float32`` or ``bfloat16``), as a function of no arguments."""
     try:
         import peft
         import torch
@@ -488,7 +504,7 @@ def _peft_step_seconds(backbone: Backbone, batch: dict[str, np.ndarray], virtual
         loss.backward()
         optimizer.step()
 
-    return _median_seconds(step, steps)
+    return step
 
 
 def train_efficiency(
@@ -498,7 +514,7 @@ def train_efficiency(
     batch_size: int = 16,
     tokens: int = 64,
     virtual_tokens: int = 20,
-    steps: int = 10,
+    steps: int = 20,
     seed: int = 0,
     matmul_n: int = 2048,
 ) -> dict[str, Any]:
@@ -510,7 +526,8 @@ def train_efficiency(
     best of XLA, NumPy and PyTorch on a ``matmul_n`` square matmul in that precision, in the
     same process (:func:`matmul_flops`). With torch and peft installed, the same step (same model, batch,
     prompt length, mean pooling, linear head, Adam, precision) in PyTorch PEFT prompt tuning
-    is timed too.
+    is timed too, in turns with fedprompt's (two steps of one, then two of the other, ``steps``
+    of each in all), so that both see the same machine.
     """
     precision = jnp.dtype(backbone.compute_dtype).name
     rng = np.random.default_rng(seed)
@@ -531,9 +548,10 @@ def train_efficiency(
         state["trainable"], state["opt_state"], metrics = step(state["trainable"], state["opt_state"], batch, backbone.weights)
         jax.block_until_ready(metrics)
 
-    seconds = _median_seconds(run, steps)
+    peft_step = _peft_step(backbone, batch, virtual_tokens, 4, precision) if method == "prompt" else None
+    timed = _interleaved_median_seconds({"fedprompt": run, **({"peft": peft_step} if peft_step else {})}, steps)
+    seconds, peft_seconds = timed["fedprompt"], timed.get("peft")
     peak = matmul_flops(n=matmul_n, dtype=precision)
-    peft_seconds = _peft_step_seconds(backbone, batch, virtual_tokens, 4, steps, precision) if method == "prompt" else None
     return {
         "machine": machine(),
         "method": method,

@@ -458,7 +458,7 @@ def add_bench_commands(bench_sub) -> None:
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--tokens", type=int, default=64)
     train.add_argument("--virtual-tokens", type=int, default=20)
-    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--steps", type=int, default=20, help="timed steps of each library (in turns of two)")
     train.add_argument("--matmul-n", type=int, default=2048, help="the size of the square matmul that measures the peak")
     train.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                        help="weights and activations of both steps (the prompt stays float32)")

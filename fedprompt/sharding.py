@@ -62,10 +62,10 @@ DATA_AXIS = "data"
 
 #: ``[in, out]`` weights split over their output axis (names as the backbone modules store them).
 COLUMN_PARALLEL = frozenset(
-    {"q_w", "k_w", "v_w", "gate_w", "up_w", "head", "c_attn_w", "c_fc_w", "mlp_in_w"}
+    {"q_w", "k_w", "v_w", "qkv_w", "gate_w", "up_w", "head", "c_attn_w", "c_fc_w", "mlp_in_w"}
 )
 #: Biases of column-parallel weights: split like the weight's output axis.
-COLUMN_PARALLEL_BIASES = frozenset({"q_b", "k_b", "v_b", "gate_b", "up_b", "c_attn_b", "c_fc_b", "mlp_in_b"})
+COLUMN_PARALLEL_BIASES = frozenset({"q_b", "k_b", "v_b", "qkv_b", "gate_b", "up_b", "c_attn_b", "c_fc_b", "mlp_in_b"})
 #: ``[in, out]`` weights split over their input axis.
 ROW_PARALLEL = frozenset({"o_w", "down_w", "attn_proj_w", "mlp_proj_w", "attn_out_w", "mlp_out_w"})
 #: ``[vocab, D]`` word-embedding tables, split over ``D``.

@@ -554,7 +554,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     ),
     Experiment(
         "train_efficiency", "train_efficiency",
-        {"backbone": "minilm", "batch_size": 16, "tokens": 64, "virtual_tokens": 20, "steps": 10},
+        {"backbone": "minilm", "batch_size": 16, "tokens": 64, "virtual_tokens": 20, "steps": 20},
         rows=(run_row({"precision": "float32"}, precision="float32"),
               run_row({"precision": "bfloat16 (weights and activations; the prompt float32)"}, precision="bfloat16")),
         columns=(

@@ -30,6 +30,7 @@ misshapen tensor gives a :class:`~fedprompt.errors.CheckpointError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -103,13 +104,79 @@ def value(v: FrozenWeight | jax.Array, dtype: Any | None = None) -> jax.Array:
 
 
 def layer_norm(x: jax.Array, scale, bias, eps: float) -> jax.Array:
-    """LayerNorm computed in float32, returned in ``x``'s dtype."""
+    """LayerNorm over the last axis, computed in float32 and returned in ``x``'s dtype.
+
+    Its gradient is written out (:func:`jax.custom_vjp`): the backward pass keeps only ``x``
+    and the row statistics and needs two row sums, fewer passes than differentiating the
+    forward formula. The values and gradients are those of
+    ``(x - mean) / sqrt(var + eps) * scale + bias`` to float32 rounding.
+    """
+    return _layer_norm(x, value(scale), value(bias), float(eps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    return _layer_norm_forward(x, scale, bias, eps)[0]
+
+
+def _layer_norm_forward(x, scale, bias, eps):
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    y = y * value(scale, jnp.float32) + value(bias, jnp.float32)
-    return y.astype(x.dtype)
+    rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+    y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_backward(eps, saved, g):
+    x, mean, rstd, scale, bias = saved
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    gf = g.astype(jnp.float32)
+    gs = gf * scale.astype(jnp.float32)
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), (gf * xhat).sum(rows).astype(scale.dtype), gf.sum(rows).astype(bias.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """GELU computed in float32 and returned in ``x``'s dtype.
+
+    ``approximate``: the tanh approximation (Hugging Face's ``gelu_new``); otherwise the exact
+    ``x * (1 + erf(x / sqrt(2))) / 2`` (Hugging Face's ``gelu``), whose gradient is written out
+    (:func:`jax.custom_vjp`): the backward pass keeps only ``x`` and computes
+    ``Phi(x) + x * phi(x)`` in one pass.
+    """
+    if approximate:
+        return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+    return _exact_gelu(x)
+
+
+def _normal_cdf(xf: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + jax.lax.erf(xf * np.float32(1.0 / np.sqrt(2.0))))
+
+
+@jax.custom_vjp
+def _exact_gelu(x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (xf * _normal_cdf(xf)).astype(x.dtype)
+
+
+def _exact_gelu_forward(x):
+    return _exact_gelu(x), x
+
+
+def _exact_gelu_backward(x, g):
+    xf = x.astype(jnp.float32)
+    pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1.0 / np.sqrt(2.0 * np.pi))
+    # Phi(x) as erfc, not the forward's erf: the compiler would merge two equal erf terms and
+    # keep the forward's [.., F] result alive for the backward pass instead of recomputing it.
+    cdf = 0.5 * jax.lax.erfc(xf * np.float32(-1.0 / np.sqrt(2.0)))
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+_exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
 
 
 def rms_norm(x: jax.Array, scale, eps: float) -> jax.Array:
@@ -167,12 +234,50 @@ def attention(
         window = k_pos[None, :] > q_pos[:, None] - int(sliding_window)
         mask = mask & jnp.asarray(window)[None, None]
     group = h // n_kv
-    qg = q.reshape(b, t, n_kv, group, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / np.sqrt(hd).astype(np.float32)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    keys = k.shape[1]
+    # Heads first, each product one batched matmul over (batch, kv head): [B, H_kv, G*T, hd]
+    # queries (the G query heads of a kv head stacked along the rows), scaled before the product.
+    qh = (q * np.float32(1.0 / np.sqrt(hd)).astype(q.dtype)).reshape(b, t, n_kv, group, hd)
+    qh = qh.transpose(0, 2, 3, 1, 4).reshape(b, n_kv, group * t, hd)
+    out = _softmax_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, :, None])
+    return out.reshape(b, n_kv, group, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+
+@jax.custom_vjp
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``softmax(q k^T, masked) v`` for heads-first ``q [B, K, G*T, hd]``, ``k, v [B, K, S, hd]``
+    and a boolean ``mask`` broadcastable to ``[B, K, G, T, S]``; softmax in float32.
+
+    The softmax is normalised after the product with ``v`` (a pass over ``[G*T, hd]`` instead
+    of ``[G*T, S]``), and the gradient is written out: the backward pass keeps the unnormalised
+    weights and uses ``dS = P * (dP - rowsum(dO * O))``, whose row sum runs over ``hd``.
+    """
+    return _softmax_attention_forward(q, k, v, mask)[0]
+
+
+def _softmax_attention_forward(q, k, v, mask):
+    b, n_kv, rows, _ = q.shape
+    keys = k.shape[2]
+    scores = jnp.matmul(q, k.swapaxes(-1, -2)).astype(jnp.float32)
+    scores = jnp.where(mask, scores.reshape(b, n_kv, -1, mask.shape[3], keys), jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(scores - scores.max(-1, keepdims=True)).reshape(b, n_kv, rows, keys)
+    inv_total = 1.0 / weights.sum(-1, keepdims=True)
+    weights = weights.astype(v.dtype)
+    out = (jnp.matmul(weights, v).astype(jnp.float32) * inv_total).astype(v.dtype)
+    return out, (q, k, v, weights, inv_total, out)
+
+
+def _softmax_attention_backward(saved, g):
+    q, k, v, weights, inv_total, out = saved
+    gf = g.astype(jnp.float32)
+    dv = jnp.matmul(weights.swapaxes(-1, -2), (gf * inv_total).astype(v.dtype))
+    dp = jnp.matmul(g, v.swapaxes(-1, -2)).astype(jnp.float32)
+    delta = (gf * out.astype(jnp.float32)).sum(-1, keepdims=True)
+    ds = (weights.astype(jnp.float32) * inv_total * (dp - delta)).astype(q.dtype)
+    return jnp.matmul(ds, k), jnp.matmul(ds.swapaxes(-1, -2), q), dv, None
+
+
+_softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
 
 
 def cached_attention(

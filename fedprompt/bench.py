@@ -254,13 +254,8 @@ def _best_seconds(fn, repeats: int) -> float:
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """The median seconds of ``repeats`` calls of ``fn``, after one warm-up call."""
+    return _interleaved_median_seconds({"fn": fn}, repeats)["fn"]
 
 
 def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, float]:

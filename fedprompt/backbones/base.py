@@ -234,7 +234,6 @@ def attention(
         window = k_pos[None, :] > q_pos[:, None] - int(sliding_window)
         mask = mask & jnp.asarray(window)[None, None]
     group = h // n_kv
-    keys = k.shape[1]
     # Heads first, each product one batched matmul over (batch, kv head): [B, H_kv, G*T, hd]
     # queries (the G query heads of a kv head stacked along the rows), scaled before the product.
     qh = (q * np.float32(1.0 / np.sqrt(hd)).astype(q.dtype)).reshape(b, t, n_kv, group, hd)

@@ -132,7 +132,11 @@ def _layer_norm_backward(eps, saved, g):
     xhat = (x.astype(jnp.float32) - mean) * rstd
     gf = g.astype(jnp.float32)
     gs = gf * scale.astype(jnp.float32)
-    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    # Written as a difference of two full-size terms, not rstd * (...): XLA duplicates a producer
+    # into each consumer when all but one of its operands are broadcasts, so with a trailing
+    # `* rstd` every layer's backward fusion would recompute the residual stream's gradient of
+    # all the layers above it (quadratic in depth); a two-operand root is computed once.
+    dx = gs * rstd - (gs.mean(-1, keepdims=True) + xhat * (gs * xhat).mean(-1, keepdims=True)) * rstd
     rows = tuple(range(x.ndim - 1))
     return dx.astype(x.dtype), (gf * xhat).sum(rows).astype(scale.dtype), gf.sum(rows).astype(bias.dtype)
 
@@ -170,9 +174,10 @@ def _exact_gelu_forward(x):
 def _exact_gelu_backward(x, g):
     xf = x.astype(jnp.float32)
     pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1.0 / np.sqrt(2.0 * np.pi))
-    # Phi(x) as erfc, not the forward's erf: the compiler would merge two equal erf terms and
-    # keep the forward's [.., F] result alive for the backward pass instead of recomputing it.
-    cdf = 0.5 * jax.lax.erfc(xf * np.float32(-1.0 / np.sqrt(2.0)))
+    # Phi(x) from erf(|x| / sqrt 2) with x's sign (erf is odd), not the forward's erf(x / sqrt 2):
+    # the compiler would merge two equal erf terms and keep the forward's [.., F] result alive
+    # for the backward pass instead of recomputing it. (erfc would also do, at 4x the ops.)
+    cdf = 0.5 + 0.5 * jnp.copysign(jax.lax.erf(jnp.abs(xf) * np.float32(1.0 / np.sqrt(2.0))), xf)
     return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
 
 

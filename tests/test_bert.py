@@ -111,6 +111,42 @@ def test_soft_prompt(tiny):
     _assert_close_where(out, golden["prompt_hidden"], ext_mask)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_soft_prompt_row_options_keep_values_and_prompt_gradient(tiny, remat):
+    """``output_from``/``grad_rows`` skip the virtual rows' last-layer outputs and the real rows'
+    first-layer input gradient: the real tokens' hidden states still match Hugging Face, and the
+    prompt's gradient matches autodiff of the plain forward pass."""
+    _, _, model, golden, *_ = tiny
+    ids, mask, prompt = golden["input_ids"], golden["attention_mask"], jnp.asarray(golden["prompt"])
+    b, p = ids.shape[0], prompt.shape[0]
+    words = model.embed_tokens(jnp.asarray(ids))
+    ext_mask = jnp.asarray(np.concatenate([np.ones((b, p), np.int32), mask], axis=1))
+    cot = jnp.asarray(np.random.default_rng(0).normal(size=(b, ids.shape[1], prompt.shape[1])), jnp.float32)
+
+    def loss(prompt, **rows):
+        embeds = jnp.concatenate([jnp.broadcast_to(prompt, (b, *prompt.shape)), words], axis=1)
+        out = model(embeds, ext_mask, remat=remat, **rows)
+        out = out if rows else out[:, p:]
+        return jnp.sum(out * cot * jnp.asarray(mask)[..., None]), out
+
+    (_, got), got_grad = jax.value_and_grad(loss, has_aux=True)(prompt, grad_rows=p, output_from=p)
+    (_, plain), plain_grad = jax.value_and_grad(loss, has_aux=True)(prompt)
+    assert got.shape == (b, ids.shape[1], prompt.shape[1])
+    _assert_close_where(got, golden["prompt_hidden"][:, p:], mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(plain), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(plain_grad), atol=1e-5, rtol=1e-4)
+    assert float(jnp.abs(got_grad).max()) > 0
+
+
+def test_row_options_out_of_range_raise(tiny):
+    _, _, model, golden, *_ = tiny
+    words = model.embed_tokens(jnp.asarray(golden["input_ids"]))
+    with pytest.raises(ValueError, match="output_from"):
+        model(words, jnp.asarray(golden["attention_mask"]), output_from=words.shape[1])
+    with pytest.raises(ValueError, match="grad_rows"):
+        model(words, jnp.asarray(golden["attention_mask"]), grad_rows=0)
+
+
 def test_deep_prefix(tiny):
     _, _, model, golden, *_ = tiny
     out = _forward(model, golden["input_ids"], golden["attention_mask"], prefix=_hf_prefix_to_store(golden))

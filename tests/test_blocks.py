@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedprompt.backbones.base import attention, gelu, layer_norm
+from fedprompt.backbones.base import attention, gelu, layer_norm, linear, linear_rows
 
 F32 = dict(atol=2e-5, rtol=2e-5)
 
@@ -88,13 +88,9 @@ def _attention_reference(q, k, v, key_mask, *, causal, prefix, window):
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize(
-    "heads, kv_heads, causal, prefix_len, window",
-    [(4, 4, False, 0, None), (4, 4, False, 3, None), (4, 2, True, 0, None), (6, 2, True, 2, 4), (4, 1, True, 0, 3)],
-)
-def test_attention_values_and_gradients_match_the_definition(heads, kv_heads, causal, prefix_len, window):
-    rng = np.random.default_rng(heads * 10 + kv_heads)
-    b, t, hd = 2, 7, 8
+def _attention_inputs(seed, heads, kv_heads, prefix_len, b=2, t=7, hd=8):
+    """Random q, k, v, a key mask (first key real), an optional prefix and an output cotangent."""
+    rng = np.random.default_rng(seed)
 
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -102,19 +98,71 @@ def test_attention_values_and_gradients_match_the_definition(heads, kv_heads, ca
     q, k, v = normal(b, t, heads, hd), normal(b, t, kv_heads, hd), normal(b, t, kv_heads, hd)
     key_mask = jnp.asarray(rng.random((b, t)) > 0.3).at[:, 0].set(True)
     prefix = (normal(b, prefix_len, kv_heads, hd), normal(b, prefix_len, kv_heads, hd)) if prefix_len else None
-    cot = normal(b, t, heads, hd)
+    return q, k, v, key_mask, prefix, normal(b, t, heads, hd)
+
+
+def _attention_pair(key_mask, causal, window, **options):
+    """(ours, reference) as functions of (q, k, v, prefix)."""
 
     def ours(q, k, v, prefix):
-        return attention(q, k, v, key_mask, causal=causal, prefix=prefix, sliding_window=window)
+        return attention(q, k, v, key_mask, causal=causal, prefix=prefix, sliding_window=window, **options)
 
     def reference(q, k, v, prefix):
         return _attention_reference(q, k, v, key_mask, causal=causal, prefix=prefix, window=window)
+
+    return ours, reference
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, causal, prefix_len, window",
+    [(4, 4, False, 0, None), (4, 4, False, 3, None), (4, 2, True, 0, None), (6, 2, True, 2, 4), (4, 1, True, 0, 3)],
+)
+def test_attention_values_and_gradients_match_the_definition(heads, kv_heads, causal, prefix_len, window):
+    q, k, v, key_mask, prefix, cot = _attention_inputs(heads * 10 + kv_heads, heads, kv_heads, prefix_len)
+    ours, reference = _attention_pair(key_mask, causal, window)
 
     got, got_grads = _vjp(ours, (q, k, v, prefix), cot)
     want, want_grads = _vjp(reference, (q, k, v, prefix), cot)
     np.testing.assert_allclose(got, want, **F32)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, causal, prefix_len, window, rows",
+    [(4, 4, False, 0, None, 3), (4, 4, False, 3, None, 2), (6, 2, True, 2, 4, 3), (4, 1, True, 0, 3, 7)],
+)
+def test_attention_gradient_of_the_first_rows_only(heads, kv_heads, causal, prefix_len, window, rows):
+    """``grad_rows=n``: the prefix's and the first n positions' gradients are the full ones, the
+    other positions' are zero, and the values do not change."""
+    q, k, v, key_mask, prefix, cot = _attention_inputs(rows * 7 + heads, heads, kv_heads, prefix_len)
+    ours, reference = _attention_pair(key_mask, causal, window, grad_rows=rows)
+
+    got, (gq, gk, gv, gprefix) = _vjp(ours, (q, k, v, prefix), cot)
+    want, (wq, wk, wv, wprefix) = _vjp(reference, (q, k, v, prefix), cot)
+    np.testing.assert_allclose(got, want, **F32)
+    for g, w in ((gq, wq), (gk, wk), (gv, wv)):
+        np.testing.assert_allclose(g[:, :rows], w[:, :rows], atol=5e-5, rtol=5e-5)
+        assert not np.asarray(g[:, rows:]).any()
+    for g, w in zip(jax.tree.leaves(gprefix), jax.tree.leaves(wprefix)):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+    with pytest.raises(ValueError, match="grad_rows"):
+        attention(q, k, v, key_mask, causal=causal, grad_rows=q.shape[1] + 1)
+
+
+def test_linear_rows_gradient_of_the_first_rows_only():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=4), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
+    got, (gx, *_) = _vjp(lambda x: linear_rows(x, w, b, 2), (x,), cot)
+    want, (wx,) = _vjp(lambda x: linear(x, w, b), (x,), cot)
+    np.testing.assert_allclose(got, want, **F32)
+    np.testing.assert_allclose(gx[:, :2], wx[:, :2], **F32)
+    assert not np.asarray(gx[:, 2:]).any()
+    with pytest.raises(ValueError):
+        linear_rows(x, w, b, 0)
 
 
 def test_attention_of_a_query_that_sees_no_key_is_finite():

@@ -40,6 +40,33 @@ def test_soft_prompt_equals_extra_token_embeddings(name):
     np.testing.assert_array_equal(np.asarray(with_prompt.attention_mask), full_mask)
 
 
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2"])
+def test_apply_without_virtual_outputs_is_the_real_tokens_slice(name):
+    """``virtual_outputs=False`` returns the real tokens' rows of the full forward pass (hidden,
+    logits, mask) with ``num_virtual == 0``, and the prompt's gradient of a loss over them is
+    the same."""
+    bb = tiny_backbone(name)
+    ids = _ids(bb, (2, 6))
+    mask = np.ones_like(ids)
+    mask[1, -2:] = 0
+    prompt = jnp.asarray(np.random.default_rng(2).normal(size=(3, bb.width)), jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(3).normal(size=(2, 6, bb.width)), jnp.float32)
+
+    def loss(prompt, virtual_outputs):
+        out = bb.apply(bb.weights, ids, mask, SoftPrompt(prompt), virtual_outputs=virtual_outputs)
+        hidden = out.hidden[:, out.num_virtual:]
+        return jnp.sum(hidden * cot * mask[..., None]), out
+
+    (_, full), full_grad = jax.value_and_grad(loss, has_aux=True)(prompt, True)
+    (_, real), real_grad = jax.value_and_grad(loss, has_aux=True)(prompt, False)
+    assert real.num_virtual == 0 and real.hidden.shape == (2, 6, bb.width)
+    np.testing.assert_array_equal(np.asarray(real.attention_mask), mask)
+    np.testing.assert_allclose(np.asarray(real.hidden), np.asarray(full.hidden[:, 3:]), atol=1e-5, rtol=1e-5)
+    if bb.is_decoder:
+        np.testing.assert_allclose(np.asarray(real.logits), np.asarray(full.logits[:, 3:]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(real_grad), np.asarray(full_grad), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_prefix_fold_is_exact(name):
     bb = tiny_backbone(name)

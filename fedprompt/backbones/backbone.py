@@ -182,12 +182,21 @@ class Backbone:
         *,
         with_logits: bool = True,
         remat: bool | None = None,
+        virtual_outputs: bool = True,
     ) -> BackboneOutput:
         """Pure forward pass with explicit ``weights`` (jit/vmap/grad friendly).
 
         Gradients never flow into ``weights`` (they pass through ``stop_gradient``). ``remat``
         overrides the backbone's rematerialisation setting (see :meth:`resolve_remat`); it
         changes the memory and compute of a gradient through this call, not its values.
+
+        ``virtual_outputs=False``: the caller does not read the soft prompt's positions of the
+        output, so they are left out: ``hidden`` (and ``logits``) cover the real tokens only,
+        with ``num_virtual == 0`` and ``attention_mask`` the tokens' own. Encoders then skip the
+        virtual tokens' rows in their last block (they stay keys and values there), which a
+        loss over the real tokens (every task here) never needs. The real tokens' values are
+        unchanged. With a soft prompt, encoders also compute the first block's input gradient
+        for the virtual tokens only, the one part of the input that can have a gradient.
         """
         weights = jax.lax.stop_gradient(weights)
         module = nnx.merge(self.graphdef, weights)
@@ -214,7 +223,16 @@ class Backbone:
                 keys = jnp.broadcast_to(keys[:, None], (keys.shape[0], batch, *keys.shape[1:]))
                 values = jnp.broadcast_to(values[:, None], (values.shape[0], batch, *values.shape[1:]))
             prefix = (keys, values)
-        hidden = module(embeds, mask, prefix=prefix, token_type_ids=token_type_ids, remat=self.resolve_remat(remat))
+        rows = {}
+        if num_virtual and getattr(module, "row_options", False):
+            rows["grad_rows"] = num_virtual
+            if not virtual_outputs:
+                rows["output_from"] = num_virtual
+        hidden = module(embeds, mask, prefix=prefix, token_type_ids=token_type_ids, remat=self.resolve_remat(remat), **rows)
+        if num_virtual and not virtual_outputs:
+            if "output_from" not in rows:
+                hidden = hidden[:, num_virtual:]
+            mask, num_virtual = mask[:, num_virtual:], 0
         logits = module.lm_head(hidden) if (with_logits and self.is_decoder) else None
         return BackboneOutput(hidden=hidden, logits=logits, attention_mask=mask, num_virtual=num_virtual)
 

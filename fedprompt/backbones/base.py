@@ -200,6 +200,7 @@ def attention(
     causal: bool,
     prefix: tuple[jax.Array, jax.Array] | None = None,
     sliding_window: int | None = None,
+    grad_rows: int | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with an optional per-layer prefix and grouped-query heads.
 
@@ -214,12 +215,19 @@ def attention(
         position ``j``; the query may only see keys with ``position > P + i - W``, i.e. itself and
         the ``W - 1`` keys before it. Prefix keys count against the window like any cached key
         (as in Hugging Face's sliding-window mask with a pre-filled cache). ``None``: no window.
+      grad_rows: compute the gradient for the prefix and the first ``grad_rows`` positions of
+        ``q``, ``k`` and ``v`` only; the other positions get a zero gradient, as if they were
+        constants (for a soft prompt's first layer, where only the virtual tokens are trained).
+        The values are unchanged; the backward pass does about ``grad_rows / T`` of the work.
+        ``None``: every position.
 
     Returns:
       ``[B, T, H, hd]`` in ``q``'s dtype. Softmax is computed in float32.
     """
     b, t, h, hd = q.shape
     n_kv = k.shape[2]
+    if grad_rows is not None and not 0 < grad_rows <= t:
+        raise ValueError(f"grad_rows must be in [1, {t}], got {grad_rows}")
     mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
     if causal:
         mask = mask & jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
@@ -243,7 +251,11 @@ def attention(
     # queries (the G query heads of a kv head stacked along the rows), scaled before the product.
     qh = (q * np.float32(1.0 / np.sqrt(hd)).astype(q.dtype)).reshape(b, t, n_kv, group, hd)
     qh = qh.transpose(0, 2, 3, 1, 4).reshape(b, n_kv, group * t, hd)
-    out = _softmax_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, :, None])
+    if grad_rows is None:
+        out = _softmax_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, :, None])
+    else:
+        out = _softmax_attention_rows(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, :, None],
+                                      (group, p, int(grad_rows)))
     return out.reshape(b, n_kv, group, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
@@ -282,6 +294,72 @@ def _softmax_attention_backward(saved, g):
 
 
 _softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention_rows(q, k, v, mask, rows):
+    """:func:`_softmax_attention` whose gradient is computed for the prefix keys and the first
+    ``n`` token rows of ``q``, ``k`` and ``v`` only (zero for the other rows); ``rows = (group,
+    prefix, n)``: the query heads per kv head, the prefix keys before the tokens, and ``n``.
+    The products of the backward pass shrink to those rows' share: ``dk``/``dv`` need only the
+    columns of the kept keys and ``dq`` only the kept queries' rows."""
+    return _softmax_attention_forward(q, k, v, mask)[0]
+
+
+def _softmax_attention_rows_backward(rows, saved, g):
+    group, prefix, n = rows
+    q, k, v, weights, inv_total, out = saved
+    b, n_kv, r, hd = q.shape
+    t = r // group
+    keys = slice(0, prefix + n)
+
+    def query_rows(x):  # [B, K, G*T, ...] -> the first n tokens of each query group
+        return x.reshape(b, n_kv, group, t, *x.shape[3:])[:, :, :, :n].reshape(b, n_kv, group * n, *x.shape[3:])
+
+    gf = g.astype(jnp.float32)
+    delta = (gf * out.astype(jnp.float32)).sum(-1, keepdims=True)
+    # Columns of the n key rows, for dk and dv: all queries see them.
+    w_cols = weights[..., keys].astype(jnp.float32) * inv_total
+    dv = jnp.matmul(w_cols.astype(v.dtype).swapaxes(-1, -2), g)
+    dp_cols = jnp.matmul(g, v[:, :, keys].swapaxes(-1, -2)).astype(jnp.float32)
+    dk = jnp.matmul((w_cols * (dp_cols - delta)).astype(q.dtype).swapaxes(-1, -2), q)
+    # Rows of the n queries, for dq: they see every key.
+    g_rows = query_rows(g)
+    dp_rows = jnp.matmul(g_rows, v.swapaxes(-1, -2)).astype(jnp.float32)
+    ds_rows = query_rows(weights).astype(jnp.float32) * query_rows(inv_total) * (dp_rows - query_rows(delta))
+    dq_rows = jnp.matmul(ds_rows.astype(q.dtype), k).reshape(b, n_kv, group, n, hd)
+    dq = jnp.zeros((b, n_kv, group, t, hd), q.dtype).at[:, :, :, :n].set(dq_rows).reshape(q.shape)
+    pad = [(0, 0), (0, 0), (0, k.shape[2] - prefix - n), (0, 0)]
+    return dq, jnp.pad(dk, pad), jnp.pad(dv.astype(v.dtype), pad), None
+
+
+_softmax_attention_rows.defvjp(lambda q, k, v, mask, rows: _softmax_attention_forward(q, k, v, mask),
+                               _softmax_attention_rows_backward)
+
+
+def linear_rows(x: jax.Array, w, b, n: int) -> jax.Array:
+    """:func:`linear` over ``[B, S, D]`` whose gradient w.r.t. ``x`` is computed for the first
+    ``n`` rows only (zero for the others, as if they were constants): the backward product is
+    ``[B, n, out] @ w.T`` instead of ``[B, S, out] @ w.T``. The weights get a zero gradient
+    (they are frozen)."""
+    if not 0 < n <= x.shape[1]:
+        raise ValueError(f"n must be in [1, {x.shape[1]}], got {n}")
+    return _linear_rows(x, value(w), None if b is None else value(b), n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _linear_rows(x, w, b, n):
+    return linear(x, w, b)
+
+
+def _linear_rows_backward(n, saved, g):
+    x, w, b = saved
+    dx = jnp.matmul(g[:, :n], w.astype(g.dtype).T).astype(x.dtype)
+    dx = jnp.concatenate([dx, jnp.zeros((x.shape[0], x.shape[1] - n, x.shape[2]), x.dtype)], axis=1)
+    return dx, jnp.zeros_like(w), None if b is None else jnp.zeros_like(b)
+
+
+_linear_rows.defvjp(lambda x, w, b, n: (linear(x, w, b), (x, w, b)), _linear_rows_backward)
 
 
 def cached_attention(
@@ -349,8 +427,9 @@ class KVCache(NamedTuple):
     valid: jax.Array
 
 
-def run_block(block: nnx.Module, x: jax.Array, *args: Any, remat: bool = False) -> jax.Array:
-    """``block(x, *args)``, rematerialised in the backward pass when ``remat`` is True.
+def run_block(block: nnx.Module, x: jax.Array, *args: Any, remat: bool = False, **options: Any) -> jax.Array:
+    """``block(x, *args, **options)``, rematerialised in the backward pass when ``remat`` is True
+    (``options``: static keyword arguments, such as python ints).
 
     Rematerialised, a gradient through the block keeps only its inputs (``x`` ``[B, S, D]``;
     the other arguments are shared by every block) and recomputes the block's activations
@@ -372,11 +451,11 @@ def run_block(block: nnx.Module, x: jax.Array, *args: Any, remat: bool = False) 
     the block's input and weights in the backward pass.
     """
     if not remat:
-        return block(x, *args)
+        return block(x, *args, **options)
     graphdef, state = nnx.split(block)
 
     def call(x: jax.Array, state: Any, rest: tuple[Any, ...]) -> jax.Array:
-        return nnx.merge(graphdef, state)(x, *rest)
+        return nnx.merge(graphdef, state)(x, *rest, **options)
 
     @jax.custom_vjp
     def rematerialised(x: jax.Array, state: Any, rest: tuple[Any, ...]) -> jax.Array:
@@ -429,6 +508,11 @@ class BackboneModule(Protocol):
         token_type_ids: jax.Array | None = None,
         remat: bool = False,
     ) -> jax.Array: ...
+
+    # A module whose class sets ``row_options = True`` also takes ``grad_rows: int | None``
+    # (compute the gradient w.r.t. ``inputs_embeds`` for its first rows only) and
+    # ``output_from: int`` (return the hidden states of rows ``output_from:`` only); see
+    # :meth:`fedprompt.backbones.bert.Bert.__call__`. ``Backbone.apply`` uses them for soft prompts.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ from fedprompt.backbones.base import (
     gelu,
     layer_norm,
     linear,
+    linear_rows,
     prefix_length,
     run_block,
     split_prefix,
@@ -194,7 +195,13 @@ class BertLayer(nnx.Module):
         self.mlp_ln_bias = w("output.LayerNorm.bias", (d,))
 
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array, prefix: tuple[jax.Array, jax.Array] | None
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        prefix: tuple[jax.Array, jax.Array] | None,
+        *,
+        grad_rows: int | None = None,
+        output_from: int = 0,
     ) -> jax.Array:
         """Apply the block.
 
@@ -202,13 +209,36 @@ class BertLayer(nnx.Module):
           x: ``[B, S, D]`` hidden states.
           key_mask: ``[B, S]`` boolean, True on real tokens.
           prefix: this layer's ``(keys, values)``, each ``[B, P, H, head_dim]``, or None.
+          grad_rows: compute the gradient w.r.t. ``x`` for its first ``grad_rows`` rows only
+            (the others are treated as constants: zero gradient). None: all rows.
+          output_from: return rows ``output_from:`` only (``[B, S - output_from, D]``); the
+            rows before it are still seen as keys and values.
         """
         cfg = self.config
         b, s, d = x.shape
         heads = (b, s, cfg.num_heads, cfg.head_dim)
-        # A split (not three slices): its gradient is one concatenation, not three padded sums.
-        q, k, v = (part.reshape(heads) for part in jnp.split(linear(x, self.qkv_w, self.qkv_b), 3, axis=-1))
-        a = attention(q, k, v, key_mask, causal=False, prefix=prefix).reshape(b, s, d)
+        # One [D, 3D] product for all rows (even the queries output_from drops: narrower products
+        # run below the matmul rate), split (not sliced three times: the gradient of a split is
+        # one concatenation, not three padded sums).
+        if grad_rows is None or output_from:
+            qkv = linear(x, self.qkv_w, self.qkv_b)
+        else:
+            qkv = linear_rows(x, self.qkv_w, self.qkv_b, grad_rows)
+        q, k, v = (part.reshape(heads) for part in jnp.split(qkv, 3, axis=-1))
+        if output_from:
+            # The dropped rows are keys and values only, seen by every query like a prefix.
+            seen = (k[:, :output_from], v[:, :output_from])
+            if prefix is not None:
+                seen = tuple(jnp.concatenate([pre, new], axis=1) for pre, new in zip(prefix, seen))
+            a = attention(q[:, output_from:], k[:, output_from:], v[:, output_from:], key_mask[:, output_from:],
+                          causal=False, prefix=seen)
+            return self._finish(a.reshape(b, s - output_from, d), x[:, output_from:])
+        a = attention(q, k, v, key_mask, causal=False, prefix=prefix, grad_rows=grad_rows).reshape(b, s, d)
+        return self._finish(a, x)
+
+    def _finish(self, a: jax.Array, x: jax.Array) -> jax.Array:
+        """The rest of the block after attention: output projection, residual, norm and MLP."""
+        cfg = self.config
         a = linear(a, self.attn_out_w, self.attn_out_b)
         x = layer_norm(a + x, self.attn_ln_scale, self.attn_ln_bias, cfg.layer_norm_eps)
         h = linear(x, self.mlp_in_w, self.mlp_in_b)
@@ -219,6 +249,9 @@ class BertLayer(nnx.Module):
 
 class Bert(nnx.Module):
     """Frozen BERT/RoBERTa encoder (see :class:`~fedprompt.backbones.base.BackboneModule`)."""
+
+    #: takes ``grad_rows`` and ``output_from`` (see :meth:`__call__`).
+    row_options = True
 
     def __init__(self, config: BertConfig, tensors: Mapping[str, np.ndarray], *, dtype: Any = jnp.float32):
         """Load every weight from a ``state_dict``; prefer :meth:`from_hf`."""
@@ -265,6 +298,8 @@ class Bert(nnx.Module):
         prefix: tuple[jax.Array, jax.Array] | None = None,
         token_type_ids: jax.Array | None = None,
         remat: bool = False,
+        grad_rows: int | None = None,
+        output_from: int = 0,
     ) -> jax.Array:
         """Encode word-space embeddings.
 
@@ -276,16 +311,25 @@ class Bert(nnx.Module):
           token_type_ids: optional ``[B, S]`` segment ids (zeros when omitted).
           remat: recompute each layer's activations in the backward pass instead of
             keeping them (see :func:`~fedprompt.backbones.base.run_block`).
+          grad_rows: only the first ``grad_rows`` rows of ``inputs_embeds`` can have a gradient
+            (a soft prompt's; the others are the frozen word embeddings): the first layer then
+            computes its input gradient for those rows only. Other rows get a zero gradient.
+          output_from: return the final hidden states of rows ``output_from:`` only; the last
+            layer computes its queries, MLP and norms for those rows (the rows before still
+            serve as its keys and values, and must be real tokens, as a soft prompt's are).
 
         Returns:
-          ``[B, S, D]`` final hidden states in ``inputs_embeds``' dtype.
+          ``[B, S - output_from, D]`` final hidden states in ``inputs_embeds``' dtype.
 
         Raises:
           SequenceTooLongError: ``P + S`` exceeds ``config.max_positions``.
+          ValueError: ``grad_rows`` or ``output_from`` is outside ``[0, S)``.
         """
         cfg = self.config
         dtype = inputs_embeds.dtype
         _, s, _ = inputs_embeds.shape
+        if not 0 <= output_from < s or (grad_rows is not None and not 0 < grad_rows <= s):
+            raise ValueError(f"grad_rows={grad_rows} and output_from={output_from} must lie within the {s} rows")
         p = prefix_length(prefix)
         if p + s > cfg.max_positions:
             raise SequenceTooLongError(
@@ -295,8 +339,14 @@ class Bert(nnx.Module):
         x = x + self._position_embeddings(p, s, dtype)[None]
         x = layer_norm(x, self.emb_ln_scale, self.emb_ln_bias, cfg.layer_norm_eps)
         key_mask = attention_mask.astype(bool)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = run_block(layer, x, key_mask, split_prefix(prefix, i), remat=remat)
+            rows = {}
+            if i == last and output_from:
+                rows["output_from"] = output_from
+            elif i == 0 and grad_rows is not None:
+                rows["grad_rows"] = grad_rows
+            x = run_block(layer, x, key_mask, split_prefix(prefix, i), remat=remat, **rows)
         return x
 
     def _position_embeddings(self, prefix_len: int, seq_len: int, dtype: Any) -> jax.Array:

@@ -54,7 +54,7 @@ def make_loss_fn(backbone: Backbone, prompt_config: PromptConfig, task: Task, *,
         prompt = materialize(prompt_config, trainable["prompt"], backbone.config)
         output = backbone.apply(
             weights, batch["input_ids"], batch["attention_mask"], prompt, batch.get("token_type_ids"),
-            with_logits=with_logits, remat=remat,
+            with_logits=with_logits, remat=remat, virtual_outputs=False,
         )
         return task.loss(trainable["head"], output, batch)
 

@@ -4,7 +4,11 @@ A task is a small frozen dataclass with two pure functions:
 
 * ``init_head(key, backbone) -> head params`` (a dict pytree, ``{}`` when nothing is trained),
 * ``loss(head, output, batch) -> (loss, metrics)`` where ``output`` is a
-  :class:`~fedprompt.backbones.backbone.BackboneOutput`.
+  :class:`~fedprompt.backbones.backbone.BackboneOutput`. In training and evaluation
+  (:func:`fedprompt.client.local.make_loss_fn`) it covers the real tokens only: a soft prompt's
+  virtual positions are left out (``num_virtual == 0``; ``Backbone.apply(...,
+  virtual_outputs=False)``), so a loss reads positions from ``output.num_virtual`` on, as the
+  tasks here do.
 
 Batches are dicts of arrays: ``input_ids`` and ``attention_mask`` ``[B, T]``, plus ``labels``
 ``[B]`` for classification or ``loss_mask`` ``[B, T]`` (1 on completion tokens) for causal LM.

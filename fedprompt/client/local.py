@@ -44,7 +44,9 @@ def make_loss_fn(backbone: Backbone, prompt_config: PromptConfig, task: Task, *,
     """``loss(trainable, weights, batch) -> (loss, metrics)``, a pure function of its inputs.
 
     ``remat`` overrides the backbone's rematerialisation of its blocks in a gradient (see
-    :meth:`~fedprompt.backbones.backbone.Backbone.resolve_remat`); values are the same.
+    :meth:`~fedprompt.backbones.backbone.Backbone.resolve_remat`); values are the same. The
+    task's loss sees the real tokens' outputs only (``virtual_outputs=False``: an encoder then
+    skips the virtual rows in its last block).
     """
     task = task.resolve(backbone)
     with_logits = task.needs_logits()

@@ -21,8 +21,13 @@ def test_gradient_free_steps_stay_near_inference_memory(report):
     for name in ("zo_step", "bbt_fitness", "bbt_generation"):
         # forwards one after another: no stored activations, only prompt-sized buffers on top
         assert report[name]["temporaries"] <= 1.5 * inference, (name, report)
-    # backpropagation keeps every layer's activations
-    assert report["gradient_step"]["temporaries"] > 2 * max(report[n]["temporaries"] for n in report if n != "gradient_step")
+    # Backpropagation keeps every layer's activations: at least each layer's attention weights
+    # ([B, H, S, S] float32 over the 20 virtual + 32 real positions) on top of what the largest
+    # gradient-free step holds.
+    cfg = tiny_backbone("bert").config
+    attention_weights = cfg.num_layers * 8 * cfg.num_heads * (20 + 32) ** 2 * 4
+    gradient_free = max(report[n]["temporaries"] for n in report if n != "gradient_step")
+    assert report["gradient_step"]["temporaries"] > gradient_free + attention_weights, report
     for row in report.values():
         assert row["peak"] >= row["arguments"] + row["temporaries"] > 0
 

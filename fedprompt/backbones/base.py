@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedprompt.errors import CheckpointError
+from fedprompt.errors import CheckpointError, ConfigError
 
 
 class FrozenWeight(nnx.Variable):
@@ -219,7 +219,7 @@ def attention(
         ``q``, ``k`` and ``v`` only; the other positions get a zero gradient, as if they were
         constants (for a soft prompt's first layer, where only the virtual tokens are trained).
         The values are unchanged; the backward pass does about ``grad_rows / T`` of the work.
-        ``None``: every position.
+        ``None``: every position; a value outside ``[1, T]`` raises ``ConfigError``.
 
     Returns:
       ``[B, T, H, hd]`` in ``q``'s dtype. Softmax is computed in float32.
@@ -227,7 +227,7 @@ def attention(
     b, t, h, hd = q.shape
     n_kv = k.shape[2]
     if grad_rows is not None and not 0 < grad_rows <= t:
-        raise ValueError(f"grad_rows must be in [1, {t}], got {grad_rows}")
+        raise ConfigError(f"grad_rows must be in [1, {t}], got {grad_rows}")
     mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
     if causal:
         mask = mask & jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
@@ -328,9 +328,9 @@ def _softmax_attention_rows_backward(rows, saved, g):
     dp_rows = jnp.matmul(g_rows, v.swapaxes(-1, -2)).astype(jnp.float32)
     ds_rows = query_rows(weights).astype(jnp.float32) * query_rows(inv_total) * (dp_rows - query_rows(delta))
     dq_rows = jnp.matmul(ds_rows.astype(q.dtype), k).reshape(b, n_kv, group, n, hd)
-    dq = jnp.zeros((b, n_kv, group, t, hd), q.dtype).at[:, :, :, :n].set(dq_rows).reshape(q.shape)
+    dq = jnp.pad(dq_rows, [(0, 0), (0, 0), (0, 0), (0, t - n), (0, 0)]).reshape(q.shape)
     pad = [(0, 0), (0, 0), (0, k.shape[2] - prefix - n), (0, 0)]
-    return dq, jnp.pad(dk, pad), jnp.pad(dv.astype(v.dtype), pad), None
+    return dq, jnp.pad(dk, pad), jnp.pad(dv, pad), None
 
 
 _softmax_attention_rows.defvjp(lambda q, k, v, mask, rows: _softmax_attention_forward(q, k, v, mask),
@@ -343,7 +343,7 @@ def linear_rows(x: jax.Array, w, b, n: int) -> jax.Array:
     ``[B, n, out] @ w.T`` instead of ``[B, S, out] @ w.T``. The weights get a zero gradient
     (they are frozen)."""
     if not 0 < n <= x.shape[1]:
-        raise ValueError(f"n must be in [1, {x.shape[1]}], got {n}")
+        raise ConfigError(f"n must be in [1, {x.shape[1]}], got {n}")
     return _linear_rows(x, value(w), None if b is None else value(b), n)
 
 

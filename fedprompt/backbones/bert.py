@@ -323,13 +323,13 @@ class Bert(nnx.Module):
 
         Raises:
           SequenceTooLongError: ``P + S`` exceeds ``config.max_positions``.
-          ValueError: ``grad_rows`` or ``output_from`` is outside ``[0, S)``.
+          ConfigError: ``grad_rows`` or ``output_from`` is outside ``[0, S)``.
         """
         cfg = self.config
         dtype = inputs_embeds.dtype
         _, s, _ = inputs_embeds.shape
         if not 0 <= output_from < s or (grad_rows is not None and not 0 < grad_rows <= s):
-            raise ValueError(f"grad_rows={grad_rows} and output_from={output_from} must lie within the {s} rows")
+            raise ConfigError(f"grad_rows={grad_rows} and output_from={output_from} must lie within the {s} rows")
         p = prefix_length(prefix)
         if p + s > cfg.max_positions:
             raise SequenceTooLongError(
